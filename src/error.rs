@@ -1,0 +1,332 @@
+//! The one error type of the crate.
+//!
+//! Every variant names the file it is about, and the tensor when one is known, so that the CLI can
+//! print `error: <file>: <what>` and a caller can tell which input was at fault.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Shorthand for `Result<T, weightstream::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while inspecting or loading a checkpoint.
+///
+/// ```
+/// use weightstream::{format::read_header, Error};
+/// let err = read_header("/no/such/file.safetensors").unwrap_err();
+/// assert!(matches!(err, Error::Io { .. }));
+/// assert!(err.to_string().starts_with("/no/such/file.safetensors: "));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system error while opening, sizing or reading a file.
+    #[error("{}: {source}{}", file.display(), tensor_suffix(tensor))]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The tensor being read, when the error happened while reading one.
+        tensor: Option<String>,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file ended before a read that the header promised could be completed: it was
+    /// truncated after its header was read, or is shorter than its header says.
+    #[error("{}: file ended at byte {at} while reading {}{}", file.display(), what, tensor_suffix(tensor))]
+    UnexpectedEof {
+        /// The file.
+        file: PathBuf,
+        /// The tensor being read, when known.
+        tensor: Option<String>,
+        /// What was being read.
+        what: &'static str,
+        /// The offset at which data ran out.
+        at: u64,
+    },
+    /// The file is shorter than the 8-byte header length prefix.
+    #[error("{}: file is {len} bytes, too small to hold the 8-byte header length", file.display())]
+    FileTooSmall {
+        /// The file.
+        file: PathBuf,
+        /// Its length.
+        len: u64,
+    },
+    /// The header length exceeds the 100 MB limit of the format.
+    #[error("{}: header length {len} exceeds the limit of {limit} bytes", file.display())]
+    HeaderTooLarge {
+        /// The file.
+        file: PathBuf,
+        /// The header length the file claims.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The header length runs past the end of the file.
+    #[error("{}: header length {len} runs past the end of the file ({file_len} bytes)", file.display())]
+    HeaderPastEnd {
+        /// The file.
+        file: PathBuf,
+        /// The header length the file claims.
+        len: u64,
+        /// The file length.
+        file_len: u64,
+    },
+    /// The header is not valid UTF-8.
+    #[error("{}: header is not valid UTF-8 (at byte {valid_up_to})", file.display())]
+    HeaderNotUtf8 {
+        /// The file.
+        file: PathBuf,
+        /// Length of the valid prefix.
+        valid_up_to: usize,
+    },
+    /// The header does not start with `{`.
+    #[error("{}: header does not start with '{{'", file.display())]
+    HeaderStart {
+        /// The file.
+        file: PathBuf,
+    },
+    /// The header is not the JSON the format requires (syntax, types, unknown dtype, a negative
+    /// or fractional dimension, a missing field...).
+    #[error("{}: invalid header JSON: {message}", file.display())]
+    HeaderJson {
+        /// The file.
+        file: PathBuf,
+        /// What serde_json reported.
+        message: String,
+    },
+    /// `__metadata__` is not a map of string to string.
+    #[error("{}: __metadata__ must map strings to strings: {message}", file.display())]
+    BadMetadata {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tensor name appears twice in one header.
+    #[error("{}: tensor `{tensor}` appears twice in the header", file.display())]
+    DuplicateTensor {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+    },
+    /// The product of a tensor's dimensions (or its size in bits) overflows.
+    #[error("{}: tensor `{tensor}`: shape {shape:?} overflows", file.display())]
+    ShapeOverflow {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<u64>,
+    },
+    /// `data_offsets` has begin > end.
+    #[error("{}: tensor `{tensor}`: data_offsets [{begin}, {end}] has begin > end", file.display())]
+    OffsetsReversed {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Begin offset.
+        begin: u64,
+        /// End offset.
+        end: u64,
+    },
+    /// A sub-byte dtype whose elements do not fill whole bytes.
+    #[error("{}: tensor `{tensor}`: {elements} elements of {dtype} do not fill whole bytes", file.display())]
+    MisalignedSlice {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The dtype name.
+        dtype: &'static str,
+        /// Element count.
+        elements: u64,
+    },
+    /// `end - begin` differs from what the dtype and shape require.
+    #[error("{}: tensor `{tensor}`: data_offsets span {actual} bytes but {dtype} {shape:?} needs {expected}", file.display())]
+    SizeMismatch {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The dtype name.
+        dtype: &'static str,
+        /// The shape.
+        shape: Vec<u64>,
+        /// Bytes required by dtype and shape.
+        expected: u64,
+        /// Bytes spanned by data_offsets.
+        actual: u64,
+    },
+    /// Sorted by offset, the tensors leave a hole or overlap.
+    #[error("{}: tensor `{tensor}`: starts at {begin} but the previous tensor ends at {expected} (hole or overlap)", file.display())]
+    NotContiguous {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Where it starts.
+        begin: u64,
+        /// Where it should start.
+        expected: u64,
+    },
+    /// The tensors' data does not end exactly at the end of the file.
+    #[error("{}: tensor data ends at byte {data_end} but the file has {file_len} bytes", file.display())]
+    DataLengthMismatch {
+        /// The file.
+        file: PathBuf,
+        /// Absolute offset where the last tensor ends.
+        data_end: u64,
+        /// File length.
+        file_len: u64,
+    },
+    /// The model index (`model.safetensors.index.json`) is malformed or unsafe.
+    #[error("{}: {message}{}", file.display(), tensor_suffix(tensor))]
+    BadIndex {
+        /// The index file.
+        file: PathBuf,
+        /// The tensor concerned, when one is.
+        tensor: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tensor is present in two files of one model.
+    #[error("{}: tensor `{tensor}` is also in {}", file.display(), other.display())]
+    TensorInTwoFiles {
+        /// One file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The other file.
+        other: PathBuf,
+    },
+    /// A path is neither a safetensors file, an index, a directory of them nor a Hugging Face
+    /// cache folder.
+    #[error("{}: {message}", file.display())]
+    BadSource {
+        /// The path.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// An invalid option (glob, size, device string...).
+    #[error("{what}")]
+    InvalidOption {
+        /// What is wrong.
+        what: String,
+    },
+    /// No CUDA driver library could be loaded.
+    #[error("no CUDA driver found (libcuda.so could not be loaded)")]
+    NoCudaDriver,
+    /// The driver is present but there is no device with the requested ordinal.
+    #[error("no CUDA device {ordinal} (this machine has {count})")]
+    NoCudaDevice {
+        /// Requested ordinal.
+        ordinal: usize,
+        /// Devices present.
+        count: usize,
+    },
+    /// This build has no CUDA support (feature `cuda` off).
+    #[error("this build of weightstream has no CUDA support (feature `cuda`)")]
+    CudaNotBuilt,
+    /// A CUDA driver call failed.
+    #[error("CUDA error in {call}: {message}{}", file_suffix(file))]
+    Cuda {
+        /// The driver call.
+        call: &'static str,
+        /// The driver's message.
+        message: String,
+        /// The file being loaded when it happened, if any.
+        file: Option<PathBuf>,
+    },
+    /// The device has not enough free memory for the arena.
+    #[error("CUDA device {ordinal} out of memory: need {requested} bytes, {free} free")]
+    DeviceOutOfMemory {
+        /// Device ordinal.
+        ordinal: usize,
+        /// Bytes requested.
+        requested: u64,
+        /// Bytes free when asked.
+        free: u64,
+    },
+    /// Host memory for the arena or the staging ring could not be allocated.
+    #[error("could not allocate {bytes} bytes of host memory: {source}")]
+    HostOutOfMemory {
+        /// Bytes requested.
+        bytes: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A conversion that this build cannot do.
+    #[error("{}: tensor `{tensor}`: cannot convert {from} to {to}", file.display())]
+    UnsupportedConversion {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Source dtype.
+        from: &'static str,
+        /// Target dtype.
+        to: &'static str,
+    },
+    /// The load was cancelled through its [`crate::CancelToken`].
+    #[error("load cancelled")]
+    Cancelled,
+}
+
+fn tensor_suffix(t: &Option<String>) -> String {
+    match t {
+        Some(t) => format!(" (tensor `{t}`)"),
+        None => String::new(),
+    }
+}
+
+fn file_suffix(f: &Option<PathBuf>) -> String {
+    match f {
+        Some(f) => format!(" (while loading {})", f.display()),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    /// The file this error is about, when there is one.
+    pub fn file(&self) -> Option<&std::path::Path> {
+        use Error::*;
+        match self {
+            Io { file, .. }
+            | UnexpectedEof { file, .. }
+            | FileTooSmall { file, .. }
+            | HeaderTooLarge { file, .. }
+            | HeaderPastEnd { file, .. }
+            | HeaderNotUtf8 { file, .. }
+            | HeaderStart { file }
+            | HeaderJson { file, .. }
+            | BadMetadata { file, .. }
+            | DuplicateTensor { file, .. }
+            | ShapeOverflow { file, .. }
+            | OffsetsReversed { file, .. }
+            | MisalignedSlice { file, .. }
+            | SizeMismatch { file, .. }
+            | NotContiguous { file, .. }
+            | DataLengthMismatch { file, .. }
+            | BadIndex { file, .. }
+            | TensorInTwoFiles { file, .. }
+            | BadSource { file, .. }
+            | UnsupportedConversion { file, .. } => Some(file),
+            Cuda { file, .. } => file.as_deref(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn io(file: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io { file: file.into(), tensor: None, source }
+    }
+
+    pub(crate) fn option(what: impl Into<String>) -> Self {
+        Error::InvalidOption { what: what.into() }
+    }
+}

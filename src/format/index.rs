@@ -1,0 +1,98 @@
+//! `model.safetensors.index.json`: the weight map of a sharded checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The largest index file we read (real ones are well under 10 MB).
+pub const MAX_INDEX_LEN: u64 = 256 << 20;
+
+/// A parsed and checked index.
+#[derive(Debug, Clone)]
+pub struct ShardIndex {
+    /// The index file.
+    pub path: PathBuf,
+    /// Tensor name -> shard path (inside the index's directory).
+    pub weight_map: BTreeMap<String, PathBuf>,
+    /// The shards, sorted, each once.
+    pub shards: Vec<PathBuf>,
+    /// The index's `metadata` object, as given.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    #[serde(default)]
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    weight_map: BTreeMap<String, String>,
+}
+
+impl ShardIndex {
+    /// Read and check the index at `path`: every shard must be a plain relative name inside the
+    /// index's directory (no `..`, no absolute path, no symlink leading outside).
+    ///
+    /// ```no_run
+    /// let index = weightstream::format::ShardIndex::read("model/model.safetensors.index.json")?;
+    /// println!("{} shards", index.shards.len());
+    /// # Ok::<(), weightstream::Error>(())
+    /// ```
+    pub fn read(path: impl AsRef<Path>) -> Result<ShardIndex> {
+        let path = path.as_ref();
+        let bad = |message: String, tensor: Option<&str>| Error::BadIndex {
+            file: path.into(),
+            tensor: tensor.map(str::to_string),
+            message,
+        };
+        let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+        if len > MAX_INDEX_LEN {
+            return Err(bad(format!("index is {len} bytes, more than the {MAX_INDEX_LEN} allowed"), None));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let raw: RawIndex =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid index JSON: {e}"), None))?;
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let canon_dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+        let mut weight_map = BTreeMap::new();
+        let mut checked: BTreeMap<String, PathBuf> = BTreeMap::new();
+        for (tensor, shard) in raw.weight_map {
+            let shard_path = match checked.get(&shard) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = confine(dir, &canon_dir, &shard).map_err(|m| bad(m, Some(&tensor)))?;
+                    checked.insert(shard.clone(), p.clone());
+                    p
+                }
+            };
+            weight_map.insert(tensor, shard_path);
+        }
+        let mut shards: Vec<PathBuf> = checked.into_values().collect();
+        shards.sort();
+        shards.dedup();
+        Ok(ShardIndex { path: path.into(), weight_map, shards, metadata: raw.metadata.unwrap_or_default() })
+    }
+}
+
+/// `shard` joined to `dir`, if it is a plain relative path that stays inside `dir` once symlinks
+/// are resolved.
+fn confine(dir: &Path, canon_dir: &Path, shard: &str) -> std::result::Result<PathBuf, String> {
+    let rel = Path::new(shard);
+    if shard.is_empty() {
+        return Err("empty shard name".into());
+    }
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) => {}
+            Component::CurDir => {}
+            _ => return Err(format!("shard `{shard}` is not a plain relative name inside the index's directory")),
+        }
+    }
+    let joined = dir.join(rel);
+    match joined.canonicalize() {
+        Ok(real) if real.starts_with(canon_dir) => Ok(joined),
+        Ok(real) => Err(format!("shard `{shard}` leads outside the index's directory (to {})", real.display())),
+        Err(e) => Err(format!("shard `{shard}`: {e}")),
+    }
+}

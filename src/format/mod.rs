@@ -1,0 +1,11 @@
+//! The safetensors format: dtypes, strict header parsing, index files, and a writer.
+
+mod dtype;
+mod header;
+mod index;
+mod writer;
+
+pub use dtype::{Dtype, UnknownDtype};
+pub use header::{parse_header, read_header, read_header_from, Header, TensorInfo, MAX_HEADER_LEN};
+pub use index::{ShardIndex, MAX_INDEX_LEN};
+pub use writer::{header_json, write_file, write_to_vec, WriteTensor};
