@@ -276,6 +276,18 @@ pub enum Error {
     /// The load was cancelled through its [`crate::CancelToken`].
     #[error("load cancelled")]
     Cancelled,
+    /// A buffer conversion (`crate::convert`) was asked for an unsupported dtype pair, or given
+    /// buffers whose lengths do not fit the dtypes. No file is known at that level: the loader
+    /// reports [`Error::UnsupportedConversion`] with the file and tensor instead.
+    #[error("cannot convert {from} to {to}: {message}")]
+    Conversion {
+        /// Source dtype.
+        from: &'static str,
+        /// Target dtype.
+        to: &'static str,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 fn tensor_suffix(t: &Option<String>) -> String {
