@@ -100,9 +100,15 @@ pub fn resolve(path: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
     if !meta.is_dir() {
         return Err(Error::BadSource { file: path.into(), message: "neither a file nor a directory".into() });
     }
-    if let Some(snapshot) = hf_cache_snapshot(path)? {
-        return resolve(&snapshot);
+    match hf_cache_snapshot(path)? {
+        // Resolved once: a snapshot laid out like a cache folder again is not followed further.
+        Some(snapshot) => resolve_dir(&snapshot),
+        None => resolve_dir(path),
     }
+}
+
+/// A directory's index if it has one, else its `*.safetensors` files.
+fn resolve_dir(path: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
     let mut indexes = Vec::new();
     let mut shards = Vec::new();
     for entry in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {

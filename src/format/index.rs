@@ -32,7 +32,8 @@ struct RawIndex {
 
 impl ShardIndex {
     /// Read and check the index at `path`: every shard must be a plain relative name inside the
-    /// index's directory (no `..`, no absolute path, no symlink leading outside).
+    /// index's directory (no `..`, no absolute path, no symlink leading outside; in a Hugging Face
+    /// cache snapshot, symlinks may lead to the cache repo folder's `blobs/`).
     ///
     /// ```no_run
     /// let index = weightstream::format::ShardIndex::read("model/model.safetensors.index.json")?;
@@ -55,13 +56,14 @@ impl ShardIndex {
             serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid index JSON: {e}"), None))?;
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let canon_dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+        let root = confinement_root(&canon_dir);
         let mut weight_map = BTreeMap::new();
         let mut checked: BTreeMap<String, PathBuf> = BTreeMap::new();
         for (tensor, shard) in raw.weight_map {
             let shard_path = match checked.get(&shard) {
                 Some(p) => p.clone(),
                 None => {
-                    let p = confine(dir, &canon_dir, &shard).map_err(|m| bad(m, Some(&tensor)))?;
+                    let p = confine(dir, &root, &shard).map_err(|m| bad(m, Some(&tensor)))?;
                     checked.insert(shard.clone(), p.clone());
                     p
                 }
@@ -75,9 +77,24 @@ impl ShardIndex {
     }
 }
 
-/// `shard` joined to `dir`, if it is a plain relative path that stays inside `dir` once symlinks
+/// Where the shards of an index in `canon_dir` must lead once symlinks are resolved: the index's
+/// directory, or, for a Hugging Face cache snapshot (`models--org--name/snapshots/<rev>`, whose
+/// files are symlinks to `../../blobs/<hash>`), the cache repo folder `models--org--name`.
+fn confinement_root(canon_dir: &Path) -> PathBuf {
+    let repo = canon_dir
+        .parent()
+        .filter(|snapshots| snapshots.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(Path::parent)
+        .filter(|repo| {
+            let name = repo.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            (name.starts_with("models--") || name.starts_with("datasets--")) && repo.join("blobs").is_dir()
+        });
+    repo.unwrap_or(canon_dir).to_path_buf()
+}
+
+/// `shard` joined to `dir`, if it is a plain relative path that stays inside `root` once symlinks
 /// are resolved.
-fn confine(dir: &Path, canon_dir: &Path, shard: &str) -> std::result::Result<PathBuf, String> {
+fn confine(dir: &Path, root: &Path, shard: &str) -> std::result::Result<PathBuf, String> {
     let rel = Path::new(shard);
     if shard.is_empty() {
         return Err("empty shard name".into());
@@ -91,8 +108,8 @@ fn confine(dir: &Path, canon_dir: &Path, shard: &str) -> std::result::Result<Pat
     }
     let joined = dir.join(rel);
     match joined.canonicalize() {
-        Ok(real) if real.starts_with(canon_dir) => Ok(joined),
-        Ok(real) => Err(format!("shard `{shard}` leads outside the index's directory (to {})", real.display())),
+        Ok(real) if real.starts_with(root) => Ok(joined),
+        Ok(real) => Err(format!("shard `{shard}` leads outside {} (to {})", root.display(), real.display())),
         Err(e) => Err(format!("shard `{shard}`: {e}")),
     }
 }
