@@ -34,7 +34,7 @@ pub mod trace;
 
 pub use error::{Error, Result};
 pub use format::Dtype;
-// pub use loader::{CancelToken, Loader};
-// pub use model::{LoadStats, LoadedModel, TensorRef};
+pub use loader::{CancelToken, Loader};
+pub use model::{peak_host_rss_bytes, LoadStats, LoadedModel, TensorRef};
 pub use source::Checkpoint;
-// pub use target::Device;
+pub use target::Device;

@@ -1,1 +1,231 @@
-//! (in progress)
+//! What a load returns: the tensors, where they live, and how the load went.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::format::Dtype;
+use crate::target::{Device, HostMemory};
+
+/// Where a model's bytes live. Dropping it frees the arena as one.
+pub(crate) enum Storage {
+    Host(HostMemory),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::target::cuda::DeviceArena),
+    Null,
+}
+
+/// Figures of one load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadStats {
+    /// The device the model was loaded to (`auto` resolved).
+    pub device: Device,
+    /// The read engine that ran (`"uring"` or `"pread"`).
+    pub io: &'static str,
+    /// Whether files were opened with O_DIRECT.
+    pub direct: bool,
+    /// Bytes read from the files.
+    pub bytes_read: u64,
+    /// Bytes of tensors as loaded (after conversion).
+    pub bytes_loaded: u64,
+    /// Wall-clock seconds from planning to the last byte landed.
+    pub seconds: f64,
+    /// Bytes of the staging ring (0 when the target read straight into its memory).
+    pub staging_bytes: u64,
+    /// Whether the staging ring was pinned memory.
+    pub pinned: bool,
+}
+
+impl LoadStats {
+    /// Read throughput in GB/s (10^9 bytes per second).
+    pub fn gbps(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.bytes_read as f64 / self.seconds / 1e9
+        } else {
+            0.0
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct TensorMeta {
+    pub name: String,
+    pub dtype: Dtype,
+    pub stored_dtype: Dtype,
+    pub shape: Vec<u64>,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A loaded checkpoint: tensors by name and in file order, in one arena on one device.
+pub struct LoadedModel {
+    pub(crate) device: Device,
+    pub(crate) tensors: Vec<TensorMeta>,
+    pub(crate) by_name: HashMap<String, usize>,
+    pub(crate) storage: Storage,
+    pub(crate) stats: LoadStats,
+    pub(crate) trace: Option<crate::trace::TraceRecorder>,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("device", &self.device)
+            .field("tensors", &self.tensors.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl LoadedModel {
+    pub(crate) fn new(device: Device, tensors: Vec<TensorMeta>, storage: Storage, stats: LoadStats) -> Self {
+        let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        LoadedModel { device, tensors, by_name, storage, stats, trace: None }
+    }
+
+    /// The device the tensors are on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<TensorRef<'_>> {
+        self.by_name.get(name).map(|&i| TensorRef { model: self, meta: &self.tensors[i] })
+    }
+
+    /// All tensors, in file order.
+    pub fn tensors(&self) -> impl ExactSizeIterator<Item = TensorRef<'_>> + '_ {
+        self.tensors.iter().map(move |meta| TensorRef { model: self, meta })
+    }
+
+    /// The trace of the load, when [`crate::Loader::trace`] asked for one.
+    pub fn trace(&self) -> Option<&crate::trace::TraceRecorder> {
+        self.trace.as_ref()
+    }
+
+    /// Figures of the load.
+    pub fn stats(&self) -> &LoadStats {
+        &self.stats
+    }
+
+    /// Bytes of the arena holding the tensors (alignment padding included).
+    pub fn arena_bytes(&self) -> u64 {
+        match &self.storage {
+            Storage::Host(m) => m.len() as u64,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(a) => a.len() as u64,
+            Storage::Null => 0,
+        }
+    }
+}
+
+/// One tensor of a [`LoadedModel`].
+#[derive(Clone, Copy)]
+pub struct TensorRef<'a> {
+    model: &'a LoadedModel,
+    meta: &'a TensorMeta,
+}
+
+impl std::fmt::Debug for TensorRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorRef")
+            .field("name", &self.meta.name)
+            .field("dtype", &self.meta.dtype)
+            .field("shape", &self.meta.shape)
+            .field("device", &self.model.device)
+            .finish()
+    }
+}
+
+impl<'a> TensorRef<'a> {
+    /// Name.
+    pub fn name(&self) -> &'a str {
+        &self.meta.name
+    }
+
+    /// Dtype as loaded.
+    pub fn dtype(&self) -> Dtype {
+        self.meta.dtype
+    }
+
+    /// Dtype as stored in the file.
+    pub fn stored_dtype(&self) -> Dtype {
+        self.meta.stored_dtype
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> &'a [u64] {
+        &self.meta.shape
+    }
+
+    /// The device it is on.
+    pub fn device(&self) -> Device {
+        self.model.device
+    }
+
+    /// Byte length as loaded.
+    pub fn byte_len(&self) -> u64 {
+        self.meta.len
+    }
+
+    /// Byte range in the model's arena.
+    pub fn arena_range(&self) -> std::ops::Range<u64> {
+        self.meta.offset..self.meta.offset + self.meta.len
+    }
+
+    /// Its bytes, when it lives in host memory.
+    pub fn host_bytes(&self) -> Option<&'a [u8]> {
+        match &self.model.storage {
+            Storage::Host(m) => Some(&m.as_slice()[self.meta.offset as usize..(self.meta.offset + self.meta.len) as usize]),
+            _ => None,
+        }
+    }
+
+    /// Its device pointer (a `CUdeviceptr`), when it lives on a CUDA device. The pointer is
+    /// valid while the [`LoadedModel`] lives.
+    pub fn device_ptr(&self) -> Option<u64> {
+        match &self.model.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(a) => Some(a.ptr() + self.meta.offset),
+            _ => None,
+        }
+    }
+
+    /// The CUDA device ordinal, when on a CUDA device.
+    pub fn device_ordinal(&self) -> Option<usize> {
+        match self.model.device {
+            Device::Cuda(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// Copy its bytes back to a host `Vec` (for verification), wherever it lives.
+    pub fn to_host_vec(&self) -> Result<Vec<u8>> {
+        match &self.model.storage {
+            Storage::Host(_) => Ok(self.host_bytes().unwrap_or_default().to_vec()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(a) => a.copy_to_host(self.meta.offset, self.meta.len as usize),
+            Storage::Null => Err(Error::option(format!(
+                "tensor `{}` was loaded to the null device: its bytes were dropped",
+                self.meta.name
+            ))),
+        }
+    }
+}
+
+/// Peak resident set size of this process so far (`VmHWM`), in bytes, where Linux reports it.
+pub fn peak_host_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

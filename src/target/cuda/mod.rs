@@ -1,0 +1,188 @@
+//! The CUDA target: pinned staging ring, copies on several streams, one device arena.
+//!
+//! Layers as in cudarc: [`result`] (thin `Result` wrappers, the only code touching the driver
+//! bindings), [`safe`] (RAII types), and here the sink the pipeline drives.
+
+pub mod result;
+pub mod safe;
+
+use std::sync::Arc;
+
+pub use safe::{CudaDevice, DeviceArena, Event, PinnedBuf, Stream};
+
+use crate::error::Result;
+use crate::plan::{Plan, ReadExtent};
+use crate::stage::{StagingMemory, StagingRing};
+use crate::target::Sink;
+use crate::trace::TraceRecorder;
+
+/// Number of CUDA devices; [`crate::Error::NoCudaDriver`] when libcuda cannot be loaded.
+///
+/// ```
+/// match weightstream::target::cuda::device_count() {
+///     Ok(n) => println!("{n} CUDA devices"),
+///     Err(e) => println!("{e}"),
+/// }
+/// ```
+pub fn device_count() -> Result<usize> {
+    result::init_and_count()
+}
+
+/// A staging ring of `count` pinned buffers of `size` bytes for `dev`.
+pub fn pinned_ring(dev: &Arc<CudaDevice>, count: usize, size: usize) -> Result<StagingRing> {
+    let slots = (0..count.max(1))
+        .map(|_| PinnedBuf::new(dev, size).map(|b| Box::new(b) as Box<dyn StagingMemory>))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(StagingRing::from_slots(slots, size))
+}
+
+struct TimedCopy {
+    slot: usize,
+    stream: usize,
+    bytes: u64,
+    start: Event,
+    end: Event,
+}
+
+/// Copies staged extents into a [`DeviceArena`]: slot `k`'s copies go on stream `k % streams`,
+/// followed by slot `k`'s event; the slot is released when that event has fired. Extents with a
+/// tensor to convert go whole to a per-slot scratch region first, and a kernel writes the
+/// converted values into the arena.
+pub(crate) struct CudaSink<'a> {
+    dev: Arc<CudaDevice>,
+    arena: &'a DeviceArena,
+    streams: Vec<Stream>,
+    slot_events: Vec<Event>,
+    scratch: Option<(DeviceArena, usize)>,
+    converter: Option<crate::convert::cuda::DeviceConverter>,
+    timing: Option<(Event, std::time::Instant, Vec<TimedCopy>)>,
+}
+
+impl<'a> CudaSink<'a> {
+    pub(crate) fn new(
+        dev: &Arc<CudaDevice>,
+        arena: &'a DeviceArena,
+        plan: &Plan,
+        slots: usize,
+        slot_size: usize,
+        streams: usize,
+        trace: bool,
+    ) -> Result<Self> {
+        let converts = plan.tensors.iter().any(|t| t.converts());
+        let streams = (0..streams.max(1)).map(|_| Stream::new(dev)).collect::<Result<Vec<_>>>()?;
+        let slot_events = (0..slots).map(|_| Event::new(dev, false)).collect::<Result<Vec<_>>>()?;
+        let (scratch, converter) = if converts {
+            (
+                Some((DeviceArena::alloc(dev, slots * slot_size)?, slot_size)),
+                Some(crate::convert::cuda::DeviceConverter::load()?),
+            )
+        } else {
+            (None, None)
+        };
+        let timing = if trace {
+            let mut base = Event::new(dev, true)?;
+            base.record(&streams[0])?;
+            Some((base, std::time::Instant::now(), Vec::new()))
+        } else {
+            None
+        };
+        Ok(CudaSink { dev: Arc::clone(dev), arena, streams, slot_events, scratch, converter, timing })
+    }
+
+    /// Add device-timed copy spans to `trace` (after `finish`).
+    pub(crate) fn write_trace(&mut self, trace: &mut TraceRecorder) -> Result<()> {
+        let Some((base, base_host, copies)) = &self.timing else { return Ok(()) };
+        let offset_us = base_host.saturating_duration_since(trace.origin()).as_secs_f64() * 1e6;
+        for c in copies {
+            let s = c.start.elapsed_since(base)? as f64 * 1e3;
+            let e = c.end.elapsed_since(base)? as f64 * 1e3;
+            trace.span_us("copy", format!("stream {} (slot {})", c.stream, c.slot), offset_us + s, e - s, c.bytes);
+        }
+        Ok(())
+    }
+}
+
+impl Sink for CudaSink<'_> {
+    fn deliver(&mut self, slot: usize, data: &[u8], extent: &ReadExtent, plan: &Plan) -> Result<()> {
+        let si = slot % self.streams.len();
+        let stream = &self.streams[si];
+        let mut timed = match &self.timing {
+            Some(_) => {
+                let mut s = Event::new(&self.dev, true)?;
+                s.record(stream)?;
+                Some(s)
+            }
+            None => None,
+        };
+        let pieces = &plan.pieces[extent.pieces.clone()];
+        let arena = self.arena.ptr();
+        let converts = pieces.iter().any(|p| plan.tensors[p.tensor].converts());
+        match (&self.scratch, &self.converter) {
+            (Some((scratch, per_slot)), Some(conv)) if converts => {
+                let base = scratch.ptr() + (slot * per_slot) as u64;
+                // SAFETY: data is the pinned slot (valid until release(slot) has waited on this
+                // slot's event, recorded below after all its work); base..base+len is this
+                // slot's scratch region (len <= slot size).
+                unsafe { result::memcpy_htod_async(base, data.as_ptr(), data.len(), stream.raw)? };
+                for p in pieces {
+                    let t = &plan.tensors[p.tensor];
+                    let src = base + p.extent_offset;
+                    if t.converts() {
+                        let elements = p.len * 8 / t.dtype.bits();
+                        let first = p.tensor_offset * 8 / t.dtype.bits();
+                        let dst = arena + t.arena_offset + first * t.out_dtype.bits() / 8;
+                        // SAFETY: src holds p.len bytes of t.dtype in scratch, dst has room for
+                        // the converted elements inside t's arena range (planned), both on this
+                        // device; the kernel runs on `stream` after the copy into scratch.
+                        unsafe { conv.launch(t.dtype, t.out_dtype, src, dst, elements as usize, stream.raw)? };
+                    } else {
+                        // SAFETY: both ranges inside live device allocations (planned).
+                        unsafe { result::memcpy_dtod_async(arena + t.arena_offset + p.tensor_offset, src, p.len as usize, stream.raw)? };
+                    }
+                }
+            }
+            _ => {
+                for p in pieces {
+                    let t = &plan.tensors[p.tensor];
+                    // SAFETY: the source is inside the pinned slot, valid until this slot's event
+                    // (recorded below) has fired; the destination is inside t's planned arena
+                    // range.
+                    unsafe {
+                        result::memcpy_htod_async(
+                            arena + t.arena_offset + p.tensor_offset,
+                            data.as_ptr().add(p.extent_offset as usize),
+                            p.len as usize,
+                            stream.raw,
+                        )?
+                    };
+                }
+            }
+        }
+        self.slot_events[slot].record(stream)?;
+        if let (Some((_, _, copies)), Some(start)) = (&mut self.timing, timed.take()) {
+            let mut end = Event::new(&self.dev, true)?;
+            end.record(stream)?;
+            copies.push(TimedCopy { slot, stream: si, bytes: extent.len, start, end });
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, slot: usize) -> Result<()> {
+        self.slot_events[slot].synchronize()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        for s in &self.streams {
+            s.synchronize()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CudaSink<'_> {
+    fn drop(&mut self) {
+        // Streams synchronize in their own Drop; do it first here so the scratch region and the
+        // staging slots are idle before anything is freed.
+        let _ = self.finish();
+    }
+}

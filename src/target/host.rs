@@ -1,0 +1,97 @@
+//! Host memory: page-aligned anonymous mappings for the cpu arena and the host staging ring.
+
+use std::ptr::NonNull;
+
+use crate::error::{Error, Result};
+
+/// A page-aligned, zero-initialised block of host memory from an anonymous mapping.
+///
+/// Large blocks ask for transparent huge pages, which makes first-touch faults 512× rarer.
+///
+/// ```
+/// let mut m = weightstream::target::HostMemory::new(10_000).unwrap();
+/// m.as_mut_slice()[9_999] = 7;
+/// assert_eq!(m.as_slice()[9_999], 7);
+/// assert_eq!(m.as_slice().as_ptr() as usize % 4096, 0);
+/// ```
+pub struct HostMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+    map_len: usize,
+}
+
+// SAFETY: HostMemory owns its mapping exclusively; access goes through &self / &mut self.
+unsafe impl Send for HostMemory {}
+// SAFETY: shared references only read.
+unsafe impl Sync for HostMemory {}
+
+impl HostMemory {
+    /// Map `len` bytes (at least one page is mapped, so a zero-length block has a valid pointer).
+    pub fn new(len: usize) -> Result<Self> {
+        let map_len = len.max(1).div_ceil(4096) * 4096;
+        // SAFETY: an anonymous private mapping with no address hint has no preconditions.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::HostOutOfMemory { bytes: len as u64, source: std::io::Error::last_os_error() });
+        }
+        if map_len >= 4 << 20 {
+            // SAFETY: advice on a mapping we own; failure is harmless (THP disabled).
+            unsafe { libc::madvise(p, map_len, libc::MADV_HUGEPAGE) };
+        }
+        let ptr = NonNull::new(p.cast()).ok_or_else(|| Error::HostOutOfMemory {
+            bytes: len as u64,
+            source: std::io::Error::other("mmap returned null"),
+        })?;
+        Ok(HostMemory { ptr, len, map_len })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the block is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Raw pointer to the start.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is len bytes, readable, initialised (zero pages), and lives as long
+        // as self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping created in new, exactly once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
+
+impl std::fmt::Debug for HostMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostMemory").field("len", &self.len).finish()
+    }
+}

@@ -1,0 +1,371 @@
+//! The host pipeline end to end: cpu and null targets, every engine, O_DIRECT, faults,
+//! cancellation, edge cases, and the host-memory bound. No GPU needed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use weightstream::format::{read_header, write_file, WriteTensor};
+use weightstream::io::{Fault, IoKind};
+use weightstream::{CancelToken, Checkpoint, Device, Dtype, Error, Loader};
+
+fn tmpdir() -> tempfile::TempDir {
+    // On the project's disk, not tmpfs, so that O_DIRECT works where the filesystem allows it.
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A checkpoint with awkward sizes: odd lengths, a tensor larger than small rings, empties.
+fn write_mixed(dir: &Path) -> (PathBuf, Vec<(String, Vec<u8>)>) {
+    let specs: Vec<(String, Dtype, Vec<u64>)> = vec![
+        ("a.bias".into(), Dtype::F32, vec![7]),
+        ("a.weight".into(), Dtype::BF16, vec![333, 129]),
+        ("b.empty".into(), Dtype::F16, vec![0, 4]),
+        ("b.scalar".into(), Dtype::I64, vec![]),
+        ("c.big".into(), Dtype::U8, vec![3 << 20]),
+        ("d.flags".into(), Dtype::BOOL, vec![13]),
+        ("e.f64".into(), Dtype::F64, vec![1025]),
+    ];
+    let data: Vec<Vec<u8>> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, d, s))| pattern(i as u64 + 1, d.bytes_for(s.iter().product()).unwrap() as usize))
+        .collect();
+    let tensors: Vec<_> =
+        specs.iter().zip(&data).map(|((n, d, s), b)| WriteTensor::new(n.clone(), *d, s.clone(), b)).collect();
+    let path = dir.join("mixed.safetensors");
+    write_file(&path, &tensors, &Default::default()).unwrap();
+    (path, specs.into_iter().map(|s| s.0).zip(data).collect())
+}
+
+/// Every tensor of `path` as stored in the file, read independently of the loader.
+fn file_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let h = read_header(path).unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    h.tensors
+        .iter()
+        .map(|t| {
+            let s = (h.data_start + t.data_offsets.0) as usize;
+            (t.name.clone(), bytes[s..s + t.byte_len() as usize].to_vec())
+        })
+        .collect()
+}
+
+fn assert_loaded(loader: &Loader, path: &Path, expect: &[(String, Vec<u8>)]) {
+    let m = loader.load(path).unwrap_or_else(|e| panic!("{loader:?}: {e}"));
+    assert_eq!(m.len(), expect.len());
+    for (name, bytes) in expect {
+        let t = m.tensor(name).unwrap();
+        assert_eq!(&t.to_host_vec().unwrap(), bytes, "{name} with {loader:?}");
+        assert_eq!(t.arena_range().start % 256, 0);
+    }
+    assert_eq!(m.stats().bytes_loaded, expect.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
+}
+
+fn direct_supported(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = dir.join("probe");
+    std::fs::write(&p, [0u8; 4096]).unwrap();
+    let ok = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&p).is_ok();
+    if !ok {
+        println!("SKIPPED: O_DIRECT not supported on {}", dir.display());
+    }
+    ok
+}
+
+fn engines() -> Vec<IoKind> {
+    let mut v = vec![IoKind::Pread];
+    match weightstream::io::open_engine(&weightstream::io::EngineOptions { kind: IoKind::Uring, ..Default::default() }) {
+        Ok(_) => v.push(IoKind::Uring),
+        Err(e) => println!("SKIPPED io_uring variants: {e}"),
+    }
+    v
+}
+
+#[test]
+fn cpu_target_every_engine_and_ring_shape_matches_the_file() {
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    assert_eq!(expect, file_tensors(&path));
+    let direct = direct_supported(dir.path());
+    for io in engines() {
+        for (count, size) in [(4usize, 16usize << 20), (2, 64 << 10), (3, 1 << 20)] {
+            let base = Loader::new().device(Device::Cpu).io(io).staging_count(count).staging_size(size).read_size(64 << 10);
+            assert_loaded(&base, &path, &expect);
+            if direct {
+                assert_loaded(&base.clone().direct(true), &path, &expect);
+            }
+            // Short reads everywhere: resumed below the pipeline, same bytes.
+            assert_loaded(&base.clone().inject_fault(Fault::ShortReads(1000)), &path, &expect);
+        }
+    }
+}
+
+#[test]
+fn null_target_reads_everything_and_keeps_no_bytes() {
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    for io in engines() {
+        let m = Loader::new().device(Device::Null).io(io).staging_count(2).staging_size(64 << 10).load(&path).unwrap();
+        assert_eq!(m.stats().bytes_read, expect.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
+        assert!(m.tensor("c.big").unwrap().to_host_vec().is_err());
+        assert_eq!(m.arena_bytes(), 0);
+    }
+}
+
+#[test]
+fn python_written_files_load_byte_for_byte_on_every_engine() {
+    let Some(dir) = common::python_data_dir() else { return };
+    let mut files: Vec<PathBuf> = walk(&dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+    files.sort();
+    assert!(files.len() >= 5, "expected the generated files in {}", dir.display());
+    for f in &files {
+        let expect = file_tensors(f);
+        for io in engines() {
+            assert_loaded(&Loader::new().device(Device::Cpu).io(io), f, &expect);
+            let m = Loader::new().device(Device::Null).io(io).load(f).unwrap();
+            assert_eq!(m.len(), expect.len());
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn filtered_load_selects_by_glob_and_reads_less() {
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    let m = Loader::new().device(Device::Cpu).only("a.*").only("e.*").load(&path).unwrap();
+    let names: Vec<_> = m.tensors().map(|t| t.name().to_string()).collect();
+    assert_eq!(names, ["a.bias", "a.weight", "e.f64"]);
+    for (n, b) in expect.iter().filter(|(n, _)| names.contains(n)) {
+        assert_eq!(&m.tensor(n).unwrap().to_host_vec().unwrap(), b);
+    }
+    assert!(m.stats().bytes_read < 3 << 20, "the 3 MiB tensor must not be read");
+    let err = Loader::new().device(Device::Cpu).only("[").load(&path).unwrap_err();
+    assert!(matches!(err, Error::InvalidOption { .. }), "{err}");
+}
+
+#[test]
+fn eio_names_file_and_tensor_and_the_loader_is_reusable() {
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    let h = read_header(&path).unwrap();
+    let big = h.tensors.iter().find(|t| t.name == "c.big").unwrap();
+    let at = h.data_start + big.data_offsets.0 + 1_000_000;
+    for staged in [false, true] {
+        let loader = Loader::new().device(if staged { Device::Null } else { Device::Cpu }).staging_count(2).staging_size(256 << 10);
+        let err = loader.clone().inject_fault(Fault::EioAt(at)).load(&path).unwrap_err();
+        match &err {
+            Error::Io { file, tensor, source } => {
+                assert_eq!(file, &path);
+                assert_eq!(tensor.as_deref(), Some("c.big"));
+                assert_eq!(source.raw_os_error(), Some(libc::EIO));
+            }
+            other => panic!("expected Io, got {other:?}"),
+        }
+        assert!(err.to_string().contains("c.big"));
+        // Same loader (same ring) afterwards: a clean load.
+        let m = loader.load(&path).unwrap();
+        assert_eq!(m.len(), expect.len());
+    }
+}
+
+#[test]
+fn file_truncated_after_planning_is_an_eof_error_not_a_crash() {
+    let dir = tmpdir();
+    let (path, _) = write_mixed(dir.path());
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len - 5000).unwrap();
+    for device in [Device::Cpu, Device::Null] {
+        let err = Loader::new().device(device).staging_count(2).staging_size(128 << 10).load_checkpoint(&ckpt).unwrap_err();
+        match &err {
+            Error::UnexpectedEof { file, tensor, .. } => {
+                assert_eq!(file, &path);
+                assert_eq!(tensor.as_deref(), Some("e.f64"), "{err}");
+            }
+            other => panic!("expected UnexpectedEof, got {other:?}"),
+        }
+    }
+    // Opening it afresh: the header check catches it.
+    assert!(matches!(Loader::new().device(Device::Cpu).load(&path), Err(Error::DataLengthMismatch { .. })));
+}
+
+#[test]
+fn cancellation_mid_load_returns_cancelled() {
+    let dir = tmpdir();
+    let (path, _) = write_mixed(dir.path());
+    for device in [Device::Cpu, Device::Null] {
+        let token = CancelToken::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (t, c) = (token.clone(), calls.clone());
+        let loader = Loader::new()
+            .device(device)
+            .staging_count(2)
+            .staging_size(64 << 10)
+            .read_size(64 << 10)
+            .queue_depth(1)
+            .cancel_token(token)
+            .progress(Arc::new(move |_| {
+                c.fetch_add(1, Ordering::Relaxed);
+                t.cancel();
+            }));
+        let err = loader.load(&path).unwrap_err();
+        assert!(matches!(err, Error::Cancelled), "{err:?}");
+        assert!(calls.load(Ordering::Relaxed) >= 1);
+    }
+}
+
+#[test]
+fn empty_model_and_empty_tensors() {
+    let dir = tmpdir();
+    let empty = dir.path().join("empty.safetensors");
+    write_file(&empty, &[], &Default::default()).unwrap();
+    for device in [Device::Cpu, Device::Null] {
+        let m = Loader::new().device(device).load(&empty).unwrap();
+        assert!(m.is_empty());
+        assert_eq!(m.stats().bytes_read, 0);
+    }
+    let zeros = dir.path().join("zeros.safetensors");
+    write_file(&zeros, &[WriteTensor::new("z", Dtype::F32, vec![0], &[]), WriteTensor::new("y", Dtype::U8, vec![0, 9], &[])], &Default::default()).unwrap();
+    let m = Loader::new().device(Device::Cpu).load(&zeros).unwrap();
+    assert_eq!(m.tensor("y").unwrap().to_host_vec().unwrap(), Vec::<u8>::new());
+    assert_eq!(m.tensor("y").unwrap().shape(), &[0, 9]);
+}
+
+#[test]
+fn tensor_larger_than_the_whole_ring() {
+    let dir = tmpdir();
+    let data = pattern(99, 5 << 20);
+    let path = dir.path().join("one.safetensors");
+    write_file(&path, &[WriteTensor::new("huge", Dtype::U8, vec![data.len() as u64], &data)], &Default::default()).unwrap();
+    for io in engines() {
+        let loader = Loader::new().device(Device::Cpu).io(io).staging_count(2).staging_size(256 << 10);
+        assert_loaded(&loader, &path, &[("huge".into(), data.clone())]);
+        if direct_supported(dir.path()) {
+            assert_loaded(&loader.clone().direct(true), &path, &[("huge".into(), data.clone())]);
+        }
+        let m = Loader::new().device(Device::Null).io(io).staging_count(2).staging_size(256 << 10).load(&path).unwrap();
+        assert_eq!(m.stats().bytes_read, data.len() as u64);
+    }
+}
+
+#[test]
+fn every_malformed_file_fails_cleanly_through_load() {
+    let dir = tmpdir();
+    let good = {
+        let (p, _) = write_mixed(dir.path());
+        std::fs::read(p).unwrap()
+    };
+    let hl = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("short", vec![1, 2, 3]),
+        ("huge-len", u64::MAX.to_le_bytes().to_vec()),
+        ("truncated", good[..good.len() - 1].to_vec()),
+        ("trailing", [good.clone(), vec![0]].concat()),
+        ("not-json", [8u64.to_le_bytes().to_vec(), b"{nope!!}".to_vec()].concat()),
+    ];
+    let mut bad_utf8 = good.clone();
+    bad_utf8[10] = 0xff;
+    cases.push(("utf8", bad_utf8));
+    let mut bad_dtype = good.clone();
+    let h = String::from_utf8(good[8..8 + hl].to_vec()).unwrap().replace("\"BF16\"", "\"XF16\"");
+    bad_dtype.splice(8..8 + hl, h.into_bytes());
+    cases.push(("dtype", bad_dtype));
+    for (name, bytes) in cases {
+        let p = dir.path().join(format!("{name}.safetensors"));
+        std::fs::write(&p, &bytes).unwrap();
+        for device in [Device::Cpu, Device::Null] {
+            let err = Loader::new().device(device).load(&p).expect_err(name);
+            assert_eq!(err.file(), Some(p.as_path()), "{name}: {err}");
+        }
+    }
+}
+
+#[test]
+fn trace_spans_account_for_every_byte() {
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    let total: u64 = expect.iter().map(|(_, b)| b.len() as u64).sum();
+    for device in [Device::Cpu, Device::Null] {
+        let m = Loader::new().device(device).staging_count(2).staging_size(256 << 10).trace(true).load(&path).unwrap();
+        let t = m.trace().unwrap();
+        let read: u64 = t.spans().iter().filter(|s| s.name == "read").map(|s| s.bytes).sum();
+        assert_eq!(read, total);
+        let out = dir.path().join("trace.json");
+        t.write_chrome_json(&out).unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        let events = doc["traceEvents"].as_array().unwrap();
+        let bytes: u64 = events.iter().filter(|e| e["name"] == "read").map(|e| e["args"]["bytes"].as_u64().unwrap()).sum();
+        assert_eq!(bytes, total);
+    }
+}
+
+#[test]
+fn async_load_does_not_block_the_runtime() {
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let m = rt.block_on(async {
+        let load = Loader::new().device(Device::Cpu).load_async(&path);
+        // The single worker stays free to run another task while the load runs elsewhere.
+        let other = tokio::spawn(async { 42 });
+        let (m, o) = tokio::join!(load, other);
+        assert_eq!(o.unwrap(), 42);
+        m
+    });
+    assert_eq!(m.unwrap().len(), expect.len());
+}
+
+#[test]
+fn peak_rss_of_a_null_load_stays_within_ring_plus_64_mib() {
+    // A child process (the CLI) so that this test binary's own allocations do not count.
+    let dir = tmpdir();
+    let path = dir.path().join("big.safetensors");
+    let chunk = pattern(5, 32 << 20);
+    let tensors: Vec<_> = (0..16).map(|i| WriteTensor::new(format!("t{i}"), Dtype::U8, vec![chunk.len() as u64], &chunk)).collect();
+    write_file(&path, &tensors, &Default::default()).unwrap(); // 512 MiB
+    let ring = 16u64 << 20;
+    for io in ["pread", "uring"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weightstream"))
+            .args(["load", "--device", "null", "--staging", "16M", "--json", "--quiet", "--io", io])
+            .arg(&path)
+            .output()
+            .unwrap();
+        if !out.status.success() && io == "uring" {
+            println!("SKIPPED uring RSS check: {}", String::from_utf8_lossy(&out.stderr));
+            continue;
+        }
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let rss = j["peak_host_rss_bytes"].as_u64().unwrap();
+        assert_eq!(j["bytes_read"].as_u64().unwrap(), 512 << 20);
+        assert!(rss < ring + (64 << 20), "{io}: peak RSS {rss} for a 512 MiB model through a 16 MiB ring");
+    }
+}
