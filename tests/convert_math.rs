@@ -265,7 +265,7 @@ fn f32_sources_special_values_and_boundaries() {
 
 #[test]
 fn f32_sources_10m_random() {
-    let mut r = SplitMix(0x5EED_F32);
+    let mut r = SplitMix(0x05EE_DF32);
     let mut inputs = Vec::with_capacity(10_000_000);
     for i in 0..10_000_000u32 {
         let x = r.next();
@@ -370,7 +370,7 @@ fn f64_sources_special_values_boundaries_and_random() {
             v.push(n);
         }
     }
-    let mut r = SplitMix(0x5EED_F64);
+    let mut r = SplitMix(0x05EE_DF64);
     for i in 0..4_000_000u32 {
         let x = r.next();
         v.push(if i % 2 == 0 {

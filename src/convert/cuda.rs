@@ -106,8 +106,8 @@ impl DeviceConverter {
             return Err(Error::NoCudaDriver);
         }
         let dev = current_device()?;
-        // SAFETY: `dev` comes from the current context, so it is a valid device.
         let attr = |a| {
+            // SAFETY: `dev` comes from the current context, so it is a valid device.
             unsafe { dr::device::get_attribute(dev, a) }
                 .map_err(|e| cuda_err("cuDeviceGetAttribute", e))
         };
