@@ -325,6 +325,7 @@ impl Loader {
         let (storage, staging_bytes, pinned) = match device {
             Device::Cpu if !self.direct && !plan.tensors.iter().any(|t| t.converts()) => {
                 let mut arena = HostMemory::new(plan.arena_len as usize)?;
+                arena.prefault(self.threads);
                 let mut queue = ReadQueue::new(engine, self.queue_depth.max(self.threads * 2));
                 self.run_direct_host(&plan, &files, &mut arena, &mut queue, trace.as_mut())?;
                 (Storage::Host(arena), 0, false)

@@ -1,0 +1,224 @@
+//! The CUDA target on a real GPU. Without a driver or a device every test prints one line
+//! saying so and returns.
+
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use weightstream::format::{read_header, write_file, WriteTensor};
+use weightstream::target::cuda::{device_count, CudaDevice, DeviceArena};
+use weightstream::{Device, Dtype, Error, Loader};
+
+fn gpu() -> bool {
+    match device_count() {
+        Ok(n) if n > 0 => true,
+        Ok(_) => {
+            println!("SKIPPED: CUDA driver present but no device");
+            false
+        }
+        Err(e) => {
+            println!("SKIPPED: {e}");
+            false
+        }
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn file_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let h = read_header(path).unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    h.tensors
+        .iter()
+        .map(|t| {
+            let s = (h.data_start + t.data_offsets.0) as usize;
+            (t.name.clone(), bytes[s..s + t.byte_len() as usize].to_vec())
+        })
+        .collect()
+}
+
+fn write_mixed(dir: &Path) -> PathBuf {
+    let specs: Vec<(String, Dtype, Vec<u64>)> = vec![
+        ("a.bias".into(), Dtype::F32, vec![7]),
+        ("a.weight".into(), Dtype::BF16, vec![333, 129]),
+        ("b.empty".into(), Dtype::F16, vec![0, 4]),
+        ("c.big".into(), Dtype::U8, vec![5 << 20]),
+        ("d.f32".into(), Dtype::F32, vec![1000, 3]),
+        ("e.f64".into(), Dtype::F64, vec![1025]),
+    ];
+    let data: Vec<Vec<u8>> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, d, s))| {
+            let n = s.iter().product::<u64>() as usize;
+            match d {
+                // Real floats, so conversions have meaningful values.
+                Dtype::F32 => (0..n).flat_map(|k| ((k as f32 - 500.0) * 0.37).to_le_bytes()).collect(),
+                Dtype::F64 => (0..n).flat_map(|k| ((k as f64) * 1e-3 - 0.4).to_le_bytes()).collect(),
+                _ => pattern(i as u64 + 1, d.bytes_for(n as u64).unwrap() as usize),
+            }
+        })
+        .collect();
+    let tensors: Vec<_> = specs.iter().zip(&data).map(|((n, d, s), b)| WriteTensor::new(n.clone(), *d, s.clone(), b)).collect();
+    let path = dir.join("mixed.safetensors");
+    write_file(&path, &tensors, &Default::default()).unwrap();
+    path
+}
+
+fn check_same(loader: &Loader, path: &Path) {
+    let expect = file_tensors(path);
+    let m = loader.load(path).unwrap_or_else(|e| panic!("{loader:?}: {e}"));
+    assert_eq!(m.device(), Device::Cuda(0));
+    assert!(m.stats().pinned);
+    for (name, bytes) in &expect {
+        let t = m.tensor(name).unwrap();
+        assert!(t.device_ptr().is_some());
+        assert_eq!(t.device_ordinal(), Some(0));
+        assert_eq!(&t.to_host_vec().unwrap(), bytes, "{name}");
+    }
+}
+
+#[test]
+fn every_tensor_lands_byte_for_byte_with_rings_smaller_than_a_tensor() {
+    if !gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_mixed(dir.path());
+    for (count, size, streams) in [(4, 16 << 20, 2), (2, 1 << 20, 1), (3, 256 << 10, 3)] {
+        let loader = Loader::new().device(Device::Cuda(0)).staging_count(count).staging_size(size).streams(streams);
+        check_same(&loader, &path);
+        // Ring reuse: the same loader, several loads.
+        check_same(&loader, &path);
+        check_same(&loader.clone().io(weightstream::io::IoKind::Pread), &path);
+        check_same(&loader.clone().direct(true), &path);
+    }
+}
+
+#[test]
+fn python_written_files_and_sharded_model_on_the_gpu() {
+    if !gpu() {
+        return;
+    }
+    let Some(dir) = common::python_data_dir() else { return };
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|e| e == "safetensors") {
+            check_same(&Loader::new().device(Device::Cuda(0)), &p);
+            n += 1;
+        } else if p.is_dir() {
+            let m = Loader::new().device(Device::Cuda(0)).load(&p).unwrap();
+            let cpu = Loader::new().device(Device::Cpu).load(&p).unwrap();
+            assert_eq!(m.len(), cpu.len());
+            for t in cpu.tensors() {
+                assert_eq!(m.tensor(t.name()).unwrap().to_host_vec().unwrap(), t.to_host_vec().unwrap());
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 3);
+}
+
+#[test]
+fn filtered_and_converted_loads_match_the_cpu_target() {
+    if !gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_mixed(dir.path());
+    for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+        for ring in [16 << 20, 256 << 10] {
+            let g = Loader::new().device(Device::Cuda(0)).dtype(dtype).staging_size(ring).staging_count(3).load(&path).unwrap();
+            let c = Loader::new().device(Device::Cpu).dtype(dtype).load(&path).unwrap();
+            for t in c.tensors() {
+                let d = g.tensor(t.name()).unwrap();
+                assert_eq!(d.dtype(), t.dtype());
+                assert_eq!(d.to_host_vec().unwrap(), t.to_host_vec().unwrap(), "{} as {dtype}", t.name());
+            }
+        }
+    }
+    let g = Loader::new().device(Device::Cuda(0)).only("a.*").load(&path).unwrap();
+    assert_eq!(g.len(), 2);
+}
+
+#[test]
+fn missing_ordinal_is_a_clear_error() {
+    if !gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_mixed(dir.path());
+    let count = device_count().unwrap();
+    let err = Loader::new().device(Device::Cuda(7 + count)).load(&path).unwrap_err();
+    assert!(matches!(err, Error::NoCudaDevice { .. }), "{err}");
+}
+
+#[test]
+fn device_out_of_memory_is_typed_and_frees_everything() {
+    if !gpu() {
+        return;
+    }
+    let dev = CudaDevice::open(0).unwrap();
+    let (free0, total) = dev.mem_info().unwrap();
+    let err = DeviceArena::alloc(&dev, total * 2).unwrap_err();
+    assert!(matches!(err, Error::DeviceOutOfMemory { .. }), "{err}");
+    // A sparse file whose header is valid but whose tensor is larger than the device.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.safetensors");
+    let elems = (total as u64) * 2;
+    let header = weightstream::format::header_json(&[("w".into(), Dtype::U8, vec![elems], elems)], &Default::default());
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header);
+    std::fs::write(&path, &bytes).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(bytes.len() as u64 + elems).unwrap();
+    let loader = Loader::new().device(Device::Cuda(0));
+    let err = loader.load(&path).unwrap_err();
+    assert!(matches!(err, Error::DeviceOutOfMemory { .. }), "{err}");
+    let (free1, _) = dev.mem_info().unwrap();
+    // Nothing leaked: free memory is back where it was (the pinned ring is host memory).
+    assert!(free1 + (64 << 20) >= free0, "free before {free0}, after {free1}");
+    // And the loader still works.
+    let ok = write_mixed(dir.path());
+    check_same(&loader, &ok);
+}
+
+#[test]
+fn host_rss_during_a_gpu_load_stays_bounded() {
+    if !gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.safetensors");
+    let chunk = pattern(5, 64 << 20);
+    let tensors: Vec<_> = (0..16).map(|i| WriteTensor::new(format!("t{i}"), Dtype::U8, vec![chunk.len() as u64], &chunk)).collect();
+    write_file(&path, &tensors, &Default::default()).unwrap(); // 1 GiB, 64x the 16 MiB ring
+    let empty = dir.path().join("empty.safetensors");
+    write_file(&empty, &[WriteTensor::new("x", Dtype::U8, vec![1], &[1])], &Default::default()).unwrap();
+    let rss = |p: &Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weightstream"))
+            .args(["load", "--device", "cuda", "--staging", "16M", "--json", "--quiet"])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        j["peak_host_rss_bytes"].as_u64().unwrap()
+    };
+    let base = rss(&empty); // the CUDA driver's own footprint
+    let big = rss(&path);
+    println!("peak RSS: CUDA baseline {} MiB, 1 GiB load {} MiB", base >> 20, big >> 20);
+    assert!(big < base + (16 << 20) + (64 << 20), "1 GiB load peaked at {big} bytes, baseline {base}");
+}
