@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One GPU session: CUDA tests, demo, same-run baselines, tuning sweep, conversion, sanitizer.
+# Run on the GPU machine from the project root with the binaries built by
+# ../shared/gpu/build-for-device.sh in .gpu/bin and the loader wheels in .whl (optional).
+#   usage: scripts/gpu_bench.sh OUTDIR [part...]   parts: tests demo compare sweep convert sanitize
+set -uo pipefail
+out=${1:?outdir}; shift
+parts=${*:-tests demo compare sweep convert sanitize}
+B=.gpu/bin
+W=$B/weightstream
+export WEIGHTSTREAM_PYTHON=python3 PYTHONUNBUFFERED=1
+# Tests find the generator script through the build machine's path.
+[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+if [ -d .whl ] && [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1 \
+    && echo "installed loader wheels" || echo "could not install loader wheels"
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+nvidia-smi -L | tee "$out/device.txt"
+data=/tmp/wsbench; mkdir -p $data
+mk() { # name dtype GiB
+  [ -f $data/$1 ] || python3 - "$data/$1" "$2" "$3" <<'PY'
+import sys, torch
+from safetensors.torch import save_file
+path, dt, gib = sys.argv[1], getattr(torch, sys.argv[2]), float(sys.argv[3])
+h, inter, total, t, i = 4096, 11008, int(gib * 2**30), {}, 0
+el = torch.empty(0, dtype=dt).element_size()
+while sum(v.numel() * el for v in t.values()) < total:
+    p = f"model.layers.{i}"
+    t[f"{p}.input_layernorm.weight"] = torch.randn(h).to(dt)
+    for m in "qkvo": t[f"{p}.self_attn.{m}_proj.weight"] = torch.randn(h, h).to(dt)
+    for m in ("gate", "up"): t[f"{p}.mlp.{m}_proj.weight"] = torch.randn(inter, h).to(dt)
+    t[f"{p}.mlp.down_proj.weight"] = torch.randn(h, inter).to(dt)
+    i += 1
+save_file(t, path)
+PY
+}
+for p in $parts; do case $p in
+tests)
+  for t in cuda_load cuda_convert load_host; do echo "== $t"; timeout 300 $B/$t-test --nocapture 2>&1 | grep -E "^test |result|SKIPPED|peak RSS|panicked|error" ; done | tee "$out/tests.log" ;;
+demo)
+  timeout 120 $W demo 2>&1 | tee "$out/demo.log" ;;
+compare)
+  mk bf16_4g.safetensors bfloat16 4
+  { timeout 240 python3 scripts/compare_loaders.py $data/bf16_4g.safetensors --weightstream $W --runs 5 --json-out "$out/compare_warm.json"
+    timeout 240 python3 scripts/compare_loaders.py $data/bf16_4g.safetensors --weightstream $W --runs 3 --cold --json-out "$out/compare_cold.json"
+  } 2>&1 | tee "$out/compare.log" ;;
+sweep)
+  mk bf16_4g.safetensors bfloat16 4
+  for cfg in "--staging 64M --staging-buffers 4" "--staging 128M --staging-buffers 8" "--staging 256M --staging-buffers 16" "--staging 256M --staging-buffers 8 --threads 16" "--staging 128M --staging-buffers 8 --io pread --threads 16" "--staging 128M --staging-buffers 8 --streams 4 --threads 16 --read-size 2M" "--staging 128M --staging-buffers 8 --direct --threads 16"; do
+    echo "== $cfg"; timeout 60 $W bench $data/bf16_4g.safetensors --device cuda --strategy pipeline --runs 5 $cfg | tail -1
+  done 2>&1 | tee "$out/sweep.log"
+  timeout 60 $W load $data/bf16_4g.safetensors --device cuda --staging 128M --staging-buffers 8 --threads 16 --trace "$out/trace.json" --quiet | tee -a "$out/sweep.log" ;;
+convert)
+  mk f32_2g.safetensors float32 2
+  for d in keep bf16 f16; do echo "== --dtype $d"; timeout 60 $W bench $data/f32_2g.safetensors --device cuda --strategy pipeline --runs 5 --dtype $d --staging 128M --staging-buffers 8 --threads 16 | tail -1; done 2>&1 | tee "$out/convert.log"
+  timeout 120 $B/convert-bench-test --bench 2>&1 | grep -E "time:|thrpt:|^[a-z]" | tail -20 | tee -a "$out/convert.log" ;;
+sanitize)
+  timeout 240 compute-sanitizer --tool memcheck $B/cuda_load-test --test-threads 1 every_tensor 2>&1 | tail -8 | tee "$out/sanitizer.log" ;;
+esac; done
