@@ -155,11 +155,7 @@ pub fn convert_host(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Resul
 fn convert_chunk(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<()> {
     use Dtype::*;
     match (from, to) {
-        (F32, BF16) => map::<4, 2>(src, dst, |b| {
-            bf16::from_f32(f32::from_le_bytes(b))
-                .to_bits()
-                .to_le_bytes()
-        }),
+        (F32, BF16) => via_f32::<4>(src, dst, to, f32::from_le_bytes),
         (BF16, F32) => map::<2, 4>(src, dst, |b| bf16::from_le_bytes(b).to_f32().to_le_bytes()),
         (F64, F32) => map::<8, 4>(src, dst, |b| (f64::from_le_bytes(b) as f32).to_le_bytes()),
         // `from_f64_const` is `half`'s software path, which rounds from the f64 value; the
@@ -253,8 +249,14 @@ fn store_f32(f: &[f32], dst: &mut [u8], to: Dtype) {
             }
         }
         Dtype::BF16 => {
-            for (x, d) in f.iter().zip(dst.chunks_exact_mut(2)) {
-                d.copy_from_slice(&bf16::from_f32(*x).to_le_bytes());
+            // Into an aligned block first: this loop vectorises.
+            let mut h = [0u16; BLOCK];
+            let h = &mut h[..f.len()];
+            for (o, x) in h.iter_mut().zip(f) {
+                *o = bf16::from_f32(*x).to_bits();
+            }
+            for (x, d) in h.iter().zip(dst.chunks_exact_mut(2)) {
+                d.copy_from_slice(&x.to_le_bytes());
             }
         }
         _ => {
