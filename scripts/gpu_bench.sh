@@ -50,6 +50,10 @@ sweep)
   for cfg in "--staging 64M --staging-buffers 4" "--staging 128M --staging-buffers 8" "--staging 256M --staging-buffers 16" "--staging 256M --staging-buffers 8 --threads 16" "--staging 128M --staging-buffers 8 --io pread --threads 16" "--staging 128M --staging-buffers 8 --streams 4 --threads 16 --read-size 2M" "--staging 128M --staging-buffers 8 --direct --threads 16"; do
     echo "== $cfg"; timeout 60 $W bench $data/bf16_4g.safetensors --device cuda --strategy pipeline --runs 5 $cfg | tail -1
   done 2>&1 | tee "$out/sweep.log"
+  echo "== cold: dd iflag=direct vs pipeline --direct / buffered (same run)"
+  python3 -c "import os,sys; fd=os.open(sys.argv[1],os.O_RDONLY); os.posix_fadvise(fd,0,0,os.POSIX_FADV_DONTNEED)" $data/bf16_4g.safetensors
+  dd if=$data/bf16_4g.safetensors of=/dev/null bs=8M iflag=direct 2>&1 | tail -1
+  timeout 120 $W bench $data/bf16_4g.safetensors --device cuda --cold --runs 3 --strategy pipeline-direct --strategy pipeline --threads 16 --staging 128M --staging-buffers 8 | tail -3
   timeout 60 $W load $data/bf16_4g.safetensors --device cuda --staging 128M --staging-buffers 8 --threads 16 --trace "$out/trace.json" --quiet | tee -a "$out/sweep.log" ;;
 convert)
   mk f32_2g.safetensors float32 2

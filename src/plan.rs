@@ -82,8 +82,8 @@ pub struct ReadExtent {
 /// How to build a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlanOptions {
-    /// Largest extent (the staging buffer's usable size). Rounded down to a multiple of 8 so
-    /// that a split never cuts an element of a convertible dtype.
+    /// Largest extent (the staging buffer's usable size). Rounded down to a multiple of 4096 so
+    /// that a split never cuts an element and split pieces land at aligned device addresses.
     pub chunk_bytes: u64,
     /// Unselected bytes between two selected tensors up to which one extent reads through.
     pub max_gap: u64,
@@ -130,7 +130,7 @@ impl Plan {
         out_dtype: &dyn Fn(&str, Dtype) -> Dtype,
         opts: PlanOptions,
     ) -> Result<Plan> {
-        let chunk = (opts.chunk_bytes / 8 * 8).max(8);
+        let chunk = (opts.chunk_bytes / 4096 * 4096).max(4096);
         let mut plan = Plan::default();
         let mut arena = 0u64;
         for f in &ckpt.files {

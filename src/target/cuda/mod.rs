@@ -45,9 +45,9 @@ struct TimedCopy {
 }
 
 /// Copies staged extents into a [`DeviceArena`]: slot `k`'s copies go on stream `k % streams`,
-/// followed by slot `k`'s event; the slot is released when that event has fired. Extents with a
-/// tensor to convert go whole to a per-slot scratch region first, and a kernel writes the
-/// converted values into the arena.
+/// followed by slot `k`'s event; the slot is released when that event has fired. A piece of a
+/// tensor to convert goes to an aligned place in the slot's scratch region first, and a kernel
+/// writes the converted values into the arena.
 pub(crate) struct CudaSink<'a> {
     dev: Arc<CudaDevice>,
     arena: &'a DeviceArena,
@@ -73,7 +73,12 @@ impl<'a> CudaSink<'a> {
         let slot_events = (0..slots).map(|_| Event::new(dev, false)).collect::<Result<Vec<_>>>()?;
         let (scratch, converter) = if converts {
             (
-                Some((DeviceArena::alloc(dev, slots * slot_size)?, slot_size)),
+                Some({
+                    // Room for a slot's pieces, each 256-byte aligned.
+                    let max_pieces = plan.extents.iter().map(|e| e.pieces.len()).max().unwrap_or(0);
+                    let per_slot = crate::plan::align_up((slot_size + 256 * max_pieces) as u64, 256).unwrap_or(u64::MAX) as usize;
+                    (DeviceArena::alloc(dev, slots * per_slot)?, per_slot)
+                }),
                 Some(crate::convert::cuda::DeviceConverter::load()?),
             )
         } else {
@@ -119,26 +124,34 @@ impl Sink for CudaSink<'_> {
         let converts = pieces.iter().any(|p| plan.tensors[p.tensor].converts());
         match (&self.scratch, &self.converter) {
             (Some((scratch, per_slot)), Some(conv)) if converts => {
+                // Each piece goes to its own 256-byte-aligned place in this slot's scratch, so
+                // the kernel reads aligned elements whatever the file's layout (a writer may
+                // place an F32 tensor at an odd offset).
                 let base = scratch.ptr() + (slot * per_slot) as u64;
-                // SAFETY: data is the pinned slot (valid until release(slot) has waited on this
-                // slot's event, recorded below after all its work); base..base+len is this
-                // slot's scratch region (len <= slot size).
-                unsafe { result::memcpy_htod_async(base, data.as_ptr(), data.len(), stream.raw)? };
+                let mut at = 0u64;
                 for p in pieces {
                     let t = &plan.tensors[p.tensor];
-                    let src = base + p.extent_offset;
-                    if t.converts() {
-                        let elements = p.len * 8 / t.dtype.bits();
-                        let first = p.tensor_offset * 8 / t.dtype.bits();
-                        let dst = arena + t.arena_offset + first * t.out_dtype.bits() / 8;
-                        // SAFETY: src holds p.len bytes of t.dtype in scratch, dst has room for
-                        // the converted elements inside t's arena range (planned), both on this
-                        // device; the kernel runs on `stream` after the copy into scratch.
-                        unsafe { conv.launch(t.dtype, t.out_dtype, src, dst, elements as usize, stream.raw)? };
-                    } else {
-                        // SAFETY: both ranges inside live device allocations (planned).
-                        unsafe { result::memcpy_dtod_async(arena + t.arena_offset + p.tensor_offset, src, p.len as usize, stream.raw)? };
+                    // SAFETY: the source lies in the pinned slot, valid until release(slot) has
+                    // waited on this slot's event (recorded below, after all its work).
+                    let src_host = unsafe { data.as_ptr().add(p.extent_offset as usize) };
+                    if !t.converts() {
+                        // SAFETY: the destination is inside t's planned arena range.
+                        unsafe { result::memcpy_htod_async(arena + t.arena_offset + p.tensor_offset, src_host, p.len as usize, stream.raw)? };
+                        continue;
                     }
+                    let src = base + at;
+                    // SAFETY: at + p.len <= slot size: pieces of one extent are disjoint and sum
+                    // to at most the extent, plus at most 255 bytes of padding per piece, which
+                    // the scratch region's slack (see new) covers.
+                    unsafe { result::memcpy_htod_async(src, src_host, p.len as usize, stream.raw)? };
+                    at = crate::plan::align_up(at + p.len, 256).unwrap_or(u64::MAX);
+                    let elements = p.len * 8 / t.dtype.bits();
+                    let first = p.tensor_offset * 8 / t.dtype.bits();
+                    let dst = arena + t.arena_offset + first * t.out_dtype.bits() / 8;
+                    // SAFETY: src holds p.len bytes of t.dtype in scratch, dst has room for the
+                    // converted elements inside t's arena range (planned), both on this device;
+                    // the kernel runs on `stream` after the copy into scratch.
+                    unsafe { conv.launch(t.dtype, t.out_dtype, src, dst, elements as usize, stream.raw)? };
                 }
             }
             _ => {
