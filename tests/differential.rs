@@ -29,11 +29,14 @@ const MAX_DATA: u64 = 1 << 20;
 // ---------------------------------------------------------------------------------------------
 // What a parser made of a file, in a form both sides can be compared in.
 
+/// One tensor: (name, dtype, shape, data offsets).
+type TensorRow = (String, String, Vec<u64>, (u64, u64));
+
 #[derive(Debug, PartialEq, Eq)]
 struct Parsed {
     header_len: u64,
-    /// (name, dtype, shape, offsets), sorted by name.
-    tensors: Vec<(String, String, Vec<u64>, (u64, u64))>,
+    /// Sorted by name.
+    tensors: Vec<TensorRow>,
     /// Offsets in file order.
     order: Vec<(u64, u64)>,
     metadata: BTreeMap<String, String>,
@@ -429,7 +432,7 @@ fn build(case: &Case) -> Vec<u8> {
         );
     }
     let mut header = format!("{{{sep}{}}}", entries.join(&format!(",{sep}"))).into_bytes();
-    header.extend(std::iter::repeat_n(b' ', case.padding));
+    header.resize(header.len() + case.padding, b' ');
 
     let mut header_len = header.len() as u64;
     for m in &case.bytes {
