@@ -47,7 +47,10 @@ compare)
   } 2>&1 | tee "$out/compare.log" ;;
 sweep)
   mk bf16_4g.safetensors bfloat16 4
-  for cfg in "--staging 64M --staging-buffers 4" "--staging 128M --staging-buffers 8" "--staging 256M --staging-buffers 16" "--staging 256M --staging-buffers 8 --threads 16" "--staging 128M --staging-buffers 8 --io pread --threads 16" "--staging 128M --staging-buffers 8 --streams 4 --threads 16 --read-size 2M" "--staging 128M --staging-buffers 8 --direct --threads 16"; do
+  echo "== read ceiling: null target (no GPU copy), pread 16 threads; dd bs=8M"
+  timeout 60 $W bench $data/bf16_4g.safetensors --device null --strategy pipeline --runs 5 --threads 16 --staging 128M --staging-buffers 8 | tail -1
+  dd if=$data/bf16_4g.safetensors of=/dev/null bs=8M 2>&1 | tail -1
+  for cfg in "--staging 64M --staging-buffers 4" "--staging 128M --staging-buffers 8" "--staging 256M --staging-buffers 16" "--staging 128M --staging-buffers 8 --read-size 8M" "--staging 128M --staging-buffers 8 --read-size 2M" "--staging 256M --staging-buffers 8 --threads 24" "--staging 128M --staging-buffers 8 --io uring"; do
     echo "== $cfg"; timeout 60 $W bench $data/bf16_4g.safetensors --device cuda --strategy pipeline --runs 5 $cfg | tail -1
   done 2>&1 | tee "$out/sweep.log"
   echo "== cold: dd iflag=direct vs pipeline --direct / buffered (same run)"

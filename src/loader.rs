@@ -401,7 +401,7 @@ impl Loader {
 
     fn engine(&self) -> Result<Box<dyn RawEngine>> {
         let opts = EngineOptions { kind: self.io, queue_depth: self.queue_depth.max(64), threads: self.threads };
-        let engine = open_engine(&opts).map_err(|e| Error::option(format!("cannot start the {:?} read engine: {e}", self.io)))?;
+        let engine = open_engine(&opts, self.direct).map_err(|e| Error::option(format!("cannot start the {:?} read engine: {e}", self.io)))?;
         Ok(match self.fault {
             Some(f) => Box::new(FaultyEngine::new(engine, f)),
             None => engine,

@@ -208,7 +208,7 @@ fn host_rss_during_a_gpu_load_stays_bounded() {
     let empty = dir.path().join("empty.safetensors");
     write_file(&empty, &[WriteTensor::new("x", Dtype::U8, vec![1], &[1])], &Default::default()).unwrap();
     let rss = |p: &Path| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weightstream"))
+        let out = std::process::Command::new(weightstream_bin())
             .args(["load", "--device", "cuda", "--staging", "16M", "--json", "--quiet"])
             .arg(p)
             .output()
@@ -221,4 +221,15 @@ fn host_rss_during_a_gpu_load_stays_bounded() {
     let big = rss(&path);
     println!("peak RSS: CUDA baseline {} MiB, 1 GiB load {} MiB", base >> 20, big >> 20);
     assert!(big < base + (16 << 20) + (64 << 20), "1 GiB load peaked at {big} bytes, baseline {base}");
+}
+
+/// The CLI binary: cargo's path, or `.gpu/bin/weightstream` where the tests run on a machine
+/// that did not build them.
+fn weightstream_bin() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_weightstream"));
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from(".gpu/bin/weightstream")
+    }
 }

@@ -89,7 +89,7 @@ fn direct_supported(dir: &Path) -> bool {
 
 fn engines() -> Vec<IoKind> {
     let mut v = vec![IoKind::Pread];
-    match weightstream::io::open_engine(&weightstream::io::EngineOptions { kind: IoKind::Uring, ..Default::default() }) {
+    match weightstream::io::open_engine(&weightstream::io::EngineOptions { kind: IoKind::Uring, ..Default::default() }, false) {
         Ok(_) => v.push(IoKind::Uring),
         Err(e) => println!("SKIPPED io_uring variants: {e}"),
     }
@@ -354,7 +354,7 @@ fn peak_rss_of_a_null_load_stays_within_ring_plus_64_mib() {
     write_file(&path, &tensors, &Default::default()).unwrap(); // 512 MiB
     let ring = 16u64 << 20;
     for io in ["pread", "uring"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weightstream"))
+        let out = std::process::Command::new(weightstream_bin())
             .args(["load", "--device", "null", "--staging", "16M", "--json", "--quiet", "--io", io])
             .arg(&path)
             .output()
@@ -368,5 +368,16 @@ fn peak_rss_of_a_null_load_stays_within_ring_plus_64_mib() {
         let rss = j["peak_host_rss_bytes"].as_u64().unwrap();
         assert_eq!(j["bytes_read"].as_u64().unwrap(), 512 << 20);
         assert!(rss < ring + (64 << 20), "{io}: peak RSS {rss} for a 512 MiB model through a 16 MiB ring");
+    }
+}
+
+/// The CLI binary: cargo's path, or `.gpu/bin/weightstream` where the tests run on a machine
+/// that did not build them.
+fn weightstream_bin() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_weightstream"));
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from(".gpu/bin/weightstream")
     }
 }

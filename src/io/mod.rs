@@ -24,7 +24,8 @@ pub use uring::UringEngine;
 /// Which read engine to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoKind {
-    /// io_uring when the kernel allows it, else pread.
+    /// O_DIRECT reads: io_uring when the kernel allows it, else pread. Buffered reads: pread,
+    /// which measured faster from a warm page cache (see BENCHMARKS.md).
     #[default]
     Auto,
     /// io_uring only (an error when unavailable).
@@ -258,12 +259,19 @@ impl Default for EngineOptions {
     }
 }
 
-/// Build the engine `opts` asks for; `Auto` falls back to pread when io_uring is unavailable.
-pub fn open_engine(opts: &EngineOptions) -> io::Result<Box<dyn RawEngine>> {
+/// Build the engine `opts` asks for, for buffered (`direct == false`) or O_DIRECT reads.
+///
+/// `Auto` picks pread for buffered reads: on a warm page cache a read is a memcpy, and a pool
+/// of threads calling pread beat io_uring's workers on the H100 host (25.8 against 14-17 GB/s,
+/// BENCHMARKS.md). For O_DIRECT it picks io_uring, falling back to pread where io_uring is
+/// unavailable.
+pub fn open_engine(opts: &EngineOptions, direct: bool) -> io::Result<Box<dyn RawEngine>> {
+    let pread = || Ok(Box::new(PreadEngine::new(opts.threads)) as Box<dyn RawEngine>);
     match opts.kind {
-        IoKind::Pread => Ok(Box::new(PreadEngine::new(opts.threads))),
+        IoKind::Pread => pread(),
         IoKind::Uring => open_uring(opts),
-        IoKind::Auto => open_uring(opts).or_else(|_| Ok(Box::new(PreadEngine::new(opts.threads)) as Box<dyn RawEngine>)),
+        IoKind::Auto if direct => open_uring(opts).or_else(|_| pread()),
+        IoKind::Auto => pread(),
     }
 }
 
