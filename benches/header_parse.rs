@@ -51,7 +51,9 @@ fn bench(c: &mut Criterion) {
         "header_{TENSORS}_tensors_{}MB",
         header_len / 1_000_000
     ));
-    group.sample_size(20);
+    group
+        .sample_size(20)
+        .measurement_time(std::time::Duration::from_secs(15));
     group.bench_function("weightstream::parse_header", |b| {
         b.iter(|| parse_header("bench.safetensors", black_box(header), file_len).expect("valid"))
     });

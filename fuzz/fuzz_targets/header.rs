@@ -7,9 +7,13 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|file: &[u8]| {
     // As `read_header` does: an 8-byte length, checked, then the header bytes.
-    let Some((prefix, rest)) = file.split_first_chunk::<8>() else { return };
+    let Some((prefix, rest)) = file.split_first_chunk::<8>() else {
+        return;
+    };
     let header_len = u64::from_le_bytes(*prefix);
-    let Some(header) = usize::try_from(header_len).ok().and_then(|n| rest.get(..n)) else { return };
+    let Some(header) = usize::try_from(header_len).ok().and_then(|n| rest.get(..n)) else {
+        return;
+    };
     let file_len = file.len() as u64;
     if let Ok(h) = weightstream::format::parse_header("fuzz.safetensors", header, file_len) {
         // What the parser accepted holds together.
