@@ -16,27 +16,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    for f in [
-        "build.rs",
-        "kernels/convert.cu",
-        "kernels/convert_math.cuh",
-        "kernels/host_shim.cpp",
-    ] {
+    for f in ["build.rs", "kernels/convert.cu", "kernels/convert_math.cuh", "kernels/host_shim.cpp"] {
         println!("cargo:rerun-if-changed={f}");
     }
-    for v in [
-        "NVCC",
-        "CUDA_HOME",
-        "CUDA_PATH",
-        "PATH",
-        "WEIGHTSTREAM_NO_NVCC",
-    ] {
+    for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "WEIGHTSTREAM_NO_NVCC"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
     println!("cargo:rustc-check-cfg=cfg(ws_convert_ptx)");
 
-    let manifest =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kernels = manifest.join("kernels");
 
@@ -57,20 +45,13 @@ fn main() {
     let kernel = read(&kernels.join("convert.cu"));
     let inlined: String = kernel
         .lines()
-        .map(|l| {
-            if l.trim_start().starts_with("#include \"convert_math.cuh\"") {
-                header.as_str()
-            } else {
-                l
-            }
-        })
+        .map(|l| if l.trim_start().starts_with("#include \"convert_math.cuh\"") { header.as_str() } else { l })
         .collect::<Vec<_>>()
         .join("\n");
     fs::write(out.join("convert_nvrtc.cu"), inlined).expect("write $OUT_DIR/convert_nvrtc.cu");
 
     // 3. PTX with nvcc, when the CUDA target is built and nvcc is found.
-    if env::var_os("CARGO_FEATURE_CUDA").is_none() || env::var_os("WEIGHTSTREAM_NO_NVCC").is_some()
-    {
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() || env::var_os("WEIGHTSTREAM_NO_NVCC").is_some() {
         return;
     }
     let Some(nvcc) = find_nvcc(&manifest) else {
@@ -80,11 +61,7 @@ fn main() {
     let ptx = out.join("convert.ptx");
     let _ = fs::remove_file(&ptx);
     let mut cmd = Command::new(&nvcc);
-    cmd.arg("-ptx")
-        .arg("-arch=compute_80")
-        .arg("-O3")
-        .arg("-I")
-        .arg(&kernels);
+    cmd.arg("-ptx").arg("-arch=compute_80").arg("-O3").arg("-I").arg(&kernels);
     // The pip wheel's nvcc needs CCCL's headers, which live beside it.
     if let Some(root) = nvcc.parent().and_then(Path::parent) {
         let cccl = root.join("include").join("cccl");
@@ -137,12 +114,7 @@ fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
         pys.sort();
         for py in pys.into_iter().rev() {
             for cu in ["cu13", "cu12"] {
-                candidates.push(
-                    py.join("site-packages/nvidia")
-                        .join(cu)
-                        .join("bin")
-                        .join(exe),
-                );
+                candidates.push(py.join("site-packages/nvidia").join(cu).join("bin").join(exe));
             }
             candidates.push(py.join("site-packages/nvidia/cuda_nvcc/bin").join(exe));
         }

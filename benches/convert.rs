@@ -32,11 +32,7 @@ fn host(c: &mut Criterion) {
     let src = pattern(SRC_BYTES);
     let mut g = c.benchmark_group("convert_host");
     g.sample_size(10);
-    for (from, to) in [
-        (Dtype::F32, Dtype::BF16),
-        (Dtype::F32, Dtype::F16),
-        (Dtype::BF16, Dtype::F32),
-    ] {
+    for (from, to) in [(Dtype::F32, Dtype::BF16), (Dtype::F32, Dtype::F16), (Dtype::BF16, Dtype::F32)] {
         let n = SRC_BYTES / (from.bits() / 8) as usize;
         let mut dst = vec![0u8; n * (to.bits() / 8) as usize];
         g.throughput(Throughput::Bytes(SRC_BYTES as u64));
@@ -45,9 +41,7 @@ fn host(c: &mut Criterion) {
         });
     }
     let mut dst = vec![0u8; SRC_BYTES];
-    g.bench_function(BenchmarkId::new("memcpy", "256MiB"), |b| {
-        b.iter(|| dst.copy_from_slice(&src))
-    });
+    g.bench_function(BenchmarkId::new("memcpy", "256MiB"), |b| b.iter(|| dst.copy_from_slice(&src)));
     g.finish();
 }
 
@@ -61,9 +55,7 @@ mod device {
     /// Makes device 0's primary context current, or `None` after one line saying why.
     fn gpu() -> Option<()> {
         // SAFETY: only probes whether libcuda can be opened; nothing of cudarc runs before it.
-        if !unsafe { sys::is_culib_present() }
-            || dr::init().is_err()
-            || dr::device::get_count().map_or(true, |n| n < 1)
+        if !unsafe { sys::is_culib_present() } || dr::init().is_err() || dr::device::get_count().map_or(true, |n| n < 1)
         {
             println!("skipping device benches: no CUDA driver/device");
             return None;
@@ -138,8 +130,7 @@ mod device {
 
         let copy = || {
             // SAFETY: both allocations hold at least SRC_BYTES and do not overlap.
-            unsafe { dr::memcpy_dtod_async(bufs.dst, bufs.src, SRC_BYTES, std::ptr::null_mut()) }
-                .expect("copy")
+            unsafe { dr::memcpy_dtod_async(bufs.dst, bufs.src, SRC_BYTES, std::ptr::null_mut()) }.expect("copy")
         };
         let copy_s = median_secs(20, copy);
         let copy_gbps = 2.0 * SRC_BYTES as f64 / copy_s / 1e9;
@@ -183,15 +174,9 @@ mod device {
         g.bench_function(BenchmarkId::new("cuMemcpyDtoD", "256MiB"), |b| {
             b.iter_custom(|iters| timed(&mut { copy }, iters))
         });
-        for (from, to) in [
-            (Dtype::F32, Dtype::BF16),
-            (Dtype::BF16, Dtype::F32),
-            (Dtype::F8_E4M3, Dtype::BF16),
-        ] {
+        for (from, to) in [(Dtype::F32, Dtype::BF16), (Dtype::BF16, Dtype::F32), (Dtype::F8_E4M3, Dtype::BF16)] {
             let n = SRC_BYTES / (from.bits() / 8) as usize;
-            g.throughput(Throughput::Bytes(
-                (SRC_BYTES + n * (to.bits() / 8) as usize) as u64,
-            ));
+            g.throughput(Throughput::Bytes((SRC_BYTES + n * (to.bits() / 8) as usize) as u64));
             let mut f = launch(from, to);
             g.bench_function(BenchmarkId::new(format!("{from}->{to}"), "256MiB"), |b| {
                 b.iter_custom(|iters| timed(&mut f, iters))

@@ -19,9 +19,7 @@ fn file_with_many_tensors() -> Vec<u8> {
         .map(|i| {
             let dtype = dtypes[i % dtypes.len()];
             let shape = vec![(i % 3 + 1) as u64, (i % 5 + 1) as u64];
-            let len = dtype
-                .bytes_for(shape.iter().product())
-                .expect("small shape");
+            let len = dtype.bytes_for(shape.iter().product()).expect("small shape");
             let name = format!("model.layers.{}.block.{}.weight", i / 16, i % 16);
             (name, dtype, shape, len)
         })
@@ -47,13 +45,8 @@ fn bench(c: &mut Criterion) {
     assert_eq!(ours.tensors.len(), TENSORS);
     assert_eq!(reference.tensors().len(), TENSORS);
 
-    let mut group = c.benchmark_group(format!(
-        "header_{TENSORS}_tensors_{}MB",
-        header_len / 1_000_000
-    ));
-    group
-        .sample_size(20)
-        .measurement_time(std::time::Duration::from_secs(15));
+    let mut group = c.benchmark_group(format!("header_{TENSORS}_tensors_{}MB", header_len / 1_000_000));
+    group.sample_size(20).measurement_time(std::time::Duration::from_secs(15));
     group.bench_function("weightstream::parse_header", |b| {
         b.iter(|| parse_header("bench.safetensors", black_box(header), file_len).expect("valid"))
     });

@@ -114,7 +114,7 @@ impl std::fmt::Debug for Loader {
 
 impl Loader {
     /// A loader with defaults: device `auto`, every tensor, dtypes kept, io `auto`, a ring of
-    /// 4 × 16 MiB.
+    /// 8 × 16 MiB filled by 2 MiB reads (the best measured on an H100 host, BENCHMARKS.md).
     pub fn new() -> Self {
         let eo = EngineOptions::default();
         Loader {
@@ -125,10 +125,10 @@ impl Loader {
             io: IoKind::Auto,
             direct: false,
             staging_size: 16 << 20,
-            staging_count: 4,
+            staging_count: 8,
             queue_depth: eo.queue_depth,
             threads: eo.threads,
-            read_size: 4 << 20,
+            read_size: 2 << 20,
             streams: 2,
             progress: None,
             cancel: None,
@@ -338,7 +338,14 @@ impl Loader {
                     Storage::Null
                 } else {
                     let mut arena = HostMemory::new(plan.arena_len as usize)?;
-                    self.run_staged(&plan, &files, ring, &mut HostSink { arena: &mut arena }, &mut queue, trace.as_mut())?;
+                    self.run_staged(
+                        &plan,
+                        &files,
+                        ring,
+                        &mut HostSink { arena: &mut arena },
+                        &mut queue,
+                        trace.as_mut(),
+                    )?;
                     Storage::Host(arena)
                 };
                 (storage, ring.total_bytes() as u64, false)
@@ -348,7 +355,13 @@ impl Loader {
                 use crate::target::cuda;
                 let dev = cuda::CudaDevice::open(ordinal)?;
                 let ring = match &mut rings.pinned {
-                    Some((o, r)) if *o == ordinal && r.slot_size() == self.staging_size && r.slot_count() == self.staging_count => r,
+                    Some((o, r))
+                        if *o == ordinal
+                            && r.slot_size() == self.staging_size
+                            && r.slot_count() == self.staging_count =>
+                    {
+                        r
+                    }
                     slot => {
                         *slot = None; // free the old ring before pinning a new one
                         let r = cuda::pinned_ring(&dev, self.staging_count, self.staging_size)?;
@@ -356,7 +369,15 @@ impl Loader {
                     }
                 };
                 let arena = cuda::DeviceArena::alloc(&dev, plan.arena_len as usize)?;
-                let mut sink = cuda::CudaSink::new(&dev, &arena, &plan, ring.slot_count(), self.staging_size, self.streams, self.trace)?;
+                let mut sink = cuda::CudaSink::new(
+                    &dev,
+                    &arena,
+                    &plan,
+                    ring.slot_count(),
+                    self.staging_size,
+                    self.streams,
+                    self.trace,
+                )?;
                 let mut queue = ReadQueue::new(engine, self.staged_depth(ring));
                 let run = self.run_staged(&plan, &files, ring, &mut sink, &mut queue, trace.as_mut());
                 if let (Some(t), Ok(())) = (trace.as_mut(), &run) {
@@ -401,7 +422,8 @@ impl Loader {
 
     fn engine(&self) -> Result<Box<dyn RawEngine>> {
         let opts = EngineOptions { kind: self.io, queue_depth: self.queue_depth.max(64), threads: self.threads };
-        let engine = open_engine(&opts, self.direct).map_err(|e| Error::option(format!("cannot start the {:?} read engine: {e}", self.io)))?;
+        let engine = open_engine(&opts, self.direct)
+            .map_err(|e| Error::option(format!("cannot start the {:?} read engine: {e}", self.io)))?;
         Ok(match self.fault {
             Some(f) => Box::new(FaultyEngine::new(engine, f)),
             None => engine,
@@ -435,7 +457,10 @@ impl Loader {
                         Error::Io {
                             file: f.path.clone(),
                             tensor: None,
-                            source: std::io::Error::new(e.kind(), "this filesystem does not support O_DIRECT (--direct)"),
+                            source: std::io::Error::new(
+                                e.kind(),
+                                "this filesystem does not support O_DIRECT (--direct)",
+                            ),
                         }
                     } else {
                         Error::io(&f.path, e)
@@ -510,7 +535,8 @@ impl Loader {
                 let (ti, off, len) = ops[c.tag as usize];
                 let t = &plan.tensors[ti];
                 let file = &plan.files[t.file].path;
-                let n = c.result.map_err(|e| Error::Io { file: file.clone(), tensor: Some(t.name.clone()), source: e })?;
+                let n =
+                    c.result.map_err(|e| Error::Io { file: file.clone(), tensor: Some(t.name.clone()), source: e })?;
                 if (n as u64) < len {
                     return Err(Error::UnexpectedEof {
                         file: file.clone(),
@@ -579,7 +605,7 @@ impl Loader {
                             // for O_DIRECT alignment), so buf + sub + len stays in the slot.
                             buf: unsafe { buf.add(sub as usize) },
                             len: len as usize,
-                            tag: ((slot as u64) << 32) | sub / read_size,
+                            tag: ((slot as u64) << 32) | (sub / read_size),
                         };
                         // SAFETY: the slot was released by the sink (nothing reads it), it is
                         // written by this extent's requests alone, in disjoint ranges, and is
@@ -608,11 +634,20 @@ impl Loader {
                 let e = &plan.extents[job.extent];
                 let file = &plan.files[e.file].path;
                 let tensor_at = |off: u64| plan.tensor_at(e, off.saturating_sub(e.offset)).map(str::to_string);
-                let n = c.result.map_err(|err| Error::Io { file: file.clone(), tensor: tensor_at(c.offset), source: err })?;
+                let n = c.result.map_err(|err| Error::Io {
+                    file: file.clone(),
+                    tensor: tensor_at(c.offset),
+                    source: err,
+                })?;
                 let needed = (e.offset + e.len).saturating_sub(c.offset).min(c.len as u64);
                 if (n as u64) < needed {
                     let at = c.offset + n as u64;
-                    return Err(Error::UnexpectedEof { file: file.clone(), tensor: tensor_at(at), what: "tensor data", at });
+                    return Err(Error::UnexpectedEof {
+                        file: file.clone(),
+                        tensor: tensor_at(at),
+                        what: "tensor data",
+                        at,
+                    });
                 }
                 job.outstanding -= 1;
                 if job.outstanding > 0 {
@@ -622,7 +657,8 @@ impl Loader {
                 let read_done = Instant::now();
                 // SAFETY: every read into the slot completed; the slot holds data_skip + e.len
                 // initialised bytes and nothing writes it until it is released again.
-                let data = unsafe { std::slice::from_raw_parts(ring.slot_ptr(slot).add(job.data_skip), e.len as usize) };
+                let data =
+                    unsafe { std::slice::from_raw_parts(ring.slot_ptr(slot).add(job.data_skip), e.len as usize) };
                 sink.deliver(slot, data, e, plan)?;
                 if let Some(t) = trace.as_deref_mut() {
                     t.span("read", format!("read slot {slot}"), job.started, read_done, e.len);

@@ -185,7 +185,9 @@ impl<'a> TensorRef<'a> {
     /// Its bytes, when it lives in host memory.
     pub fn host_bytes(&self) -> Option<&'a [u8]> {
         match &self.model.storage {
-            Storage::Host(m) => Some(&m.as_slice()[self.meta.offset as usize..(self.meta.offset + self.meta.len) as usize]),
+            Storage::Host(m) => {
+                Some(&m.as_slice()[self.meta.offset as usize..(self.meta.offset + self.meta.len) as usize])
+            }
             _ => None,
         }
     }

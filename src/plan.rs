@@ -150,7 +150,8 @@ impl Plan {
                     from: t.dtype.name(),
                     to: to.name(),
                 })?;
-                let overflow = || Error::ShapeOverflow { file: f.path.clone(), tensor: t.name.clone(), shape: t.shape.clone() };
+                let overflow =
+                    || Error::ShapeOverflow { file: f.path.clone(), tensor: t.name.clone(), shape: t.shape.clone() };
                 let arena_offset = align_up(arena, ARENA_ALIGN).ok_or_else(overflow)?;
                 arena = arena_offset.checked_add(out_len).ok_or_else(overflow)?;
                 let tensor_idx = plan.tensors.len();
@@ -192,7 +193,12 @@ impl Plan {
                     let start_in_extent = src_offset + done - e.offset;
                     let room = chunk - start_in_extent;
                     let len = room.min(src_len - done);
-                    plan.pieces.push(Piece { tensor: tensor_idx, extent_offset: start_in_extent, tensor_offset: done, len });
+                    plan.pieces.push(Piece {
+                        tensor: tensor_idx,
+                        extent_offset: start_in_extent,
+                        tensor_offset: done,
+                        len,
+                    });
                     e.len = start_in_extent + len;
                     e.pieces.end = plan.pieces.len();
                     done += len;

@@ -165,7 +165,10 @@ fn hf_cache_snapshot(dir: &Path) -> Result<Option<PathBuf>> {
     }
     let rev = std::fs::read_to_string(&refs_main).map_err(|e| Error::io(&refs_main, e))?;
     let rev = rev.trim();
-    if rev.is_empty() || !rev.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') || rev.starts_with('.') {
+    if rev.is_empty()
+        || !rev.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        || rev.starts_with('.')
+    {
         return Err(bad(format!("`{rev}` is not a plain revision name")));
     }
     let snap = snapshots.join(rev);

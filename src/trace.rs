@@ -80,7 +80,9 @@ impl TraceRecorder {
         let tid = |t: &str| tracks.binary_search(&t).unwrap_or(0) + 1;
         let mut events = Vec::with_capacity(self.spans.len() + tracks.len());
         for (i, t) in tracks.iter().enumerate() {
-            events.push(serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": i + 1, "args": {"name": t}}));
+            events.push(
+                serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": i + 1, "args": {"name": t}}),
+            );
         }
         for s in &self.spans {
             events.push(serde_json::json!({

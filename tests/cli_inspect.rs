@@ -14,10 +14,7 @@ use weightstream::format::{write_file, WriteTensor};
 use weightstream::Dtype;
 
 fn weightstream(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weightstream"))
-        .args(args)
-        .output()
-        .expect("run weightstream")
+    Command::new(env!("CARGO_BIN_EXE_weightstream")).args(args).output().expect("run weightstream")
 }
 
 fn inspect(path: &Path, json: bool) -> Output {
@@ -35,13 +32,7 @@ fn stderr(out: &Output) -> String {
 /// Exit status 0, nothing on stderr; the JSON on stdout.
 fn ok_json(path: &Path) -> Value {
     let out = inspect(path, true);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}: {}",
-        path.display(),
-        stderr(&out)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}: {}", path.display(), stderr(&out));
     assert!(out.stderr.is_empty(), "{}", stderr(&out));
     serde_json::from_slice(&out.stdout).expect("stdout is JSON")
 }
@@ -52,20 +43,10 @@ fn fails(path: &Path, file_in_message: &Path, names: &[&str]) -> String {
         let out = inspect(path, json);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{}: {err}", path.display());
-        assert!(
-            out.stdout.is_empty(),
-            "stdout on failure: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        assert!(
-            err.ends_with('\n') && err.matches('\n').count() == 1,
-            "not one line: {err:?}"
-        );
+        assert!(out.stdout.is_empty(), "stdout on failure: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(err.ends_with('\n') && err.matches('\n').count() == 1, "not one line: {err:?}");
         let prefix = format!("error: {}: ", file_in_message.display());
-        assert!(
-            err.starts_with(&prefix),
-            "{err:?} does not start with {prefix:?}"
-        );
+        assert!(err.starts_with(&prefix), "{err:?} does not start with {prefix:?}");
         for n in names {
             assert!(err.contains(n), "`{n}` missing from {err:?}");
         }
@@ -120,20 +101,10 @@ fn json_for_a_single_file() {
 fn json_for_a_sharded_directory_merges_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let a = BTreeMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("a".to_string(), "1".to_string()),
-    ]);
-    let b = BTreeMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("b".to_string(), "2".to_string()),
-    ]);
-    write_file(
-        d.join("model-00001-of-00002.safetensors"),
-        &[WriteTensor::new("x", Dtype::U8, vec![2], &[1, 2])],
-        &a,
-    )
-    .unwrap();
+    let a = BTreeMap::from([("format".to_string(), "pt".to_string()), ("a".to_string(), "1".to_string())]);
+    let b = BTreeMap::from([("format".to_string(), "pt".to_string()), ("b".to_string(), "2".to_string())]);
+    write_file(d.join("model-00001-of-00002.safetensors"), &[WriteTensor::new("x", Dtype::U8, vec![2], &[1, 2])], &a)
+        .unwrap();
     write_file(
         d.join("model-00002-of-00002.safetensors"),
         &[WriteTensor::new("y", Dtype::U8, vec![3], &[1, 2, 3])],
@@ -149,17 +120,9 @@ fn json_for_a_sharded_directory_merges_metadata() {
     assert_eq!(got["files"].as_array().unwrap().len(), 2);
     assert_eq!(got["metadata"], json!({"format": "pt", "a": "1", "b": "2"}));
     assert_eq!(got["total_bytes"], 5);
-    let names: Vec<&str> = got["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = got["tensors"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["x", "y"]);
-    assert!(got["tensors"][1]["file"]
-        .as_str()
-        .unwrap()
-        .ends_with("model-00002-of-00002.safetensors"));
+    assert!(got["tensors"][1]["file"].as_str().unwrap().ends_with("model-00002-of-00002.safetensors"));
     assert_eq!(got["files"][1]["bytes"], 3);
     assert_eq!(got["files"][1]["tensors"], 1);
 }
@@ -172,12 +135,7 @@ fn table_without_json() {
     write_file(
         &path,
         &[
-            WriteTensor::new(
-                "model.embed_tokens.weight",
-                Dtype::BF16,
-                vec![4, 2],
-                &[0; 16],
-            ),
+            WriteTensor::new("model.embed_tokens.weight", Dtype::BF16, vec![4, 2], &[0; 16]),
             WriteTensor::new("bad\nname", Dtype::U8, vec![1], &[0]),
         ],
         &meta,
@@ -187,15 +145,9 @@ fn table_without_json() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("1 file, 2 tensors, 17 B\n"), "{text}");
-    let row = text
-        .lines()
-        .find(|l| l.starts_with("model.embed_tokens.weight"))
-        .expect("a row per tensor");
+    let row = text.lines().find(|l| l.starts_with("model.embed_tokens.weight")).expect("a row per tensor");
     let cols: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(
-        cols,
-        ["model.embed_tokens.weight", "BF16", "[4,", "2]", "16"]
-    );
+    assert_eq!(cols, ["model.embed_tokens.weight", "BF16", "[4,", "2]", "16"]);
     // Control characters in names and metadata are escaped: one line per row.
     assert!(text.contains("bad\\nname"), "{text}");
     assert!(text.contains("note: line1\\nline2"), "{text}");
@@ -232,43 +184,20 @@ fn bad_files_exit_1_with_one_line() {
     let p = raw(d, "json.safetensors", b"{\"a\":", 0);
     fails(&p, &p, &["JSON"]);
 
-    let p = raw(
-        d,
-        "dtype.safetensors",
-        format!("{{{}}}", tensor("w.q", "F128", "[1]", 0, 1)).as_bytes(),
-        1,
-    );
+    let p = raw(d, "dtype.safetensors", format!("{{{}}}", tensor("w.q", "F128", "[1]", 0, 1)).as_bytes(), 1);
     fails(&p, &p, &["w.q", "F128"]);
 
-    let p = raw(
-        d,
-        "size.safetensors",
-        format!("{{{}}}", tensor("w.k", "F32", "[3]", 0, 8)).as_bytes(),
-        8,
-    );
+    let p = raw(d, "size.safetensors", format!("{{{}}}", tensor("w.k", "F32", "[3]", 0, 8)).as_bytes(), 8);
     fails(&p, &p, &["w.k"]);
 
-    let two = format!(
-        "{{{},{}}}",
-        tensor("w", "U8", "[1]", 0, 1),
-        tensor("w", "U8", "[1]", 1, 2)
-    );
+    let two = format!("{{{},{}}}", tensor("w", "U8", "[1]", 0, 1), tensor("w", "U8", "[1]", 1, 2));
     let p = raw(d, "dup.safetensors", two.as_bytes(), 2);
     fails(&p, &p, &["`w`"]);
 
-    let p = raw(
-        d,
-        "trailing.safetensors",
-        format!("{{{}}}", tensor("t", "U8", "[1]", 0, 1)).as_bytes(),
-        2,
-    );
+    let p = raw(d, "trailing.safetensors", format!("{{{}}}", tensor("t", "U8", "[1]", 0, 1)).as_bytes(), 2);
     fails(&p, &p, &["file has"]);
 
-    let hole = format!(
-        "{{{},{}}}",
-        tensor("a", "U8", "[1]", 0, 1),
-        tensor("b", "U8", "[1]", 2, 3)
-    );
+    let hole = format!("{{{},{}}}", tensor("a", "U8", "[1]", 0, 1), tensor("b", "U8", "[1]", 2, 3));
     let p = raw(d, "hole.safetensors", hole.as_bytes(), 3);
     fails(&p, &p, &["`b`"]);
 
@@ -282,41 +211,21 @@ fn bad_files_exit_1_with_one_line() {
     // An index whose shard escapes, and one whose tensor is missing from its shard.
     let m = d.join("model");
     std::fs::create_dir(&m).unwrap();
-    raw(
-        &m,
-        "s.safetensors",
-        format!("{{{}}}", tensor("x", "U8", "[1]", 0, 1)).as_bytes(),
-        1,
-    );
+    raw(&m, "s.safetensors", format!("{{{}}}", tensor("x", "U8", "[1]", 0, 1)).as_bytes(), 1);
     let index = m.join("model.safetensors.index.json");
     std::fs::write(&index, r#"{"weight_map":{"x":"../tiny.safetensors"}}"#).unwrap();
     fails(&index, &index, &["../tiny.safetensors"]);
-    std::fs::write(
-        &index,
-        r#"{"weight_map":{"x":"s.safetensors","gone":"s.safetensors"}}"#,
-    )
-    .unwrap();
+    std::fs::write(&index, r#"{"weight_map":{"x":"s.safetensors","gone":"s.safetensors"}}"#).unwrap();
     fails(&m, &index, &["gone"]);
     // A bad shard is named, not its index.
-    raw(
-        &m,
-        "s.safetensors",
-        format!("{{{}}}", tensor("x", "U8", "[2]", 0, 1)).as_bytes(),
-        1,
-    );
+    raw(&m, "s.safetensors", format!("{{{}}}", tensor("x", "U8", "[2]", 0, 1)).as_bytes(), 1);
     std::fs::write(&index, r#"{"weight_map":{"x":"s.safetensors"}}"#).unwrap();
     fails(&index, &m.join("s.safetensors"), &["`x`"]);
 }
 
 #[test]
 fn usage_errors_exit_2() {
-    for args in [
-        &["inspect"][..],
-        &["inspect", "a", "b"],
-        &["inspect", "--nope", "x"],
-        &["frobnicate"],
-        &[],
-    ] {
+    for args in [&["inspect"][..], &["inspect", "a", "b"], &["inspect", "--nope", "x"], &["frobnicate"], &[]] {
         let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
         let out = weightstream(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
@@ -342,10 +251,7 @@ fn hostile_files_never_panic_or_signal() {
     let good = dir.path().join("good.safetensors");
     write_file(
         &good,
-        &[
-            WriteTensor::new("a", Dtype::F32, vec![2, 2], &[1; 16]),
-            WriteTensor::new("b", Dtype::F4, vec![6], &[2; 3]),
-        ],
+        &[WriteTensor::new("a", Dtype::F32, vec![2, 2], &[1; 16]), WriteTensor::new("b", Dtype::F4, vec![6], &[2; 3])],
         &BTreeMap::from([("k".to_string(), "v".to_string())]),
     )
     .unwrap();
@@ -377,10 +283,7 @@ fn hostile_files_never_panic_or_signal() {
             Some(1) => {
                 exits[1] += 1;
                 let err = stderr(&out);
-                assert!(
-                    err.starts_with(&format!("error: {}: ", path.display())),
-                    "{err:?}"
-                );
+                assert!(err.starts_with(&format!("error: {}: ", path.display())), "{err:?}");
                 assert_eq!(err.matches('\n').count(), 1, "{err:?}");
             }
             other => panic!("exit {other:?} for {bytes:?}: {}", stderr(&out)),
@@ -395,16 +298,12 @@ fn closed_stdout_is_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("many.safetensors");
     let data = vec![0u8; 4];
-    let tensors: Vec<WriteTensor> = (0..20_000)
-        .map(|i| WriteTensor::new(format!("t{i}"), Dtype::U8, vec![4], &data))
-        .collect();
+    let tensors: Vec<WriteTensor> =
+        (0..20_000).map(|i| WriteTensor::new(format!("t{i}"), Dtype::U8, vec![4], &data)).collect();
     write_file(&path, &tensors, &Default::default()).unwrap();
     for json in [true, false] {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_weightstream"));
-        cmd.arg("inspect")
-            .arg(&path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.arg("inspect").arg(&path).stdout(Stdio::piped()).stderr(Stdio::piped());
         if json {
             cmd.arg("--json");
         }
@@ -414,12 +313,7 @@ fn closed_stdout_is_not_a_panic() {
         stdout.read_exact(&mut first).unwrap();
         drop(stdout);
         let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
         let status = child.wait().unwrap();
         assert_eq!(status.code(), Some(0), "{status:?}: {err}");
         assert!(err.is_empty(), "{err}");
@@ -435,11 +329,7 @@ fn every_python_written_file() {
     for (rel, expected) in manifest["files"].as_object().unwrap() {
         let got = ok_json(&dir.join(rel));
         let tensors = expected["tensors"].as_object().unwrap();
-        assert_eq!(
-            got["tensors"].as_array().unwrap().len(),
-            tensors.len(),
-            "{rel}"
-        );
+        assert_eq!(got["tensors"].as_array().unwrap().len(), tensors.len(), "{rel}");
         for t in got["tensors"].as_array().unwrap() {
             let e = &tensors[t["name"].as_str().unwrap()];
             assert_eq!(t["dtype"], e["dtype"], "{rel}");

@@ -27,52 +27,30 @@ fn host(from: Dtype, to: Dtype, src: &[u8]) -> Vec<u8> {
 }
 
 fn u16s(b: &[u8]) -> Vec<u16> {
-    b.chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect()
+    b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
 }
 
 fn u32s(b: &[u8]) -> Vec<u32> {
-    b.chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// Asserts `got == want` element by element, naming the first few inputs that differ.
-fn same<I: std::fmt::LowerHex, T: PartialEq + std::fmt::LowerHex>(
-    what: &str,
-    inputs: &[I],
-    got: &[T],
-    want: &[T],
-) {
+fn same<I: std::fmt::LowerHex, T: PartialEq + std::fmt::LowerHex>(what: &str, inputs: &[I], got: &[T], want: &[T]) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let bad: Vec<String> = (0..got.len())
         .filter(|&i| got[i] != want[i])
         .take(8)
-        .map(|i| {
-            format!(
-                "input {:#x}: got {:#x}, want {:#x}",
-                inputs[i], got[i], want[i]
-            )
-        })
+        .map(|i| format!("input {:#x}: got {:#x}, want {:#x}", inputs[i], got[i], want[i]))
         .collect();
     let count = (0..got.len()).filter(|&i| got[i] != want[i]).count();
-    assert!(
-        bad.is_empty(),
-        "{what}: {count} of {} differ, e.g.\n  {}",
-        got.len(),
-        bad.join("\n  ")
-    );
+    assert!(bad.is_empty(), "{what}: {count} of {} differ, e.g.\n  {}", got.len(), bad.join("\n  "));
 }
 
 /// The kernel math and `convert_host` agree on `src`.
 fn host_matches_kernel(from: Dtype, to: Dtype, src: &[u8]) -> Vec<u8> {
     let k = kernel(from, to, src);
     let h = host(from, to, src);
-    assert!(
-        k == h,
-        "{from}->{to}: convert_host differs from the kernel math"
-    );
+    assert!(k == h, "{from}->{to}: convert_host differs from the kernel math");
     k
 }
 
@@ -96,22 +74,13 @@ fn f16_sources_all_65536() {
     let src: Vec<u8> = inputs.iter().flat_map(|x| x.to_le_bytes()).collect();
 
     let got = u32s(&host_matches_kernel(Dtype::F16, Dtype::F32, &src));
-    let want: Vec<u32> = inputs
-        .iter()
-        .map(|&x| f16::from_bits(x).to_f32().to_bits())
-        .collect();
+    let want: Vec<u32> = inputs.iter().map(|&x| f16::from_bits(x).to_f32().to_bits()).collect();
     same("F16->F32 vs half (runtime)", &inputs, &got, &want);
-    let want: Vec<u32> = inputs
-        .iter()
-        .map(|&x| f16::from_bits(x).to_f32_const().to_bits())
-        .collect();
+    let want: Vec<u32> = inputs.iter().map(|&x| f16::from_bits(x).to_f32_const().to_bits()).collect();
     same("F16->F32 vs half (software)", &inputs, &got, &want);
 
     let got = u16s(&host_matches_kernel(Dtype::F16, Dtype::BF16, &src));
-    let want: Vec<u16> = inputs
-        .iter()
-        .map(|&x| bf16::from_f32(f16::from_bits(x).to_f32()).to_bits())
-        .collect();
+    let want: Vec<u16> = inputs.iter().map(|&x| bf16::from_f32(f16::from_bits(x).to_f32()).to_bits()).collect();
     same("F16->BF16 vs half", &inputs, &got, &want);
 }
 
@@ -121,22 +90,13 @@ fn bf16_sources_all_65536() {
     let src: Vec<u8> = inputs.iter().flat_map(|x| x.to_le_bytes()).collect();
 
     let got = u32s(&host_matches_kernel(Dtype::BF16, Dtype::F32, &src));
-    let want: Vec<u32> = inputs
-        .iter()
-        .map(|&x| bf16::from_bits(x).to_f32().to_bits())
-        .collect();
+    let want: Vec<u32> = inputs.iter().map(|&x| bf16::from_bits(x).to_f32().to_bits()).collect();
     same("BF16->F32 vs half", &inputs, &got, &want);
 
     let got = u16s(&host_matches_kernel(Dtype::BF16, Dtype::F16, &src));
-    let want: Vec<u16> = inputs
-        .iter()
-        .map(|&x| f16::from_f32(bf16::from_bits(x).to_f32()).to_bits())
-        .collect();
+    let want: Vec<u16> = inputs.iter().map(|&x| f16::from_f32(bf16::from_bits(x).to_f32()).to_bits()).collect();
     same("BF16->F16 vs half (runtime)", &inputs, &got, &want);
-    let want: Vec<u16> = inputs
-        .iter()
-        .map(|&x| f16::from_f32_const(bf16::from_bits(x).to_f32()).to_bits())
-        .collect();
+    let want: Vec<u16> = inputs.iter().map(|&x| f16::from_f32_const(bf16::from_bits(x).to_f32()).to_bits()).collect();
     same("BF16->F16 vs half (software)", &inputs, &got, &want);
 }
 
@@ -237,22 +197,13 @@ fn check_f32_inputs(inputs: &[u32]) {
     let src: Vec<u8> = inputs.iter().flat_map(|x| x.to_le_bytes()).collect();
 
     let got = u16s(&host_matches_kernel(Dtype::F32, Dtype::F16, &src));
-    let want: Vec<u16> = inputs
-        .iter()
-        .map(|&x| f16::from_f32(f32::from_bits(x)).to_bits())
-        .collect();
+    let want: Vec<u16> = inputs.iter().map(|&x| f16::from_f32(f32::from_bits(x)).to_bits()).collect();
     same("F32->F16 vs half (runtime)", inputs, &got, &want);
-    let want: Vec<u16> = inputs
-        .iter()
-        .map(|&x| f16::from_f32_const(f32::from_bits(x)).to_bits())
-        .collect();
+    let want: Vec<u16> = inputs.iter().map(|&x| f16::from_f32_const(f32::from_bits(x)).to_bits()).collect();
     same("F32->F16 vs half (software)", inputs, &got, &want);
 
     let got = u16s(&host_matches_kernel(Dtype::F32, Dtype::BF16, &src));
-    let want: Vec<u16> = inputs
-        .iter()
-        .map(|&x| bf16::from_f32(f32::from_bits(x)).to_bits())
-        .collect();
+    let want: Vec<u16> = inputs.iter().map(|&x| bf16::from_f32(f32::from_bits(x)).to_bits()).collect();
     same("F32->BF16 vs half", inputs, &got, &want);
 }
 
@@ -307,26 +258,17 @@ fn check_f64_inputs(inputs: &[u64]) {
     let src: Vec<u8> = inputs.iter().flat_map(|x| x.to_le_bytes()).collect();
 
     let got = u32s(&host_matches_kernel(Dtype::F64, Dtype::F32, &src));
-    let want: Vec<u32> = inputs
-        .iter()
-        .map(|&x| (f64::from_bits(x) as f32).to_bits())
-        .collect();
+    let want: Vec<u32> = inputs.iter().map(|&x| (f64::from_bits(x) as f32).to_bits()).collect();
     same("F64->F32 vs `as f32`", inputs, &got, &want);
 
     // `from_f64_const` is half's software path; the runtime `from_f64` rounds through f32 on x86
     // with F16C, which the kernels do not do.
     let got = u16s(&host_matches_kernel(Dtype::F64, Dtype::F16, &src));
-    let want: Vec<u16> = inputs
-        .iter()
-        .map(|&x| f16::from_f64_const(f64::from_bits(x)).to_bits())
-        .collect();
+    let want: Vec<u16> = inputs.iter().map(|&x| f16::from_f64_const(f64::from_bits(x)).to_bits()).collect();
     same("F64->F16 vs half (software)", inputs, &got, &want);
 
     let got = u16s(&host_matches_kernel(Dtype::F64, Dtype::BF16, &src));
-    let want: Vec<u16> = inputs
-        .iter()
-        .map(|&x| bf16::from_f64(f64::from_bits(x)).to_bits())
-        .collect();
+    let want: Vec<u16> = inputs.iter().map(|&x| bf16::from_f64(f64::from_bits(x)).to_bits()).collect();
     same("F64->BF16 vs half", inputs, &got, &want);
 }
 
@@ -359,14 +301,7 @@ fn f64_sources_special_values_boundaries_and_random() {
     // Every f32 rounding boundary sample, widened, and nudged in the bits f32 drops.
     for x in f32_special_inputs().into_iter().step_by(7) {
         let d = (f32::from_bits(x) as f64).to_bits();
-        for n in [
-            d,
-            d.wrapping_add(1),
-            d.wrapping_sub(1),
-            d ^ 0x1000_0000,
-            d | 0x0FFF_FFFF,
-            d | 0x8000_0001,
-        ] {
+        for n in [d, d.wrapping_add(1), d.wrapping_sub(1), d ^ 0x1000_0000, d | 0x0FFF_FFFF, d | 0x8000_0001] {
             v.push(n);
         }
     }
@@ -391,25 +326,16 @@ fn f64_rounds_once_not_through_f32() {
     // (0x3C02).
     let x = 1.0 + 3.0 * 2f64.powi(-11) - 2f64.powi(-25);
     assert_eq!(f16::from_f32_const(x as f32).to_bits(), 0x3C02);
-    assert_eq!(
-        u16s(&kernel(Dtype::F64, Dtype::F16, &x.to_le_bytes())),
-        [0x3C01]
-    );
+    assert_eq!(u16s(&kernel(Dtype::F64, Dtype::F16, &x.to_le_bytes())), [0x3C01]);
     // The same for bf16: 1 + 3*2^-8 - 2^-25 -> 0x3F81, through f32 0x3F82.
     let x = 1.0 + 3.0 * 2f64.powi(-8) - 2f64.powi(-25);
     assert_eq!(bf16::from_f32(x as f32).to_bits(), 0x3F82);
-    assert_eq!(
-        u16s(&kernel(Dtype::F64, Dtype::BF16, &x.to_le_bytes())),
-        [0x3F81]
-    );
+    assert_eq!(u16s(&kernel(Dtype::F64, Dtype::BF16, &x.to_le_bytes())), [0x3F81]);
     // Like `half`, the tie test looks at the upper 32 bits of the f64 only: 1 + 2^-11 + 2^-40 is
     // above the tie, yet rounds to even (0x3C00) as `half` does.
     let x = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
     assert_eq!(f16::from_f64_const(x).to_bits(), 0x3C00);
-    assert_eq!(
-        u16s(&kernel(Dtype::F64, Dtype::F16, &x.to_le_bytes())),
-        [0x3C00]
-    );
+    assert_eq!(u16s(&kernel(Dtype::F64, Dtype::F16, &x.to_le_bytes())), [0x3C00]);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -445,10 +371,7 @@ fn ml_dtypes_tables() -> Option<serde_json::Value> {
             return None;
         }
         Err(e) => {
-            eprintln!(
-                "skipping fp8 vs ml_dtypes: cannot run {}: {e}",
-                py.display()
-            );
+            eprintln!("skipping fp8 vs ml_dtypes: cannot run {}: {e}", py.display());
             return None;
         }
     }
@@ -470,19 +393,12 @@ fn fp8_sources_all_256() {
             if to == Dtype::F32 {
                 for (i, &g) in got.iter().enumerate() {
                     let x = f32::from_bits(g);
-                    assert!(
-                        x.is_nan() || x == 0.0 || x.is_infinite() || x.abs() >= 2f32.powi(-16),
-                        "{from} {i:#x}"
-                    );
+                    assert!(x.is_nan() || x == 0.0 || x.is_infinite() || x.abs() >= 2f32.powi(-16), "{from} {i:#x}");
                 }
             }
             let Some(t) = &tables else { continue };
-            let want: Vec<u32> = t[from.name()][to.name()]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let want: Vec<u32> =
+                t[from.name()][to.name()].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             same(&format!("{from}->{to} vs ml_dtypes"), &inputs, &got, &want);
         }
     }
@@ -518,9 +434,7 @@ fn convert_host_large_buffers_match_kernel_math() {
     // Big enough for the parallel split, with an odd element count.
     let mut r = SplitMix(7);
     let n = 5_000_003usize;
-    let f32src: Vec<u8> = (0..n)
-        .flat_map(|_| (r.next() as u32).to_le_bytes())
-        .collect();
+    let f32src: Vec<u8> = (0..n).flat_map(|_| (r.next() as u32).to_le_bytes()).collect();
     for to in [Dtype::F16, Dtype::BF16] {
         host_matches_kernel(Dtype::F32, to, &f32src);
     }
@@ -529,12 +443,9 @@ fn convert_host_large_buffers_match_kernel_math() {
         host_matches_kernel(Dtype::F64, to, &f64src);
     }
     let h: Vec<u8> = (0..n * 2).map(|_| r.next() as u8).collect();
-    for (from, to) in [
-        (Dtype::F16, Dtype::F32),
-        (Dtype::F16, Dtype::BF16),
-        (Dtype::BF16, Dtype::F32),
-        (Dtype::BF16, Dtype::F16),
-    ] {
+    for (from, to) in
+        [(Dtype::F16, Dtype::F32), (Dtype::F16, Dtype::BF16), (Dtype::BF16, Dtype::F32), (Dtype::BF16, Dtype::F16)]
+    {
         host_matches_kernel(from, to, &h);
     }
     for from in [Dtype::F8_E4M3, Dtype::F8_E5M2] {

@@ -83,10 +83,7 @@ fn inputs(from: Dtype) -> Vec<u8> {
     let mut r = SplitMix(from.bits() ^ 0x00C0_FFEE);
     match from.bits() {
         8 => (0..17 * 256 + 5).map(|i| i as u8).collect(),
-        16 => (0..=u16::MAX)
-            .chain([0x7C01, 0xFFFF, 0x0001])
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
+        16 => (0..=u16::MAX).chain([0x7C01, 0xFFFF, 0x0001]).flat_map(|x| x.to_le_bytes()).collect(),
         32 => {
             let specials: [u32; 16] = [
                 0,
@@ -134,15 +131,7 @@ const PAD: usize = 256;
 /// Converts `src` on the device with the source at element offset `so` and the destination at
 /// element offset `dof` (from 256-byte aligned bases), checks it against `want` and that nothing
 /// outside the destination range was written.
-fn run_one(
-    conv: &DeviceConverter,
-    from: Dtype,
-    to: Dtype,
-    src: &[u8],
-    so: usize,
-    dof: usize,
-    want: &[u8],
-) {
+fn run_one(conv: &DeviceConverter, from: Dtype, to: Dtype, src: &[u8], so: usize, dof: usize, want: &[u8]) {
     let (sb, db) = ((from.bits() / 8) as usize, (to.bits() / 8) as usize);
     let n = src.len() / sb;
     let s = DevBuf::new(src.len() + so * sb + PAD, 0);
@@ -153,24 +142,14 @@ fn run_one(
     // context holding `n` elements of `from` at the source offset and room for `n` elements of
     // `to` at `dst_start`; they do not overlap and live until after the synchronisation below.
     unsafe {
-        conv.launch(
-            from,
-            to,
-            s.ptr + (so * sb) as u64,
-            d.ptr + dst_start as u64,
-            n,
-            dr::stream::null(),
-        )
-        .unwrap_or_else(|e| panic!("{from}->{to}: launch: {e}"));
+        conv.launch(from, to, s.ptr + (so * sb) as u64, d.ptr + dst_start as u64, n, dr::stream::null())
+            .unwrap_or_else(|e| panic!("{from}->{to}: launch: {e}"));
     }
     dr::ctx::synchronize().unwrap_or_else(|e| panic!("{from}->{to}: kernel failed: {e:?}"));
     let got = d.read();
     let (before, rest) = got.split_at(dst_start);
     let (mid, after) = rest.split_at(want.len());
-    assert!(
-        before.iter().chain(after).all(|&b| b == SENTINEL),
-        "{from}->{to} ({so},{dof}): wrote outside dst"
-    );
+    assert!(before.iter().chain(after).all(|&b| b == SENTINEL), "{from}->{to} ({so},{dof}): wrote outside dst");
     if mid != want {
         let i = (0..want.len()).find(|&i| mid[i] != want[i]).unwrap_or(0) / db;
         panic!(
@@ -190,10 +169,7 @@ fn host_reference(from: Dtype, to: Dtype, src: &[u8]) -> Vec<u8> {
     convert_with_kernel_math(from, to, src, &mut want).unwrap();
     let mut host = vec![0u8; len];
     convert_host(from, to, src, &mut host).unwrap();
-    assert!(
-        want == host,
-        "{from}->{to}: convert_host differs from the kernel math"
-    );
+    assert!(want == host, "{from}->{to}: convert_host differs from the kernel math");
     want
 }
 
@@ -223,11 +199,7 @@ fn device_results_equal_host_results() {
     println!("DeviceConverter::load() uses {:?}", auto.source());
 
     let mut pairs: Vec<(Dtype, Dtype)> = conversions().collect();
-    pairs.extend([
-        (Dtype::F32, Dtype::F32),
-        (Dtype::BF16, Dtype::BF16),
-        (Dtype::I8, Dtype::I8),
-    ]);
+    pairs.extend([(Dtype::F32, Dtype::F32), (Dtype::BF16, Dtype::BF16), (Dtype::I8, Dtype::I8)]);
     for (from, to) in pairs {
         let src = inputs(from);
         let want = host_reference(from, to, &src);
@@ -237,15 +209,7 @@ fn device_results_equal_host_results() {
             }
             // One element, and none.
             let sb = (from.bits() / 8) as usize;
-            run_one(
-                conv,
-                from,
-                to,
-                &src[..sb],
-                0,
-                0,
-                &want[..(to.bits() / 8) as usize],
-            );
+            run_one(conv, from, to, &src[..sb], 0, 0, &want[..(to.bits() / 8) as usize]);
             run_one(conv, from, to, &[], 0, 0, &[]);
         }
     }
@@ -258,9 +222,7 @@ fn large_buffer_many_grid_strides() {
     let mut r = SplitMix(42);
     // 48M elements (192 MiB of f32): many times what one grid covers, plus a tail.
     let n = 48 * 1024 * 1024 + 7;
-    let src: Vec<u8> = (0..n)
-        .flat_map(|_| (r.next() as u32).to_le_bytes())
-        .collect();
+    let src: Vec<u8> = (0..n).flat_map(|_| (r.next() as u32).to_le_bytes()).collect();
     for to in [Dtype::BF16, Dtype::F16] {
         let mut want = vec![0u8; n * 2];
         convert_host(Dtype::F32, to, &src, &mut want).unwrap();
@@ -274,16 +236,7 @@ fn unsupported_pairs_are_errors_on_the_device_too() {
     let conv = DeviceConverter::load().expect("DeviceConverter::load");
     let d = DevBuf::new(64, 0);
     // SAFETY: the pair is rejected before anything is enqueued; the pointers are valid anyway.
-    let r = unsafe {
-        conv.launch(
-            Dtype::F16,
-            Dtype::I8,
-            d.ptr,
-            d.ptr + 32,
-            4,
-            dr::stream::null(),
-        )
-    };
+    let r = unsafe { conv.launch(Dtype::F16, Dtype::I8, d.ptr, d.ptr + 32, 4, dr::stream::null()) };
     assert!(matches!(r, Err(Error::Conversion { .. })), "{r:?}");
 }
 
@@ -291,9 +244,7 @@ fn unsupported_pairs_are_errors_on_the_device_too() {
 fn loading_without_a_driver_or_context_is_an_error() {
     // On a thread where no context is current (or without libcuda at all), `load` returns an
     // error instead of panicking.
-    let r = std::thread::spawn(DeviceConverter::load)
-        .join()
-        .expect("no panic");
+    let r = std::thread::spawn(DeviceConverter::load).join().expect("no panic");
     match r {
         Err(Error::NoCudaDriver) | Err(Error::Cuda { .. }) => {}
         other => panic!("expected an error, got {other:?}"),

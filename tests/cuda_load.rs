@@ -11,8 +11,13 @@ use weightstream::format::{read_header, write_file, WriteTensor};
 use weightstream::target::cuda::{device_count, CudaDevice, DeviceArena};
 use weightstream::{Device, Dtype, Error, Loader};
 
-fn gpu() -> bool {
-    match device_count() {
+/// GPU tests run one at a time: the out-of-memory test compares free device memory before and
+/// after, which a concurrent test's arena would disturb.
+static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn gpu() -> Option<std::sync::MutexGuard<'static, ()>> {
+    let guard = GPU.lock().unwrap_or_else(|p| p.into_inner());
+    let ok = match device_count() {
         Ok(n) if n > 0 => true,
         Ok(_) => {
             println!("SKIPPED: CUDA driver present but no device");
@@ -22,7 +27,8 @@ fn gpu() -> bool {
             println!("SKIPPED: {e}");
             false
         }
-    }
+    };
+    ok.then_some(guard)
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -71,7 +77,8 @@ fn write_mixed(dir: &Path) -> PathBuf {
             }
         })
         .collect();
-    let tensors: Vec<_> = specs.iter().zip(&data).map(|((n, d, s), b)| WriteTensor::new(n.clone(), *d, s.clone(), b)).collect();
+    let tensors: Vec<_> =
+        specs.iter().zip(&data).map(|((n, d, s), b)| WriteTensor::new(n.clone(), *d, s.clone(), b)).collect();
     let path = dir.join("mixed.safetensors");
     write_file(&path, &tensors, &Default::default()).unwrap();
     path
@@ -92,9 +99,7 @@ fn check_same(loader: &Loader, path: &Path) {
 
 #[test]
 fn every_tensor_lands_byte_for_byte_with_rings_smaller_than_a_tensor() {
-    if !gpu() {
-        return;
-    }
+    let Some(_gpu) = gpu() else { return };
     let dir = tempfile::tempdir().unwrap();
     let path = write_mixed(dir.path());
     for (count, size, streams) in [(4, 16 << 20, 2), (2, 1 << 20, 1), (3, 256 << 10, 3)] {
@@ -109,9 +114,7 @@ fn every_tensor_lands_byte_for_byte_with_rings_smaller_than_a_tensor() {
 
 #[test]
 fn python_written_files_and_sharded_model_on_the_gpu() {
-    if !gpu() {
-        return;
-    }
+    let Some(_gpu) = gpu() else { return };
     let Some(dir) = common::python_data_dir() else { return };
     let mut n = 0;
     for e in std::fs::read_dir(&dir).unwrap() {
@@ -134,14 +137,18 @@ fn python_written_files_and_sharded_model_on_the_gpu() {
 
 #[test]
 fn filtered_and_converted_loads_match_the_cpu_target() {
-    if !gpu() {
-        return;
-    }
+    let Some(_gpu) = gpu() else { return };
     let dir = tempfile::tempdir().unwrap();
     let path = write_mixed(dir.path());
     for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
         for ring in [16 << 20, 256 << 10] {
-            let g = Loader::new().device(Device::Cuda(0)).dtype(dtype).staging_size(ring).staging_count(3).load(&path).unwrap();
+            let g = Loader::new()
+                .device(Device::Cuda(0))
+                .dtype(dtype)
+                .staging_size(ring)
+                .staging_count(3)
+                .load(&path)
+                .unwrap();
             let c = Loader::new().device(Device::Cpu).dtype(dtype).load(&path).unwrap();
             for t in c.tensors() {
                 let d = g.tensor(t.name()).unwrap();
@@ -156,9 +163,7 @@ fn filtered_and_converted_loads_match_the_cpu_target() {
 
 #[test]
 fn missing_ordinal_is_a_clear_error() {
-    if !gpu() {
-        return;
-    }
+    let Some(_gpu) = gpu() else { return };
     let dir = tempfile::tempdir().unwrap();
     let path = write_mixed(dir.path());
     let count = device_count().unwrap();
@@ -168,9 +173,7 @@ fn missing_ordinal_is_a_clear_error() {
 
 #[test]
 fn device_out_of_memory_is_typed_and_frees_everything() {
-    if !gpu() {
-        return;
-    }
+    let Some(_gpu) = gpu() else { return };
     let dev = CudaDevice::open(0).unwrap();
     let (free0, total) = dev.mem_info().unwrap();
     let err = DeviceArena::alloc(&dev, total * 2).unwrap_err();
@@ -197,13 +200,12 @@ fn device_out_of_memory_is_typed_and_frees_everything() {
 
 #[test]
 fn host_rss_during_a_gpu_load_stays_bounded() {
-    if !gpu() {
-        return;
-    }
+    let Some(_gpu) = gpu() else { return };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.safetensors");
     let chunk = pattern(5, 64 << 20);
-    let tensors: Vec<_> = (0..16).map(|i| WriteTensor::new(format!("t{i}"), Dtype::U8, vec![chunk.len() as u64], &chunk)).collect();
+    let tensors: Vec<_> =
+        (0..16).map(|i| WriteTensor::new(format!("t{i}"), Dtype::U8, vec![chunk.len() as u64], &chunk)).collect();
     write_file(&path, &tensors, &Default::default()).unwrap(); // 1 GiB, 64x the 16 MiB ring
     let empty = dir.path().join("empty.safetensors");
     write_file(&empty, &[WriteTensor::new("x", Dtype::U8, vec![1], &[1])], &Default::default()).unwrap();

@@ -47,30 +47,17 @@ fn ours(path: &Path) -> Result<Parsed, Error> {
     let mut tensors: Vec<_> = h
         .tensors
         .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                t.dtype.name().to_string(),
-                t.shape.clone(),
-                t.data_offsets,
-            )
-        })
+        .map(|t| (t.name.clone(), t.dtype.name().to_string(), t.shape.clone(), t.data_offsets))
         .collect();
     tensors.sort();
     let order = h.tensors.iter().map(|t| t.data_offsets).collect();
-    Ok(Parsed {
-        header_len: h.header_len,
-        tensors,
-        order,
-        metadata: h.metadata,
-    })
+    Ok(Parsed { header_len: h.header_len, tensors, order, metadata: h.metadata })
 }
 
 macro_rules! reference_parser {
     ($name:ident, $krate:ident) => {
         fn $name(bytes: &[u8]) -> Result<Parsed, String> {
-            let (n, meta) =
-                $krate::SafeTensors::read_metadata(bytes).map_err(|e| format!("{e:?}"))?;
+            let (n, meta) = $krate::SafeTensors::read_metadata(bytes).map_err(|e| format!("{e:?}"))?;
             let mut tensors: Vec<_> = meta
                 .tensors()
                 .into_iter()
@@ -89,18 +76,8 @@ macro_rules! reference_parser {
                     (o.0 as u64, o.1 as u64)
                 })
                 .collect();
-            let metadata = meta
-                .metadata()
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .collect();
-            Ok(Parsed {
-                header_len: n as u64,
-                tensors,
-                order,
-                metadata,
-            })
+            let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+            Ok(Parsed { header_len: n as u64, tensors, order, metadata })
         }
     };
 }
@@ -215,27 +192,14 @@ fn name_stem() -> impl Strategy<Value = String> {
 }
 
 fn tensors() -> impl Strategy<Value = Vec<GenTensor>> {
-    proptest::collection::vec(
-        (
-            name_stem(),
-            dtype_name(),
-            proptest::collection::vec(dim(), 0..4),
-            form(),
-        ),
-        0..7,
-    )
-    .prop_map(|v| {
-        v.into_iter()
-            .enumerate()
-            // A unique suffix keeps names unique (duplicates are tested on their own).
-            .map(|(i, (stem, dtype, shape, form))| GenTensor {
-                name: format!("{stem}#{i}"),
-                dtype,
-                shape,
-                form,
-            })
-            .collect()
-    })
+    proptest::collection::vec((name_stem(), dtype_name(), proptest::collection::vec(dim(), 0..4), form()), 0..7)
+        .prop_map(|v| {
+            v.into_iter()
+                .enumerate()
+                // A unique suffix keeps names unique (duplicates are tested on their own).
+                .map(|(i, (stem, dtype, shape, form))| GenTensor { name: format!("{stem}#{i}"), dtype, shape, form })
+                .collect()
+        })
 }
 
 fn meta() -> impl Strategy<Value = Meta> {
@@ -276,10 +240,7 @@ fn byte_mutation() -> impl Strategy<Value = ByteMutation> {
     prop_oneof![
         (0usize..400).prop_map(ByteMutation::Truncate),
         (0usize..400, any::<u8>()).prop_map(|(p, b)| ByteMutation::Replace(p, b)),
-        (
-            0usize..400,
-            proptest::sample::select(b"{}[],:\"\\ 0123456789-.e".to_vec())
-        )
+        (0usize..400, proptest::sample::select(b"{}[],:\"\\ 0123456789-.e".to_vec()))
             .prop_map(|(p, b)| ByteMutation::Insert(p, b)),
         (-4i64..5).prop_map(ByteMutation::LengthDelta),
     ]
@@ -289,12 +250,7 @@ fn case() -> impl Strategy<Value = Case> {
     tensors().prop_flat_map(|tensors| {
         let n = tensors.len();
         (
-            (
-                Just(tensors),
-                Just((0..n).collect::<Vec<_>>()).prop_shuffle(),
-                meta(),
-                0..n + 1,
-            ),
+            (Just(tensors), Just((0..n).collect::<Vec<_>>()).prop_shuffle(), meta(), 0..n + 1),
             prop_oneof![3 => Just(vec![]), 2 => proptest::collection::vec(mutation(n), 1..3)],
             any::<bool>(),
             prop_oneof![6 => Just(vec![]), 1 => proptest::collection::vec(byte_mutation(), 1..3)],
@@ -302,14 +258,7 @@ fn case() -> impl Strategy<Value = Case> {
             0usize..9,
         )
             .prop_map(
-                |(
-                    (tensors, layout, meta, meta_position),
-                    mutations,
-                    fit_data,
-                    bytes,
-                    pretty,
-                    padding,
-                )| Case {
+                |((tensors, layout, meta, meta_position), mutations, fit_data, bytes, pretty, padding)| Case {
                     tensors,
                     layout,
                     meta,
@@ -348,17 +297,11 @@ fn build(case: &Case) -> Vec<u8> {
     for m in &case.mutations {
         let shift = |v: u64, d: i64| v.saturating_add_signed(d);
         match *m {
-            Mutation::ShiftBegin(i, d) if i < offsets.len() => {
-                offsets[i].0 = shift(offsets[i].0, d)
-            }
+            Mutation::ShiftBegin(i, d) if i < offsets.len() => offsets[i].0 = shift(offsets[i].0, d),
             Mutation::ShiftEnd(i, d) if i < offsets.len() => offsets[i].1 = shift(offsets[i].1, d),
-            Mutation::SwapOffsets(i) if i < offsets.len() => {
-                offsets[i] = (offsets[i].1, offsets[i].0)
-            }
+            Mutation::SwapOffsets(i) if i < offsets.len() => offsets[i] = (offsets[i].1, offsets[i].0),
             Mutation::SetOffsets(i, b, e) if i < offsets.len() => offsets[i] = (b, e),
-            Mutation::Move(i, d) if i < offsets.len() => {
-                offsets[i] = (shift(offsets[i].0, d), shift(offsets[i].1, d))
-            }
+            Mutation::Move(i, d) if i < offsets.len() => offsets[i] = (shift(offsets[i].0, d), shift(offsets[i].1, d)),
             Mutation::MoveLast(d) if !case.layout.is_empty() => {
                 let i = case.layout[case.layout.len() - 1];
                 offsets[i] = (shift(offsets[i].0, d), shift(offsets[i].1, d))
@@ -397,10 +340,7 @@ fn build(case: &Case) -> Vec<u8> {
                 }
                 Form::Array => format!("[{dtype},{shape},{offs}]"),
                 Form::MissingField(k) => {
-                    let kept: Vec<_> = (0..3)
-                        .filter(|&j| j != *k)
-                        .map(|j| fields[j].clone())
-                        .collect();
+                    let kept: Vec<_> = (0..3).filter(|&j| j != *k).map(|j| fields[j].clone()).collect();
                     format!("{{{}}}", kept.join(","))
                 }
             };
@@ -413,23 +353,14 @@ fn build(case: &Case) -> Vec<u8> {
         Meta::Map(kv) => {
             let fields: Vec<String> = kv
                 .iter()
-                .map(|(k, v)| {
-                    format!(
-                        "{}:{}",
-                        serde_json::to_string(k).unwrap(),
-                        serde_json::to_string(v).unwrap()
-                    )
-                })
+                .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), serde_json::to_string(v).unwrap()))
                 .collect();
             Some(format!("{{{}}}", fields.join(",")))
         }
         Meta::Raw(raw) => Some(raw.to_string()),
     };
     if let Some(m) = meta {
-        entries.insert(
-            case.meta_position.min(entries.len()),
-            format!("\"__metadata__\"{colon}{m}"),
-        );
+        entries.insert(case.meta_position.min(entries.len()), format!("\"__metadata__\"{colon}{m}"));
     }
     let mut header = format!("{{{sep}{}}}", entries.join(&format!(",{sep}"))).into_bytes();
     header.resize(header.len() + case.padding, b' ');
@@ -521,10 +452,7 @@ fn compare(bytes: &[u8], path: &Path, stats: &Stats) -> Result<(), TestCaseError
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(3000)
+    std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(3000)
 }
 
 #[test]
@@ -532,28 +460,17 @@ fn generated_headers_agree_with_the_reference() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("case.safetensors");
     let stats = Stats::default();
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() });
     let result = runner.run(&case(), |case| compare(&build(&case), &path, &stats));
     if let Err(e) = result {
         panic!("{e}");
     }
-    let (n, ok, bad, div) = (
-        stats.cases.get(),
-        stats.both_accept.get(),
-        stats.both_reject.get(),
-        stats.dup_or_start_divergence.get(),
-    );
+    let (n, ok, bad, div) =
+        (stats.cases.get(), stats.both_accept.get(), stats.both_reject.get(), stats.dup_or_start_divergence.get());
     println!("{n} files: both accept {ok}, both reject {bad}, documented divergence {div}");
     // The generator must exercise both sides, or the agreement means little.
     assert!(ok * 5 >= n, "only {ok} of {n} generated files were valid");
-    assert!(
-        bad * 5 >= n,
-        "only {bad} of {n} generated files were invalid"
-    );
+    assert!(bad * 5 >= n, "only {bad} of {n} generated files were invalid");
 }
 
 #[test]
@@ -562,24 +479,9 @@ fn every_mutation_kind_is_exercised() {
     // see it (a fixed file, so that no kind depends on the generator's luck).
     let base = Case {
         tensors: vec![
-            GenTensor {
-                name: "a".into(),
-                dtype: "F32".into(),
-                shape: vec![2, 2],
-                form: Form::Object([0, 1, 2]),
-            },
-            GenTensor {
-                name: "b".into(),
-                dtype: "F4".into(),
-                shape: vec![4],
-                form: Form::Object([2, 1, 0]),
-            },
-            GenTensor {
-                name: "c".into(),
-                dtype: "U8".into(),
-                shape: vec![0],
-                form: Form::Object([0, 1, 2]),
-            },
+            GenTensor { name: "a".into(), dtype: "F32".into(), shape: vec![2, 2], form: Form::Object([0, 1, 2]) },
+            GenTensor { name: "b".into(), dtype: "F4".into(), shape: vec![4], form: Form::Object([2, 1, 0]) },
+            GenTensor { name: "c".into(), dtype: "U8".into(), shape: vec![0], form: Form::Object([0, 1, 2]) },
         ],
         layout: vec![1, 0, 2],
         meta: Meta::Map(vec![("format".into(), "pt".into())]),
@@ -608,49 +510,23 @@ fn every_mutation_kind_is_exercised() {
         Mutation::DataDelta(-1),
     ];
     for m in mutations {
-        let case = Case {
-            mutations: vec![m.clone()],
-            ..base.clone()
-        };
+        let case = Case { mutations: vec![m.clone()], ..base.clone() };
         compare(&build(&case), &path, &stats).unwrap_or_else(|e| panic!("{m:?}: {e}"));
     }
     // The last tensor in file order moved back over its neighbour, the file cut to fit: only
     // the overlap is wrong.
-    let tail = Case {
-        layout: vec![2, 1, 0],
-        ..base.clone()
-    };
-    for m in [
-        Mutation::MoveLast(-1),
-        Mutation::MoveLast(-2),
-        Mutation::MoveLast(1),
-        Mutation::Move(2, 1),
-    ] {
-        let case = Case {
-            mutations: vec![m.clone()],
-            ..tail.clone()
-        };
+    let tail = Case { layout: vec![2, 1, 0], ..base.clone() };
+    for m in [Mutation::MoveLast(-1), Mutation::MoveLast(-2), Mutation::MoveLast(1), Mutation::Move(2, 1)] {
+        let case = Case { mutations: vec![m.clone()], ..tail.clone() };
         compare(&build(&case), &path, &stats).unwrap_or_else(|e| panic!("{m:?}: {e}"));
     }
-    for form in [
-        Form::ObjectWithExtra,
-        Form::Array,
-        Form::MissingField(0),
-        Form::MissingField(2),
-    ] {
+    for form in [Form::ObjectWithExtra, Form::Array, Form::MissingField(0), Form::MissingField(2)] {
         let mut case = base.clone();
         case.tensors[0].form = form.clone();
         compare(&build(&case), &path, &stats).unwrap_or_else(|e| panic!("{form:?}: {e}"));
     }
-    for b in [
-        ByteMutation::Truncate(20),
-        ByteMutation::LengthDelta(-1),
-        ByteMutation::LengthDelta(1),
-    ] {
-        let case = Case {
-            bytes: vec![b.clone()],
-            ..base.clone()
-        };
+    for b in [ByteMutation::Truncate(20), ByteMutation::LengthDelta(-1), ByteMutation::LengthDelta(1)] {
+        let case = Case { bytes: vec![b.clone()], ..base.clone() };
         compare(&build(&case), &path, &stats).unwrap_or_else(|e| panic!("{b:?}: {e}"));
     }
     // SetOffsets(2, 0, 0) moves the empty tensor to offset 0, where the file's first tensor also
@@ -665,32 +541,18 @@ fn every_mutation_kind_is_exercised() {
 fn data_for(dtype: Dtype, shape: &[u64], seed: u8) -> Option<Vec<u8>> {
     let n = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
     let len = dtype.bytes_for(n)?;
-    (len <= 4096).then(|| {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(17).wrapping_add(seed))
-            .collect()
-    })
+    (len <= 4096).then(|| (0..len).map(|i| (i as u8).wrapping_mul(17).wrapping_add(seed)).collect())
 }
 
 fn valid_tensors() -> impl Strategy<Value = Vec<(String, Dtype, Vec<u64>, Vec<u8>)>> {
-    let one = (
-        proptest::sample::select(Dtype::ALL.to_vec()),
-        proptest::collection::vec(0u64..6, 0..4),
-        any::<u8>(),
-    )
-        .prop_filter_map("whole bytes", |(d, shape, seed)| {
-            data_for(d, &shape, seed).map(|data| (d, shape, data))
-        });
-    proptest::collection::btree_map("[a-z][a-z0-9_.]{0,10}", one, 0..8).prop_map(|m| {
-        m.into_iter()
-            .map(|(name, (d, s, data))| (name, d, s, data))
-            .collect()
-    })
+    let one = (proptest::sample::select(Dtype::ALL.to_vec()), proptest::collection::vec(0u64..6, 0..4), any::<u8>())
+        .prop_filter_map("whole bytes", |(d, shape, seed)| data_for(d, &shape, seed).map(|data| (d, shape, data)));
+    proptest::collection::btree_map("[a-z][a-z0-9_.]{0,10}", one, 0..8)
+        .prop_map(|m| m.into_iter().map(|(name, (d, s, data))| (name, d, s, data)).collect())
 }
 
 fn reference_dtype(d: Dtype) -> safetensors_08::Dtype {
-    serde_json::from_value(serde_json::Value::String(d.name().into()))
-        .expect("0.8 knows every dtype")
+    serde_json::from_value(serde_json::Value::String(d.name().into())).expect("0.8 knows every dtype")
 }
 
 proptest! {
@@ -779,18 +641,12 @@ fn divergence_duplicate_names_we_reject_the_reference_keeps_the_last() {
     assert_eq!(r.tensors[0].1, "I8", "the reference keeps the last entry");
     assert!(reference_06(&bytes).is_ok());
     let err = ours_on(&bytes).unwrap_err();
-    assert!(
-        matches!(&err, Error::DuplicateTensor { tensor, .. } if tensor == "w"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, Error::DuplicateTensor { tensor, .. } if tensor == "w"), "{err:?}");
 }
 
 #[test]
 fn divergence_leading_whitespace_we_reject_the_reference_accepts() {
-    let bytes = file(
-        r#"  {"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
-        1,
-    );
+    let bytes = file(r#"  {"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, 1);
     assert!(reference_06(&bytes).is_ok());
     assert!(reference_08(&bytes).is_ok());
     assert!(matches!(ours_on(&bytes), Err(Error::HeaderStart { .. })));
@@ -800,10 +656,7 @@ fn divergence_leading_whitespace_we_reject_the_reference_accepts() {
 fn divergence_newer_dtypes_unknown_to_0_6() {
     for d in NEWER_DTYPES {
         let bytes = file(
-            &format!(
-                r#"{{"w":{{"dtype":"{d}","shape":[2],"data_offsets":[0,{}]}}}}"#,
-                if d == "C64" { 16 } else { 2 }
-            ),
+            &format!(r#"{{"w":{{"dtype":"{d}","shape":[2],"data_offsets":[0,{}]}}}}"#, if d == "C64" { 16 } else { 2 }),
             if d == "C64" { 16 } else { 2 },
         );
         assert!(reference_06(&bytes).is_err(), "{d}");

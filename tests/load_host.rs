@@ -89,7 +89,10 @@ fn direct_supported(dir: &Path) -> bool {
 
 fn engines() -> Vec<IoKind> {
     let mut v = vec![IoKind::Pread];
-    match weightstream::io::open_engine(&weightstream::io::EngineOptions { kind: IoKind::Uring, ..Default::default() }, false) {
+    match weightstream::io::open_engine(
+        &weightstream::io::EngineOptions { kind: IoKind::Uring, ..Default::default() },
+        false,
+    ) {
         Ok(_) => v.push(IoKind::Uring),
         Err(e) => println!("SKIPPED io_uring variants: {e}"),
     }
@@ -104,7 +107,8 @@ fn cpu_target_every_engine_and_ring_shape_matches_the_file() {
     let direct = direct_supported(dir.path());
     for io in engines() {
         for (count, size) in [(4usize, 16usize << 20), (2, 64 << 10), (3, 1 << 20)] {
-            let base = Loader::new().device(Device::Cpu).io(io).staging_count(count).staging_size(size).read_size(64 << 10);
+            let base =
+                Loader::new().device(Device::Cpu).io(io).staging_count(count).staging_size(size).read_size(64 << 10);
             assert_loaded(&base, &path, &expect);
             if direct {
                 assert_loaded(&base.clone().direct(true), &path, &expect);
@@ -130,7 +134,8 @@ fn null_target_reads_everything_and_keeps_no_bytes() {
 #[test]
 fn python_written_files_load_byte_for_byte_on_every_engine() {
     let Some(dir) = common::python_data_dir() else { return };
-    let mut files: Vec<PathBuf> = walk(&dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+    let mut files: Vec<PathBuf> =
+        walk(&dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
     files.sort();
     assert!(files.len() >= 5, "expected the generated files in {}", dir.display());
     for f in &files {
@@ -179,7 +184,10 @@ fn eio_names_file_and_tensor_and_the_loader_is_reusable() {
     let big = h.tensors.iter().find(|t| t.name == "c.big").unwrap();
     let at = h.data_start + big.data_offsets.0 + 1_000_000;
     for staged in [false, true] {
-        let loader = Loader::new().device(if staged { Device::Null } else { Device::Cpu }).staging_count(2).staging_size(256 << 10);
+        let loader = Loader::new()
+            .device(if staged { Device::Null } else { Device::Cpu })
+            .staging_count(2)
+            .staging_size(256 << 10);
         let err = loader.clone().inject_fault(Fault::EioAt(at)).load(&path).unwrap_err();
         match &err {
             Error::Io { file, tensor, source } => {
@@ -205,7 +213,8 @@ fn file_truncated_after_planning_is_an_eof_error_not_a_crash() {
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(len - 5000).unwrap();
     for device in [Device::Cpu, Device::Null] {
-        let err = Loader::new().device(device).staging_count(2).staging_size(128 << 10).load_checkpoint(&ckpt).unwrap_err();
+        let err =
+            Loader::new().device(device).staging_count(2).staging_size(128 << 10).load_checkpoint(&ckpt).unwrap_err();
         match &err {
             Error::UnexpectedEof { file, tensor, .. } => {
                 assert_eq!(file, &path);
@@ -254,7 +263,12 @@ fn empty_model_and_empty_tensors() {
         assert_eq!(m.stats().bytes_read, 0);
     }
     let zeros = dir.path().join("zeros.safetensors");
-    write_file(&zeros, &[WriteTensor::new("z", Dtype::F32, vec![0], &[]), WriteTensor::new("y", Dtype::U8, vec![0, 9], &[])], &Default::default()).unwrap();
+    write_file(
+        &zeros,
+        &[WriteTensor::new("z", Dtype::F32, vec![0], &[]), WriteTensor::new("y", Dtype::U8, vec![0, 9], &[])],
+        &Default::default(),
+    )
+    .unwrap();
     let m = Loader::new().device(Device::Cpu).load(&zeros).unwrap();
     assert_eq!(m.tensor("y").unwrap().to_host_vec().unwrap(), Vec::<u8>::new());
     assert_eq!(m.tensor("y").unwrap().shape(), &[0, 9]);
@@ -265,7 +279,8 @@ fn tensor_larger_than_the_whole_ring() {
     let dir = tmpdir();
     let data = pattern(99, 5 << 20);
     let path = dir.path().join("one.safetensors");
-    write_file(&path, &[WriteTensor::new("huge", Dtype::U8, vec![data.len() as u64], &data)], &Default::default()).unwrap();
+    write_file(&path, &[WriteTensor::new("huge", Dtype::U8, vec![data.len() as u64], &data)], &Default::default())
+        .unwrap();
     for io in engines() {
         let loader = Loader::new().device(Device::Cpu).io(io).staging_count(2).staging_size(256 << 10);
         assert_loaded(&loader, &path, &[("huge".into(), data.clone())]);
@@ -323,7 +338,8 @@ fn trace_spans_account_for_every_byte() {
         t.write_chrome_json(&out).unwrap();
         let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
         let events = doc["traceEvents"].as_array().unwrap();
-        let bytes: u64 = events.iter().filter(|e| e["name"] == "read").map(|e| e["args"]["bytes"].as_u64().unwrap()).sum();
+        let bytes: u64 =
+            events.iter().filter(|e| e["name"] == "read").map(|e| e["args"]["bytes"].as_u64().unwrap()).sum();
         assert_eq!(bytes, total);
     }
 }
@@ -350,7 +366,8 @@ fn peak_rss_of_a_null_load_stays_within_ring_plus_64_mib() {
     let dir = tmpdir();
     let path = dir.path().join("big.safetensors");
     let chunk = pattern(5, 32 << 20);
-    let tensors: Vec<_> = (0..16).map(|i| WriteTensor::new(format!("t{i}"), Dtype::U8, vec![chunk.len() as u64], &chunk)).collect();
+    let tensors: Vec<_> =
+        (0..16).map(|i| WriteTensor::new(format!("t{i}"), Dtype::U8, vec![chunk.len() as u64], &chunk)).collect();
     write_file(&path, &tensors, &Default::default()).unwrap(); // 512 MiB
     let ring = 16u64 << 20;
     for io in ["pread", "uring"] {

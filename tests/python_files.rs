@@ -21,11 +21,7 @@ macro_rules! data_dir_or_skip {
 }
 
 fn shape_of(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .expect("shape array")
-        .iter()
-        .map(|d| d.as_u64().expect("dim"))
-        .collect()
+    v.as_array().expect("shape array").iter().map(|d| d.as_u64().expect("dim")).collect()
 }
 
 /// Check one file's header and tensor bytes against its manifest entry.
@@ -50,33 +46,14 @@ fn check_file(dir: &Path, rel: &str, expected: &Value) -> Header {
         assert_eq!(t.dtype, dtype, "{rel}: {}", t.name);
         assert_eq!(t.shape, shape_of(&e["shape"]), "{rel}: {}", t.name);
         let offsets = shape_of(&e["data_offsets"]);
-        assert_eq!(
-            [t.data_offsets.0, t.data_offsets.1],
-            [offsets[0], offsets[1]],
-            "{rel}: {}",
-            t.name
-        );
-        assert_eq!(
-            t.byte_len(),
-            e["nbytes"].as_u64().unwrap(),
-            "{rel}: {}",
-            t.name
-        );
+        assert_eq!([t.data_offsets.0, t.data_offsets.1], [offsets[0], offsets[1]], "{rel}: {}", t.name);
+        assert_eq!(t.byte_len(), e["nbytes"].as_u64().unwrap(), "{rel}: {}", t.name);
         // File order: each tensor starts where the previous ended.
-        assert_eq!(
-            t.data_offsets.0, prev_end,
-            "{rel}: {} not in file order",
-            t.name
-        );
+        assert_eq!(t.data_offsets.0, prev_end, "{rel}: {} not in file order", t.name);
         prev_end = t.data_offsets.1;
         let begin = (header.data_start + t.data_offsets.0) as usize;
         let end = (header.data_start + t.data_offsets.1) as usize;
-        assert_eq!(
-            common::sha256_hex(&bytes[begin..end]),
-            e["sha256"].as_str().unwrap(),
-            "{rel}: bytes of {}",
-            t.name
-        );
+        assert_eq!(common::sha256_hex(&bytes[begin..end]), e["sha256"].as_str().unwrap(), "{rel}: bytes of {}", t.name);
     }
     assert_eq!(header.data_len(), prev_end);
 
@@ -95,11 +72,7 @@ fn every_python_written_file_reads_back_as_written() {
     let dir = data_dir_or_skip!();
     let manifest = common::manifest(&dir);
     let files = manifest["files"].as_object().unwrap();
-    assert!(
-        files.len() >= 20,
-        "only {} files in the manifest",
-        files.len()
-    );
+    assert!(files.len() >= 20, "only {} files in the manifest", files.len());
     for (rel, expected) in files {
         check_file(&dir, rel, expected);
     }
@@ -111,25 +84,16 @@ fn every_dtype_numpy_and_ml_dtypes_can_write_is_covered() {
     let manifest = common::manifest(&dir);
     let dtypes = manifest["dtypes"].as_object().unwrap();
     for required in [
-        "BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64",
-        "F8_E4M3", "F8_E5M2",
+        "BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2",
     ] {
-        let rel = dtypes
-            .get(required)
-            .unwrap_or_else(|| panic!("no file for {required}"));
+        let rel = dtypes.get(required).unwrap_or_else(|| panic!("no file for {required}"));
         let header = read_header(dir.join(rel.as_str().unwrap())).unwrap();
         let want: Dtype = required.parse().unwrap();
         assert!(header.tensors.iter().all(|t| t.dtype == want), "{required}");
         // Scalars and multi-dimensional tensors both present.
-        assert!(
-            header.tensors.iter().any(|t| t.shape.is_empty()),
-            "{required}: no scalar"
-        );
+        assert!(header.tensors.iter().any(|t| t.shape.is_empty()), "{required}: no scalar");
     }
-    if let Some(skipped) = manifest["skipped_dtypes"]
-        .as_object()
-        .filter(|s| !s.is_empty())
-    {
+    if let Some(skipped) = manifest["skipped_dtypes"].as_object().filter(|s| !s.is_empty()) {
         println!("the installed Python safetensors could not write: {skipped:?}");
     }
 }
@@ -138,24 +102,11 @@ fn every_dtype_numpy_and_ml_dtypes_can_write_is_covered() {
 fn empty_tensors_and_files_without_tensors() {
     let dir = data_dir_or_skip!();
     let manifest = common::manifest(&dir);
-    let h = check_file(
-        &dir,
-        "empty_tensor.safetensors",
-        &manifest["files"]["empty_tensor.safetensors"],
-    );
-    let empties: Vec<_> = h
-        .tensors
-        .iter()
-        .filter(|t| t.byte_len() == 0)
-        .map(|t| t.name.as_str())
-        .collect();
+    let h = check_file(&dir, "empty_tensor.safetensors", &manifest["files"]["empty_tensor.safetensors"]);
+    let empties: Vec<_> = h.tensors.iter().filter(|t| t.byte_len() == 0).map(|t| t.name.as_str()).collect();
     assert_eq!(empties.len(), 3, "{empties:?}");
 
-    let h = check_file(
-        &dir,
-        "no_tensors.safetensors",
-        &manifest["files"]["no_tensors.safetensors"],
-    );
+    let h = check_file(&dir, "no_tensors.safetensors", &manifest["files"]["no_tensors.safetensors"]);
     assert!(h.tensors.is_empty());
     assert_eq!(h.data_len(), 0);
     let ckpt = Checkpoint::open(dir.join("no_tensors.safetensors")).unwrap();
@@ -170,29 +121,17 @@ fn single_files_through_checkpoint_open() {
         let ckpt = Checkpoint::open(dir.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
         assert_eq!(ckpt.files.len(), 1);
         assert!(ckpt.index.is_none());
-        assert_eq!(
-            ckpt.tensor_count(),
-            expected["tensors"].as_object().unwrap().len(),
-            "{rel}"
-        );
+        assert_eq!(ckpt.tensor_count(), expected["tensors"].as_object().unwrap().len(), "{rel}");
     }
 }
 
 fn check_sharded(ckpt: &Checkpoint, dir: &Path, manifest: &Value) {
     let sharded = &manifest["sharded"];
-    let shards: Vec<&str> = sharded["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap())
-        .collect();
+    let shards: Vec<&str> = sharded["shards"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     assert_eq!(ckpt.files.len(), shards.len());
     let mut all = BTreeSet::new();
     for (file, rel) in ckpt.files.iter().zip(&shards) {
-        assert_eq!(
-            file.path.canonicalize().unwrap(),
-            dir.join(rel).canonicalize().unwrap()
-        );
+        assert_eq!(file.path.canonicalize().unwrap(), dir.join(rel).canonicalize().unwrap());
         check_file(dir, rel, &manifest["files"][*rel]);
         for t in &file.header.tensors {
             assert!(all.insert(t.name.clone()), "{} twice", t.name);
@@ -202,16 +141,9 @@ fn check_sharded(ckpt: &Checkpoint, dir: &Path, manifest: &Value) {
     let index = ckpt.index.as_ref().expect("the index was used");
     let listed: BTreeSet<String> = index.weight_map.keys().cloned().collect();
     assert_eq!(listed, all);
-    assert_eq!(
-        index.metadata["total_size"].as_u64(),
-        sharded["total_size"].as_u64()
-    );
+    assert_eq!(index.metadata["total_size"].as_u64(), sharded["total_size"].as_u64());
     for (tensor, shard) in &index.weight_map {
-        let owner = ckpt
-            .files
-            .iter()
-            .find(|f| f.header.tensors.iter().any(|t| &t.name == tensor))
-            .unwrap();
+        let owner = ckpt.files.iter().find(|f| f.header.tensors.iter().any(|t| &t.name == tensor)).unwrap();
         assert_eq!(&owner.path, shard, "{tensor}");
     }
 }

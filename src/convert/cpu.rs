@@ -99,11 +99,7 @@ pub fn convert_host(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Resul
     let threads = if src.len() < PARALLEL_MIN_BYTES {
         1
     } else {
-        thread::available_parallelism()
-            .map(|p| p.get())
-            .unwrap_or(1)
-            .min(src.len() / PER_THREAD_MIN_BYTES)
-            .max(1)
+        thread::available_parallelism().map(|p| p.get()).unwrap_or(1).min(src.len() / PER_THREAD_MIN_BYTES).max(1)
     };
     if threads == 1 {
         return convert_chunk(from, to, src, dst);
@@ -120,11 +116,7 @@ pub fn convert_host(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Resul
             match thread::Builder::new().spawn_scoped(s, move || convert_chunk(from, to, sc, dc)) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
-                    result = Err(conversion_error(
-                        from,
-                        to,
-                        format!("could not start a thread: {e}"),
-                    ));
+                    result = Err(conversion_error(from, to, format!("could not start a thread: {e}")));
                     break;
                 }
             }
@@ -136,13 +128,7 @@ pub fn convert_host(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Resul
             }
         }
         for h in handles {
-            let r = h.join().unwrap_or_else(|_| {
-                Err(conversion_error(
-                    from,
-                    to,
-                    "a conversion thread panicked".into(),
-                ))
-            });
+            let r = h.join().unwrap_or_else(|_| Err(conversion_error(from, to, "a conversion thread panicked".into())));
             if result.is_ok() {
                 result = r;
             }
@@ -160,22 +146,10 @@ fn convert_chunk(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<(
         (F64, F32) => map::<8, 4>(src, dst, |b| (f64::from_le_bytes(b) as f32).to_le_bytes()),
         // `from_f64_const` is `half`'s software path, which rounds from the f64 value; the
         // runtime-dispatched `from_f64` goes through f32 (double rounding) on x86 with F16C.
-        (F64, F16) => map::<8, 2>(src, dst, |b| {
-            f16::from_f64_const(f64::from_le_bytes(b))
-                .to_bits()
-                .to_le_bytes()
-        }),
-        (F64, BF16) => map::<8, 2>(src, dst, |b| {
-            bf16::from_f64(f64::from_le_bytes(b))
-                .to_bits()
-                .to_le_bytes()
-        }),
+        (F64, F16) => map::<8, 2>(src, dst, |b| f16::from_f64_const(f64::from_le_bytes(b)).to_bits().to_le_bytes()),
+        (F64, BF16) => map::<8, 2>(src, dst, |b| bf16::from_f64(f64::from_le_bytes(b)).to_bits().to_le_bytes()),
         (F8_E4M3, _) | (F8_E5M2, _) if matches!(to, F32 | F16 | BF16) => {
-            let table = if from == F8_E4M3 {
-                &E4M3_F32
-            } else {
-                &E5M2_F32
-            };
+            let table = if from == F8_E4M3 { &E4M3_F32 } else { &E5M2_F32 };
             via_f32::<1>(src, dst, to, |b| f32::from_bits(table[b[0] as usize]))
         }
         (F32, F16) => via_f32::<4>(src, dst, to, f32::from_le_bytes),
@@ -200,11 +174,7 @@ fn convert_chunk(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<(
 
 /// Elementwise conversion of `S`-byte elements into `D`-byte elements.
 #[inline(always)]
-fn map<const S: usize, const D: usize>(
-    src: &[u8],
-    dst: &mut [u8],
-    f: impl Fn([u8; S]) -> [u8; D],
-) -> Result<()> {
+fn map<const S: usize, const D: usize>(src: &[u8], dst: &mut [u8], f: impl Fn([u8; S]) -> [u8; D]) -> Result<()> {
     for (s, d) in src.chunks_exact(S).zip(dst.chunks_exact_mut(D)) {
         let mut a = [0u8; S];
         a.copy_from_slice(s);
@@ -216,12 +186,7 @@ fn map<const S: usize, const D: usize>(
 /// Decodes `S`-byte elements to f32 (exactly, or with the one rounding of the conversion) in
 /// blocks, then stores them as `to` (F32, F16 or BF16) with `half`'s slice conversions.
 #[inline(always)]
-fn via_f32<const S: usize>(
-    src: &[u8],
-    dst: &mut [u8],
-    to: Dtype,
-    decode: impl Fn([u8; S]) -> f32,
-) -> Result<()> {
+fn via_f32<const S: usize>(src: &[u8], dst: &mut [u8], to: Dtype, decode: impl Fn([u8; S]) -> f32) -> Result<()> {
     let db = (to.bits() / 8) as usize;
     let mut f = [0f32; BLOCK];
     for (sc, dc) in src.chunks(BLOCK * S).zip(dst.chunks_mut(BLOCK * db)) {
@@ -293,11 +258,7 @@ const fn e5m2_to_f32(v: u8) -> u32 {
     let exp = ((v as u32) >> 2) & 0x1F;
     let man = (v as u32) & 0x3;
     if exp == 0x1F {
-        return if man == 0 {
-            sign | 0x7F80_0000
-        } else {
-            sign | 0x7FC0_0000
-        };
+        return if man == 0 { sign | 0x7F80_0000 } else { sign | 0x7FC0_0000 };
     }
     if exp == 0 {
         if man == 0 {
@@ -313,11 +274,7 @@ const fn table(e4m3: bool) -> [u32; 256] {
     let mut t = [0u32; 256];
     let mut i = 0;
     while i < 256 {
-        t[i] = if e4m3 {
-            e4m3_to_f32(i as u8)
-        } else {
-            e5m2_to_f32(i as u8)
-        };
+        t[i] = if e4m3 { e4m3_to_f32(i as u8) } else { e5m2_to_f32(i as u8) };
         i += 1;
     }
     t
@@ -352,9 +309,8 @@ mod tests {
     fn parallel_split_matches_serial() {
         // Above PARALLEL_MIN_BYTES with a partial last block.
         let n = (PARALLEL_MIN_BYTES / 4) * 3 + 777;
-        let src: Vec<u8> = (0..n as u32)
-            .flat_map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)).to_le_bytes())
-            .collect();
+        let src: Vec<u8> =
+            (0..n as u32).flat_map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)).to_le_bytes()).collect();
         let mut a = vec![0u8; n * 2];
         let mut b = vec![0u8; n * 2];
         convert_host(Dtype::F32, Dtype::BF16, &src, &mut a).unwrap();

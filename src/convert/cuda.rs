@@ -44,11 +44,7 @@ pub enum KernelSource {
 
 impl KernelSource {
     /// All sources, in the order [`DeviceConverter::load`] tries them.
-    pub const ALL: [KernelSource; 3] = [
-        KernelSource::NvccPtx,
-        KernelSource::NvccPtxLowered,
-        KernelSource::Nvrtc,
-    ];
+    pub const ALL: [KernelSource; 3] = [KernelSource::NvccPtx, KernelSource::NvccPtxLowered, KernelSource::Nvrtc];
 }
 
 /// The conversion kernels, loaded in one CUDA context.
@@ -91,11 +87,7 @@ impl DeviceConverter {
                 Err(e) => why.push(format!("{source:?}: {e}")),
             }
         }
-        Err(Error::Cuda {
-            call: "loading the conversion kernels",
-            message: why.join("; "),
-            file: None,
-        })
+        Err(Error::Cuda { call: "loading the conversion kernels", message: why.join("; "), file: None })
     }
 
     /// Loads the kernels into the current context from `source` only.
@@ -108,28 +100,20 @@ impl DeviceConverter {
         let dev = current_device()?;
         let attr = |a| {
             // SAFETY: `dev` comes from the current context, so it is a valid device.
-            unsafe { dr::device::get_attribute(dev, a) }
-                .map_err(|e| cuda_err("cuDeviceGetAttribute", e))
+            unsafe { dr::device::get_attribute(dev, a) }.map_err(|e| cuda_err("cuDeviceGetAttribute", e))
         };
         let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let ptx = match source {
             KernelSource::NvccPtx => NVCC_PTX.map(str::to_owned).ok_or_else(no_ptx)?,
             KernelSource::NvccPtxLowered => NVCC_PTX.map(lower_ptx_version).ok_or_else(no_ptx)?,
             KernelSource::Nvrtc => {
-                let major =
-                    attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-                let minor =
-                    attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+                let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+                let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
                 compile_with_nvrtc(major, minor)?
             }
         };
         let (module, functions) = load_module(&ptx)?;
-        Ok(DeviceConverter {
-            module,
-            functions,
-            sm_count: sm_count.max(1) as u32,
-            source,
-        })
+        Ok(DeviceConverter { module, functions, sm_count: sm_count.max(1) as u32, source })
     }
 
     /// Where the loaded kernels came from.
@@ -165,13 +149,7 @@ impl DeviceConverter {
             let bytes = from
                 .bytes_for(elements as u64)
                 .and_then(|b| usize::try_from(b).ok())
-                .ok_or_else(|| {
-                    conversion_error(
-                        from,
-                        to,
-                        format!("{elements} elements do not fill whole bytes"),
-                    )
-                })?;
+                .ok_or_else(|| conversion_error(from, to, format!("{elements} elements do not fill whole bytes")))?;
             if bytes == 0 {
                 return Ok(());
             }
@@ -180,8 +158,7 @@ impl DeviceConverter {
             return unsafe { dr::memcpy_dtod_async(dst, src, bytes, stream) }
                 .map_err(|e| cuda_err("cuMemcpyDtoDAsync", e));
         }
-        let i = table_index(from, to)
-            .ok_or_else(|| conversion_error(from, to, "no such conversion".into()))?;
+        let i = table_index(from, to).ok_or_else(|| conversion_error(from, to, "no such conversion".into()))?;
         if elements == 0 {
             return Ok(());
         }
@@ -204,17 +181,8 @@ impl DeviceConverter {
         // unsigned long long)` of our loaded module, and `params` points at three live locals of
         // exactly those types (the driver copies them at launch). The caller guarantees the
         // context, the stream and the memory ranges (1-3).
-        unsafe {
-            dr::launch_kernel(
-                self.functions[i],
-                (blocks, 1, 1),
-                (BLOCK_THREADS, 1, 1),
-                0,
-                stream,
-                &mut params,
-            )
-        }
-        .map_err(|e| cuda_err("cuLaunchKernel", e))
+        unsafe { dr::launch_kernel(self.functions[i], (blocks, 1, 1), (BLOCK_THREADS, 1, 1), 0, stream, &mut params) }
+            .map_err(|e| cuda_err("cuLaunchKernel", e))
     }
 }
 
@@ -269,16 +237,11 @@ pub fn compile_with_nvrtc(major: i32, minor: i32) -> Result<String> {
             Err(e) => why.push(format!("{arch}: {e}")),
         }
     }
-    Err(Error::Cuda {
-        call: "nvrtcCompileProgram",
-        message: why.join("; "),
-        file: None,
-    })
+    Err(Error::Cuda { call: "nvrtcCompileProgram", message: why.join("; "), file: None })
 }
 
 fn nvrtc_compile(src: &CStr, arch: &str) -> std::result::Result<String, String> {
-    let prog = nvrtc::result::create_program(src, Some(c"weightstream_convert.cu"))
-        .map_err(|e| e.to_string())?;
+    let prog = nvrtc::result::create_program(src, Some(c"weightstream_convert.cu")).map_err(|e| e.to_string())?;
     let opts = [arch, "--std=c++14"];
     // SAFETY: `prog` was just created and is destroyed exactly once below.
     let compiled = unsafe { nvrtc::result::compile_program(prog, &opts) };
@@ -297,11 +260,7 @@ fn nvrtc_compile(src: &CStr, arch: &str) -> std::result::Result<String, String> 
 }
 
 fn c_chars_to_string(v: &[std::ffi::c_char]) -> String {
-    let bytes: Vec<u8> = v
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
+    let bytes: Vec<u8> = v.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     String::from_utf8_lossy(&bytes).trim_end().to_owned()
 }
 
@@ -326,8 +285,8 @@ fn load_module(ptx: &str) -> Result<(sys::CUmodule, [sys::CUfunction; TABLE.len(
         file: None,
     })?;
     // SAFETY: `image` is a NUL-terminated PTX text that outlives the call (the driver copies it).
-    let module = unsafe { dr::module::load_data(image.as_ptr().cast()) }
-        .map_err(|e| cuda_err("cuModuleLoadData", e))?;
+    let module =
+        unsafe { dr::module::load_data(image.as_ptr().cast()) }.map_err(|e| cuda_err("cuModuleLoadData", e))?;
     let mut functions = [std::ptr::null_mut(); TABLE.len()];
     for (slot, &(_, _, suffix)) in functions.iter_mut().zip(TABLE.iter()) {
         let name = CString::new(format!("ws_convert_{suffix}")).unwrap_or_default();
@@ -364,19 +323,9 @@ fn no_ptx() -> Error {
 }
 
 fn cuda_err(call: &'static str, e: DriverError) -> Error {
-    let name = e
-        .error_name()
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| format!("{:?}", e.0));
-    let text = e
-        .error_string()
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Error::Cuda {
-        call,
-        message: format!("{name}: {text}"),
-        file: None,
-    }
+    let name = e.error_name().map(|c| c.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
+    let text = e.error_string().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+    Error::Cuda { call, message: format!("{name}: {text}"), file: None }
 }
 
 #[cfg(test)]
@@ -386,20 +335,14 @@ mod tests {
     #[test]
     fn lowering_the_ptx_version() {
         let ptx = "//\n// Generated\n.version 9.5\n.target sm_80\n.address_size 64\n";
-        assert_eq!(
-            lower_ptx_version(ptx),
-            "//\n// Generated\n.version 7.0\n.target sm_80\n.address_size 64\n"
-        );
+        assert_eq!(lower_ptx_version(ptx), "//\n// Generated\n.version 7.0\n.target sm_80\n.address_size 64\n");
     }
 
     #[test]
     fn nvrtc_source_is_self_contained() {
         assert!(!NVRTC_SOURCE.contains("#include"));
         for &(_, _, suffix) in TABLE.iter() {
-            assert!(
-                NVRTC_SOURCE.contains(&format!("X({suffix},")),
-                "{suffix} missing from the kernels"
-            );
+            assert!(NVRTC_SOURCE.contains(&format!("X({suffix},")), "{suffix} missing from the kernels");
         }
     }
 }

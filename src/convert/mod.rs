@@ -89,12 +89,7 @@ pub(crate) fn suffix(from: Dtype, to: Dtype) -> Option<&'static str> {
 
 /// Checks a conversion request: the pair is supported and the buffer lengths fit. Returns the
 /// number of elements.
-pub(crate) fn check(
-    from: Dtype,
-    to: Dtype,
-    src_len: usize,
-    dst_len: usize,
-) -> crate::Result<usize> {
+pub(crate) fn check(from: Dtype, to: Dtype, src_len: usize, dst_len: usize) -> crate::Result<usize> {
     if !supported(from, to) {
         return Err(conversion_error(from, to, "no such conversion".into()));
     }
@@ -119,11 +114,7 @@ pub(crate) fn check(
 }
 
 pub(crate) fn conversion_error(from: Dtype, to: Dtype, message: String) -> Error {
-    Error::Conversion {
-        from: from.name(),
-        to: to.name(),
-        message,
-    }
+    Error::Conversion { from: from.name(), to: to.name(), message }
 }
 
 #[cfg(test)]

@@ -165,11 +165,7 @@ impl std::error::Error for UnknownDtype {}
 impl FromStr for Dtype {
     type Err = UnknownDtype;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Dtype::ALL
-            .iter()
-            .copied()
-            .find(|d| d.name() == s)
-            .ok_or_else(|| UnknownDtype(s.to_string()))
+        Dtype::ALL.iter().copied().find(|d| d.name() == s).ok_or_else(|| UnknownDtype(s.to_string()))
     }
 }
 

@@ -131,10 +131,11 @@ fn eof_or_io(path: &Path, e: std::io::Error, what: &'static str, at: u64) -> Err
 pub fn parse_header(path: impl Into<PathBuf>, header: &[u8], file_len: u64) -> Result<Header> {
     let path: PathBuf = path.into();
     let header_len = header.len() as u64;
-    let data_start = 8u64
-        .checked_add(header_len)
-        .filter(|&s| s <= file_len)
-        .ok_or_else(|| Error::HeaderPastEnd { file: path.clone(), len: header_len, file_len })?;
+    let data_start = 8u64.checked_add(header_len).filter(|&s| s <= file_len).ok_or_else(|| Error::HeaderPastEnd {
+        file: path.clone(),
+        len: header_len,
+        file_len,
+    })?;
     if let Err(e) = std::str::from_utf8(header) {
         return Err(Error::HeaderNotUtf8 { file: path, valid_up_to: e.valid_up_to() });
     }
@@ -182,12 +183,7 @@ pub fn parse_header(path: impl Into<PathBuf>, header: &[u8], file_len: u64) -> R
             return Err(Error::ShapeOverflow { file: path, tensor: t.name.clone(), shape: t.shape.clone() });
         };
         if bits % 8 != 0 {
-            return Err(Error::MisalignedSlice {
-                file: path,
-                tensor: t.name.clone(),
-                dtype: t.dtype.name(),
-                elements,
-            });
+            return Err(Error::MisalignedSlice { file: path, tensor: t.name.clone(), dtype: t.dtype.name(), elements });
         }
         if end - begin != bits / 8 {
             return Err(Error::SizeMismatch {
@@ -203,11 +199,7 @@ pub fn parse_header(path: impl Into<PathBuf>, header: &[u8], file_len: u64) -> R
     }
     let data_end = data_start.checked_add(expected);
     if data_end != Some(file_len) {
-        return Err(Error::DataLengthMismatch {
-            file: path,
-            data_end: data_end.unwrap_or(u64::MAX),
-            file_len,
-        });
+        return Err(Error::DataLengthMismatch { file: path, data_end: data_end.unwrap_or(u64::MAX), file_len });
     }
     Ok(Header { tensors, metadata: metadata.unwrap_or_default(), data_start, header_len, file_len })
 }
@@ -241,9 +233,8 @@ impl<'de> Visitor<'de> for HeaderVisitor {
                     .map_err(|e| de::Error::custom(format!("{METADATA_ERR}{e}")))?
                     .or(Some(BTreeMap::new()));
             } else {
-                let raw: RawTensor = map
-                    .next_value_seed(TensorSeed)
-                    .map_err(|e| de::Error::custom(format!("tensor `{key}`: {e}")))?;
+                let raw: RawTensor =
+                    map.next_value_seed(TensorSeed).map_err(|e| de::Error::custom(format!("tensor `{key}`: {e}")))?;
                 tensors.push(TensorInfo {
                     name: key.into_owned(),
                     dtype: raw.dtype,
@@ -277,4 +268,3 @@ fn de_dtype<'de, D: Deserializer<'de>>(d: D) -> Result<Dtype, D::Error> {
     let s = <Cow<'de, str>>::deserialize(d)?;
     s.parse().map_err(de::Error::custom)
 }
-

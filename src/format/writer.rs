@@ -30,10 +30,7 @@ impl<'a> WriteTensor<'a> {
 
 /// The header JSON (padded with spaces to a multiple of 8 bytes, as the reference writer does)
 /// for tensors laid out in the given order.
-pub fn header_json(
-    tensors: &[(String, Dtype, Vec<u64>, u64)],
-    metadata: &BTreeMap<String, String>,
-) -> Vec<u8> {
+pub fn header_json(tensors: &[(String, Dtype, Vec<u64>, u64)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let mut map = serde_json::Map::new();
     if !metadata.is_empty() {
         map.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap_or_default());
@@ -54,11 +51,7 @@ pub fn header_json(
 }
 
 fn check(t: &WriteTensor<'_>) -> Result<u64> {
-    let need = t
-        .shape
-        .iter()
-        .try_fold(1u64, |a, &d| a.checked_mul(d))
-        .and_then(|n| t.dtype.bytes_for(n));
+    let need = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).and_then(|n| t.dtype.bytes_for(n));
     match need {
         Some(n) if n == t.data.len() as u64 => Ok(n),
         _ => Err(Error::option(format!(

@@ -43,7 +43,8 @@ impl RawEngine for FaultyEngine {
             Fault::ShortReads(max) => read.len = read.len.min(max.max(1)),
             Fault::EioAt(at) => {
                 if read.offset <= at && at < read.offset + read.len as u64 {
-                    self.injected.push(RawCompletion { tag: read.tag, result: Err(io::Error::from_raw_os_error(libc::EIO)) });
+                    self.injected
+                        .push(RawCompletion { tag: read.tag, result: Err(io::Error::from_raw_os_error(libc::EIO)) });
                     return Ok(());
                 }
             }

@@ -71,7 +71,9 @@ impl HostMemory {
                 let len = step.min(map_len - start);
                 s.spawn(move || {
                     // SAFETY: advice on a sub-range of a mapping we own; it only faults pages in.
-                    unsafe { libc::madvise((base + start) as *mut libc::c_void, len, 23 /* MADV_POPULATE_WRITE */) };
+                    unsafe {
+                        libc::madvise((base + start) as *mut libc::c_void, len, 23 /* MADV_POPULATE_WRITE */)
+                    };
                 });
             }
         });

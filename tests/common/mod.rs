@@ -59,8 +59,7 @@ pub fn python_data_dir() -> Option<PathBuf> {
 
 /// The sha256 (hex) of the generator script; the manifest records the one it was made by.
 fn script_digest() -> Result<String, String> {
-    let bytes = std::fs::read(generator_script())
-        .map_err(|e| format!("reading the generator script: {e}"))?;
+    let bytes = std::fs::read(generator_script()).map_err(|e| format!("reading the generator script: {e}"))?;
     Ok(hex(&Sha256::digest(&bytes)))
 }
 
@@ -85,15 +84,9 @@ fn is_current(dir: &Path, digest: &str) -> bool {
 }
 
 fn unique_sibling(dir: &Path, tag: &str) -> PathBuf {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let name = format!(
-        ".{}.{tag}-{}-{nanos}",
-        dir.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    );
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let name =
+        format!(".{}.{tag}-{}-{nanos}", dir.file_name().unwrap_or_default().to_string_lossy(), std::process::id());
     dir.with_file_name(name)
 }
 
@@ -126,20 +119,14 @@ fn find_or_generate() -> Result<PathBuf, String> {
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(&tmp);
         // The packages import but the script failed: that is a bug to see, not a skip.
-        panic!(
-            "scripts/make_test_files.py failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        panic!("scripts/make_test_files.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
     // Record which script made it, then move it into place.
     let manifest_path = tmp.join("manifest.json");
-    let text = std::fs::read_to_string(&manifest_path)
-        .map_err(|e| format!("generator wrote no manifest: {e}"))?;
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("bad manifest: {e}"))?;
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| format!("generator wrote no manifest: {e}"))?;
+    let mut manifest: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("bad manifest: {e}"))?;
     manifest["script_sha256"] = digest.clone().into();
-    std::fs::write(&manifest_path, manifest.to_string())
-        .map_err(|e| format!("writing manifest: {e}"))?;
+    std::fs::write(&manifest_path, manifest.to_string()).map_err(|e| format!("writing manifest: {e}"))?;
     for _ in 0..5 {
         match std::fs::rename(&tmp, &dir) {
             Ok(()) => return Ok(dir),
@@ -158,10 +145,7 @@ fn find_or_generate() -> Result<PathBuf, String> {
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
-    Err(format!(
-        "could not move generated files into {}",
-        dir.display()
-    ))
+    Err(format!("could not move generated files into {}", dir.display()))
 }
 
 /// The parsed `manifest.json` of a data directory.

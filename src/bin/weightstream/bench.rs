@@ -104,10 +104,15 @@ fn mmap_copy(ckpt: &Checkpoint, device: Device) -> Result<u64> {
     #[cfg(feature = "cuda")]
     let mut keep_dev = Vec::new();
     for f in &ckpt.files {
-        let file = std::fs::File::open(&f.path).map_err(|e| Error::Io { file: f.path.clone(), tensor: None, source: e })?;
+        let file =
+            std::fs::File::open(&f.path).map_err(|e| Error::Io { file: f.path.clone(), tensor: None, source: e })?;
         // SAFETY: a read-only map of a file validated a moment ago; as in the baselines it
         // models, a concurrent truncation would fault (the reason our pipeline avoids mmap).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io { file: f.path.clone(), tensor: None, source: e })?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io {
+            file: f.path.clone(),
+            tensor: None,
+            source: e,
+        })?;
         for t in &f.header.tensors {
             let s = (f.header.data_start + t.data_offsets.0) as usize;
             let bytes = &map[s..s + t.byte_len() as usize];
@@ -119,7 +124,12 @@ fn mmap_copy(ckpt: &Checkpoint, device: Device) -> Result<u64> {
                     // SAFETY: the destination is a fresh allocation of bytes.len() bytes and the
                     // source a live slice; a synchronous copy from pageable memory.
                     unsafe {
-                        weightstream::target::cuda::result::memcpy_htod_async(arena.ptr(), bytes.as_ptr(), bytes.len(), std::ptr::null_mut())?;
+                        weightstream::target::cuda::result::memcpy_htod_async(
+                            arena.ptr(),
+                            bytes.as_ptr(),
+                            bytes.len(),
+                            std::ptr::null_mut(),
+                        )?;
                     }
                 }
                 keep_dev.push(arena);
@@ -155,9 +165,12 @@ fn read_all(ckpt: &Checkpoint, device: Device) -> Result<u64> {
         let all = std::fs::read(&f.path).map_err(|e| Error::Io { file: f.path.clone(), tensor: None, source: e })?;
         for t in &f.header.tensors {
             let s = (f.header.data_start + t.data_offsets.0) as usize;
-            let bytes = all
-                .get(s..s + t.byte_len() as usize)
-                .ok_or_else(|| Error::UnexpectedEof { file: f.path.clone(), tensor: Some(t.name.clone()), what: "tensor data", at: all.len() as u64 })?;
+            let bytes = all.get(s..s + t.byte_len() as usize).ok_or_else(|| Error::UnexpectedEof {
+                file: f.path.clone(),
+                tensor: Some(t.name.clone()),
+                what: "tensor data",
+                at: all.len() as u64,
+            })?;
             total += bytes.len() as u64;
             #[cfg(feature = "cuda")]
             if let Some(dev) = &cuda {
@@ -165,7 +178,12 @@ fn read_all(ckpt: &Checkpoint, device: Device) -> Result<u64> {
                 if !bytes.is_empty() {
                     // SAFETY: fresh allocation of bytes.len() bytes; live source slice.
                     unsafe {
-                        weightstream::target::cuda::result::memcpy_htod_async(arena.ptr(), bytes.as_ptr(), bytes.len(), std::ptr::null_mut())?;
+                        weightstream::target::cuda::result::memcpy_htod_async(
+                            arena.ptr(),
+                            bytes.as_ptr(),
+                            bytes.len(),
+                            std::ptr::null_mut(),
+                        )?;
                     }
                 }
                 keep_dev.push(arena);
@@ -205,7 +223,13 @@ pub fn run(args: Args) -> Result<()> {
             other => return Err(Error::InvalidOption { what: format!("unknown strategy `{other}`") }),
         };
         let loader = loader.map(|l| l.device(device));
-        let mut row = Row { name: name.clone(), baseline: loader.is_none(), secs: Vec::new(), bytes: 0, resident_after_evict: None };
+        let mut row = Row {
+            name: name.clone(),
+            baseline: loader.is_none(),
+            secs: Vec::new(),
+            bytes: 0,
+            resident_after_evict: None,
+        };
         let warmup = usize::from(!args.cold);
         for i in 0..warmup + args.runs.max(1) {
             if args.cold {
@@ -268,7 +292,10 @@ pub fn run(args: Args) -> Result<()> {
         if args.cold { "cold cache" } else { "warm cache" },
         args.runs
     );
-    println!("{:<18} {:>9} {:>9} {:>9} {:>9} {:>12}", "strategy", "min s", "median s", "max s", "GB/s", "vs fastest baseline");
+    println!(
+        "{:<18} {:>9} {:>9} {:>9} {:>9} {:>12}",
+        "strategy", "min s", "median s", "max s", "GB/s", "vs fastest baseline"
+    );
     for o in &out {
         println!(
             "{:<18} {:>9.4} {:>9.4} {:>9.4} {:>9.2} {:>12}",

@@ -59,13 +59,13 @@ pub fn run(args: Args) -> weightstream::Result<()> {
     })?;
     let path = dir.path().join("demo.safetensors");
     let layout = layout(args.layers);
-    let data: Vec<Vec<u8>> =
-        layout.iter().enumerate().map(|(i, (_, s))| weights(i as u64 + 1, s.iter().product::<u64>() as usize)).collect();
-    let tensors: Vec<WriteTensor<'_>> = layout
+    let data: Vec<Vec<u8>> = layout
         .iter()
-        .zip(&data)
-        .map(|((n, s), d)| WriteTensor::new(n.clone(), Dtype::BF16, s.clone(), d))
+        .enumerate()
+        .map(|(i, (_, s))| weights(i as u64 + 1, s.iter().product::<u64>() as usize))
         .collect();
+    let tensors: Vec<WriteTensor<'_>> =
+        layout.iter().zip(&data).map(|((n, s), d)| WriteTensor::new(n.clone(), Dtype::BF16, s.clone(), d)).collect();
     let mut meta = std::collections::BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let t0 = Instant::now();
@@ -98,13 +98,22 @@ pub fn run(args: Args) -> weightstream::Result<()> {
     );
     let mut checked = 0u64;
     for ((name, _), expect) in layout.iter().zip(&data) {
-        let t = model.tensor(name).ok_or_else(|| weightstream::Error::InvalidOption { what: format!("demo: tensor `{name}` missing after load") })?;
+        let t = model.tensor(name).ok_or_else(|| weightstream::Error::InvalidOption {
+            what: format!("demo: tensor `{name}` missing after load"),
+        })?;
         if t.to_host_vec()? != *expect {
-            return Err(weightstream::Error::InvalidOption { what: format!("demo: tensor `{name}` differs after load") });
+            return Err(weightstream::Error::InvalidOption {
+                what: format!("demo: tensor `{name}` differs after load"),
+            });
         }
         checked += expect.len() as u64;
     }
-    println!("verified {} tensors byte for byte ({:.1} MiB read back from {})", layout.len(), checked as f64 / 1048576.0, s.device);
+    println!(
+        "verified {} tensors byte for byte ({:.1} MiB read back from {})",
+        layout.len(),
+        checked as f64 / 1048576.0,
+        s.device
+    );
     drop(model);
     dir.close().ok();
     println!("removed {}", path.display());

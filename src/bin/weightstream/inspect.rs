@@ -55,12 +55,7 @@ impl<'a> Report<'a> {
             .files
             .iter()
             .map(|f| {
-                metadata.extend(
-                    f.header
-                        .metadata
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str())),
-                );
+                metadata.extend(f.header.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                 tensors.extend(f.header.tensors.iter().map(|t| TensorEntry {
                     name: &t.name,
                     dtype: t.dtype.name(),
@@ -76,12 +71,7 @@ impl<'a> Report<'a> {
                 }
             })
             .collect();
-        Report {
-            files,
-            metadata,
-            total_bytes: ckpt.total_bytes(),
-            tensors,
-        }
+        Report { files, metadata, total_bytes: ckpt.total_bytes(), tensors }
     }
 }
 
@@ -91,20 +81,12 @@ pub fn run(args: Args) -> weightstream::Result<()> {
     let report = Report::new(&ckpt);
     let stdout = io::stdout();
     let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
-    let written = if args.json {
-        write_json(&mut out, &report)
-    } else {
-        write_table(&mut out, &report)
-    };
+    let written = if args.json { write_json(&mut out, &report) } else { write_table(&mut out, &report) };
     match written.and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
         // The reader went away (`| head`): stop quietly, as other command-line tools do.
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        Err(source) => Err(weightstream::Error::Io {
-            file: PathBuf::from("<stdout>"),
-            tensor: None,
-            source,
-        }),
+        Err(source) => Err(weightstream::Error::Io { file: PathBuf::from("<stdout>"), tensor: None, source }),
     }
 }
 
@@ -143,47 +125,20 @@ fn write_table(out: &mut impl Write, report: &Report<'_>) -> io::Result<()> {
     if report.tensors.is_empty() {
         return Ok(());
     }
-    let shapes: Vec<String> = report
-        .tensors
-        .iter()
-        .map(|t| format!("{:?}", t.shape))
-        .collect();
-    let name_w = report
-        .tensors
-        .iter()
-        .map(|t| t.name.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(4);
-    let dtype_w = report
-        .tensors
-        .iter()
-        .map(|t| t.dtype.len())
-        .max()
-        .unwrap_or(0)
-        .max(5);
+    let shapes: Vec<String> = report.tensors.iter().map(|t| format!("{:?}", t.shape)).collect();
+    let name_w = report.tensors.iter().map(|t| t.name.chars().count()).max().unwrap_or(0).max(4);
+    let dtype_w = report.tensors.iter().map(|t| t.dtype.len()).max().unwrap_or(0).max(5);
     let shape_w = shapes.iter().map(String::len).max().unwrap_or(0).max(5);
     let several_files = report.files.len() > 1;
     writeln!(out)?;
-    write!(
-        out,
-        "{:<name_w$}  {:<dtype_w$}  {:<shape_w$}  {:>12}",
-        "name", "dtype", "shape", "bytes"
-    )?;
+    write!(out, "{:<name_w$}  {:<dtype_w$}  {:<shape_w$}  {:>12}", "name", "dtype", "shape", "bytes")?;
     if several_files {
         write!(out, "  file")?;
     }
     writeln!(out)?;
     for (t, shape) in report.tensors.iter().zip(&shapes) {
         let bytes = t.data_offsets[1] - t.data_offsets[0];
-        write!(
-            out,
-            "{:<name_w$}  {:<dtype_w$}  {:<shape_w$}  {:>12}",
-            one_line(t.name),
-            t.dtype,
-            shape,
-            bytes
-        )?;
+        write!(out, "{:<name_w$}  {:<dtype_w$}  {:<shape_w$}  {:>12}", one_line(t.name), t.dtype, shape, bytes)?;
         if several_files {
             let file = t.file.file_name().map(Path::new).unwrap_or(t.file);
             write!(out, "  {}", file.display())?;
@@ -204,10 +159,7 @@ fn plural(n: usize) -> &'static str {
 /// `s` with control characters escaped, so that a hostile name cannot break the table.
 fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
     if s.chars().any(char::is_control) {
-        s.chars()
-            .flat_map(char::escape_debug)
-            .collect::<String>()
-            .into()
+        s.chars().flat_map(char::escape_debug).collect::<String>().into()
     } else {
         s.into()
     }

@@ -27,15 +27,15 @@ pub struct LoaderArgs {
     #[arg(long)]
     pub direct: bool,
     /// Total size of the staging ring (e.g. 64M, 1G).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
     pub staging: u64,
     /// Number of staging buffers the ring is split into.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     pub staging_buffers: usize,
     /// Reader threads (default: CPU count, 2..16).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Size of one read request (e.g. 4M).
+    /// Size of one read request (default 2M).
     #[arg(long, value_parser = parse_size)]
     pub read_size: Option<u64>,
     /// CUDA streams for the copies.

@@ -76,7 +76,8 @@ impl<'a> CudaSink<'a> {
                 Some({
                     // Room for a slot's pieces, each 256-byte aligned.
                     let max_pieces = plan.extents.iter().map(|e| e.pieces.len()).max().unwrap_or(0);
-                    let per_slot = crate::plan::align_up((slot_size + 256 * max_pieces) as u64, 256).unwrap_or(u64::MAX) as usize;
+                    let per_slot =
+                        crate::plan::align_up((slot_size + 256 * max_pieces) as u64, 256).unwrap_or(u64::MAX) as usize;
                     (DeviceArena::alloc(dev, slots * per_slot)?, per_slot)
                 }),
                 Some(crate::convert::cuda::DeviceConverter::load()?),
@@ -136,7 +137,14 @@ impl Sink for CudaSink<'_> {
                     let src_host = unsafe { data.as_ptr().add(p.extent_offset as usize) };
                     if !t.converts() {
                         // SAFETY: the destination is inside t's planned arena range.
-                        unsafe { result::memcpy_htod_async(arena + t.arena_offset + p.tensor_offset, src_host, p.len as usize, stream.raw)? };
+                        unsafe {
+                            result::memcpy_htod_async(
+                                arena + t.arena_offset + p.tensor_offset,
+                                src_host,
+                                p.len as usize,
+                                stream.raw,
+                            )?
+                        };
                         continue;
                     }
                     let src = base + at;
