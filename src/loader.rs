@@ -62,7 +62,7 @@ struct Rings {
 ///
 /// ```
 /// use weightstream::{format::{write_file, WriteTensor}, Device, Dtype, Loader};
-/// let dir = tempfile::tempdir()?;
+/// let dir = tempfile::tempdir().unwrap();
 /// let p = dir.path().join("m.safetensors");
 /// let data = [0u8, 0x3c, 0, 0x40]; // f16 1.0, 2.0
 /// write_file(&p, &[WriteTensor::new("w", Dtype::F16, vec![2], &data)], &Default::default())?;
