@@ -338,6 +338,7 @@ impl Loader {
                     Storage::Null
                 } else {
                     let mut arena = HostMemory::new(plan.arena_len as usize)?;
+                    arena.prefault(self.threads);
                     self.run_staged(
                         &plan,
                         &files,
