@@ -210,6 +210,61 @@ impl<'a> TensorRef<'a> {
         }
     }
 
+    /// Borrow it as a cudarc `CudaSlice<T>` on `stream` for the duration of `f`, to hand the
+    /// weights to cudarc kernels or copies. The slice is never freed by cudarc: the memory stays
+    /// owned by the [`LoadedModel`] (even if `f` panics). `stream` must belong to the tensor's
+    /// device, and the byte length must be a whole number of `T`.
+    ///
+    /// ```no_run
+    /// # fn demo(model: &weightstream::LoadedModel) -> weightstream::Result<()> {
+    /// let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    /// let stream = ctx.default_stream();
+    /// let w = model.tensor("lm_head.weight").unwrap();
+    /// let host: Vec<u16> = w.with_cudarc_slice(&stream, |s| stream.clone_dtoh(s))?.unwrap();
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "cuda")]
+    pub fn with_cudarc_slice<T: cudarc::driver::DeviceRepr, R>(
+        &self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        f: impl FnOnce(&cudarc::driver::CudaSlice<T>) -> R,
+    ) -> Result<R> {
+        let (Some(ptr), Some(ordinal)) = (self.device_ptr(), self.device_ordinal()) else {
+            return Err(Error::option(format!("tensor `{}` is not on a CUDA device", self.meta.name)));
+        };
+        if stream.context().ordinal() != ordinal {
+            return Err(Error::option(format!(
+                "tensor `{}` is on cuda:{ordinal}, the stream on cuda:{}",
+                self.meta.name,
+                stream.context().ordinal()
+            )));
+        }
+        let size = std::mem::size_of::<T>() as u64;
+        if size == 0 || self.meta.len % size != 0 {
+            return Err(Error::option(format!(
+                "tensor `{}`: {} bytes are not a whole number of {}-byte elements",
+                self.meta.name, self.meta.len, size
+            )));
+        }
+        /// Leaks the slice back to a plain pointer on every path, so cudarc never frees it.
+        struct Borrowed<T>(Option<cudarc::driver::CudaSlice<T>>);
+        impl<T> Drop for Borrowed<T> {
+            fn drop(&mut self) {
+                if let Some(s) = self.0.take() {
+                    s.leak();
+                }
+            }
+        }
+        // SAFETY: ptr..ptr+len lies in this model's live arena on the stream's device (checked),
+        // every load's copies completed before the model was returned, and the guard leaks the
+        // slice instead of freeing it, so the arena keeps sole ownership.
+        let slice = Borrowed(Some(unsafe { stream.upgrade_device_ptr::<T>(ptr, (self.meta.len / size) as usize) }));
+        match &slice.0 {
+            Some(s) => Ok(f(s)),
+            None => unreachable!("set just above"),
+        }
+    }
+
     /// Copy its bytes back to a host `Vec` (for verification), wherever it lives.
     pub fn to_host_vec(&self) -> Result<Vec<u8>> {
         match &self.model.storage {

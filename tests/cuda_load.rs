@@ -162,6 +162,25 @@ fn filtered_and_converted_loads_match_the_cpu_target() {
 }
 
 #[test]
+fn tensors_borrow_as_cudarc_slices() {
+    let Some(_gpu) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_mixed(dir.path());
+    let m = Loader::new().device(Device::Cuda(0)).load(&path).unwrap();
+    let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    let stream = ctx.default_stream();
+    for (name, bytes) in file_tensors(&path) {
+        let t = m.tensor(&name).unwrap();
+        let back = t.with_cudarc_slice::<u8, _>(&stream, |s| stream.clone_dtoh(s)).unwrap().unwrap();
+        assert_eq!(back, bytes, "{name}");
+    }
+    // A length that is not a whole number of elements is an error, not a bad slice.
+    assert!(m.tensor("a.bias").unwrap().with_cudarc_slice::<f64, _>(&stream, |_| ()).is_err());
+    // The arena is still ours after the borrows: read it again.
+    assert_eq!(m.tensor("c.big").unwrap().to_host_vec().unwrap().len(), 5 << 20);
+}
+
+#[test]
 fn missing_ordinal_is_a_clear_error() {
     let Some(_gpu) = gpu() else { return };
     let dir = tempfile::tempdir().unwrap();
