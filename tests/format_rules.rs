@@ -109,6 +109,11 @@ fn reject(bytes: &[u8]) -> (Error, PathBuf, Dir) {
             assert_eq!(std::mem::discriminant(&err), std::mem::discriminant(&e2), "{err} vs {e2}");
         }
     }
+    // And through the whole loader, to both host targets: the same error, before any read.
+    for device in [weightstream::Device::Cpu, weightstream::Device::Null] {
+        let e3 = weightstream::Loader::new().device(device).load(&path).expect_err("load must reject it too");
+        assert_eq!(std::mem::discriminant(&err), std::mem::discriminant(&e3), "{err} vs load: {e3}");
+    }
     (err, path, dir)
 }
 
