@@ -22,6 +22,15 @@ use crate::trace::TraceRecorder;
 /// Alignment O_DIRECT needs for offsets, lengths and buffer addresses.
 const DIRECT_ALIGN: u64 = 4096;
 
+/// Most reader threads a loader starts (far past what a disk or the page cache can use; more
+/// only risks running out of threads).
+const MAX_THREADS: usize = 256;
+
+/// `v` rounded up to a multiple of `m`, or down where rounding up would overflow.
+fn round_to_multiple(v: usize, m: usize) -> usize {
+    v.checked_next_multiple_of(m).unwrap_or(v / m * m)
+}
+
 /// Cancels a load from another thread: the load returns [`Error::Cancelled`] with everything it
 /// allocated freed.
 ///
@@ -176,7 +185,7 @@ impl Loader {
 
     /// Size of one staging buffer (rounded up to 64 KiB; at least 64 KiB).
     pub fn staging_size(mut self, bytes: usize) -> Self {
-        self.staging_size = bytes.max(64 << 10).div_ceil(64 << 10) * (64 << 10);
+        self.staging_size = round_to_multiple(bytes.max(64 << 10), 64 << 10);
         self
     }
 
@@ -192,15 +201,15 @@ impl Loader {
         self
     }
 
-    /// Reader threads (pread engine; bound on io_uring's workers).
+    /// Reader threads (pread engine; bound on io_uring's workers), 1 to 256.
     pub fn threads(mut self, threads: usize) -> Self {
-        self.threads = threads.max(1);
+        self.threads = threads.clamp(1, MAX_THREADS);
         self
     }
 
     /// Size of one read request (a staging buffer is filled by several in parallel).
     pub fn read_size(mut self, bytes: usize) -> Self {
-        self.read_size = bytes.max(DIRECT_ALIGN as usize).div_ceil(DIRECT_ALIGN as usize) * DIRECT_ALIGN as usize;
+        self.read_size = round_to_multiple(bytes.max(DIRECT_ALIGN as usize), DIRECT_ALIGN as usize);
         self
     }
 
@@ -237,7 +246,7 @@ impl Loader {
 
     /// Bytes of staging memory this loader holds once it has loaded (the ring).
     pub fn staging_bytes(&self) -> usize {
-        self.staging_size * self.staging_count
+        self.staging_size.saturating_mul(self.staging_count)
     }
 
     /// Load the checkpoint at `path` (a file, an index, a directory, or a Hugging Face cache

@@ -398,3 +398,26 @@ fn weightstream_bin() -> PathBuf {
         PathBuf::from(".gpu/bin/weightstream")
     }
 }
+
+#[test]
+fn extreme_options_load_or_fail_typed_never_panic() {
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    for io in engines() {
+        let base = Loader::new().device(Device::Cpu).io(io);
+        for loader in [
+            base.clone().read_size(usize::MAX),
+            base.clone().threads(usize::MAX),
+            base.clone().queue_depth(usize::MAX).threads(100_000),
+            base.clone().read_size(usize::MAX).staging_count(2).staging_size(64 << 10).device(Device::Null),
+        ] {
+            let m = loader.load(&path).unwrap_or_else(|e| panic!("{loader:?}: {e}"));
+            assert_eq!(m.len(), expect.len());
+        }
+        assert_loaded(&base.clone().read_size(usize::MAX).staging_count(2).staging_size(64 << 10), &path, &expect);
+        // A ring that cannot exist: a typed error, not an overflow.
+        let huge = base.clone().device(Device::Null).staging_size(usize::MAX);
+        assert!(matches!(huge.load(&path), Err(Error::HostOutOfMemory { .. })));
+        assert_eq!(huge.staging_count(usize::MAX).staging_bytes(), usize::MAX);
+    }
+}

@@ -28,14 +28,13 @@ impl PreadEngine {
         let (jobs, job_rx) = channel::<RawRead>();
         let (done_tx, done) = channel();
         let job_rx = Arc::new(Mutex::new(job_rx));
+        // Where the OS runs out of threads, the pool is what could be started; with none at all,
+        // submit reports that the workers have stopped.
         let threads = (0..threads.max(1))
-            .map(|i| {
+            .map_while(|i| {
                 let rx = Arc::clone(&job_rx);
                 let tx = done_tx.clone();
-                std::thread::Builder::new()
-                    .name(format!("ws-pread-{i}"))
-                    .spawn(move || reader(rx, tx))
-                    .expect("spawning a reader thread") // ok: only fails when the OS is out of threads
+                std::thread::Builder::new().name(format!("ws-pread-{i}")).spawn(move || reader(rx, tx)).ok()
             })
             .collect();
         PreadEngine { jobs: Some(jobs), done, threads }

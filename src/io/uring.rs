@@ -35,7 +35,9 @@ impl RawEngine for UringEngine {
     }
 
     unsafe fn submit(&mut self, read: RawRead) -> io::Result<()> {
-        let len = u32::try_from(read.len).map_err(|_| io::Error::other("read longer than 4 GiB"))?;
+        // Linux reads at most MAX_RW_COUNT (2 GiB - 4 KiB, block-aligned) per call anyway: ask for
+        // no more, and the ReadQueue resumes the rest like any short read.
+        let len = read.len.min(0x7fff_f000) as u32;
         let entry = opcode::Read::new(types::Fd(read.fd), read.buf, len)
             .offset(read.offset)
             .build()
