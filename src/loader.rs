@@ -331,8 +331,11 @@ impl Loader {
         let io_name = engine.name();
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
 
+        let mut bytes_read = plan.bytes_to_read();
         let (storage, staging_bytes, pinned) = match device {
             Device::Cpu if !self.direct && !plan.tensors.iter().any(|t| t.converts()) => {
+                // Reads per tensor: gaps that a staged extent would read through are skipped.
+                bytes_read = plan.tensors.iter().map(|t| t.src_len).sum();
                 let mut arena = HostMemory::new(plan.arena_len as usize)?;
                 arena.prefault(self.threads);
                 let mut queue = ReadQueue::new(engine, self.queue_depth.max(self.threads * 2));
@@ -407,7 +410,7 @@ impl Loader {
             device,
             io: io_name,
             direct: self.direct,
-            bytes_read: plan.bytes_to_read(),
+            bytes_read,
             bytes_loaded: plan.bytes_loaded(),
             seconds: started.elapsed().as_secs_f64(),
             staging_bytes,
@@ -512,7 +515,7 @@ impl Loader {
                 off += len;
             }
         }
-        let total = plan.bytes_to_read();
+        let total = plan.tensors.iter().map(|t| t.src_len).sum();
         let base = arena.as_ptr();
         let mut started = vec![None; if trace.is_some() { ops.len() } else { 0 }];
         let mut next = 0;

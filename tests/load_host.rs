@@ -421,3 +421,27 @@ fn extreme_options_load_or_fail_typed_never_panic() {
         assert_eq!(huge.staging_count(usize::MAX).staging_bytes(), usize::MAX);
     }
 }
+
+#[test]
+fn progress_ends_at_its_total_when_a_filter_leaves_gaps() {
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    // a.* and c.* leave b.scalar (8 bytes) between them: a staged extent reads through it.
+    let selected: u64 =
+        expect.iter().filter(|(n, _)| n.starts_with('a') || n.starts_with('c')).map(|(_, b)| b.len() as u64).sum();
+    for device in [Device::Cpu, Device::Null] {
+        let last = Arc::new(std::sync::Mutex::new(None));
+        let l = last.clone();
+        let m = Loader::new()
+            .device(device)
+            .only("a.*")
+            .only("c.*")
+            .progress(Arc::new(move |p| *l.lock().unwrap() = Some((p.bytes_done, p.bytes_total))))
+            .load(&path)
+            .unwrap();
+        let (done, total) = last.lock().unwrap().unwrap();
+        assert_eq!(done, total, "{device}: progress stopped short");
+        assert_eq!(m.stats().bytes_read, total, "{device}");
+        assert!(total >= selected && total <= selected + 8, "{device}: {total}");
+    }
+}
