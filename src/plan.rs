@@ -245,3 +245,77 @@ impl Plan {
 pub fn align_up(v: u64, align: u64) -> Option<u64> {
     Some(v.checked_add(align - 1)? & !(align - 1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{write_file, WriteTensor};
+
+    /// Random layouts, selections and chunk sizes: the pieces cover every selected tensor exactly
+    /// once, each inside its extent at the right file offset, extents within the chunk size.
+    #[test]
+    fn pieces_cover_selected_tensors_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for case in 0..300 {
+            let n = rnd(12) as usize;
+            let specs: Vec<(String, Dtype, u64)> = (0..n)
+                .map(|i| {
+                    let dt = [Dtype::U8, Dtype::F32, Dtype::F16][rnd(3) as usize];
+                    let elems = match rnd(4) {
+                        0 => 0,
+                        1 => rnd(50),
+                        2 => rnd(5000),
+                        _ => rnd(40_000),
+                    };
+                    (format!("t{i}"), dt, elems)
+                })
+                .collect();
+            let data: Vec<Vec<u8>> =
+                specs.iter().map(|(_, d, e)| vec![0u8; d.bytes_for(*e).unwrap() as usize]).collect();
+            let ws: Vec<_> = specs
+                .iter()
+                .zip(&data)
+                .map(|((name, d, e), b)| WriteTensor::new(name.clone(), *d, vec![*e], b))
+                .collect();
+            let p = dir.path().join(format!("{case}.safetensors"));
+            write_file(&p, &ws, &Default::default()).unwrap();
+            let ckpt = Checkpoint::open(&p).unwrap();
+            let selected: Vec<bool> = (0..n).map(|_| rnd(4) != 0).collect();
+            let opts = PlanOptions { chunk_bytes: 4096 * (1 + rnd(6)), max_gap: [0, 100, 1 << 20][rnd(3) as usize] };
+            let select = |name: &str| selected[name[1..].parse::<usize>().unwrap()];
+            let plan = Plan::new(&ckpt, &select, &|_, d| d, opts).unwrap();
+            let chunk = opts.chunk_bytes;
+            let mut covered = vec![0u64; plan.tensors.len()];
+            let mut prev_end = 0;
+            for e in &plan.extents {
+                assert!(e.len > 0 && e.len <= chunk, "case {case}: extent {e:?} chunk {chunk}");
+                assert!(e.offset >= prev_end, "case {case}: extents overlap");
+                prev_end = e.offset + e.len;
+                for pc in &plan.pieces[e.pieces.clone()] {
+                    let t = &plan.tensors[pc.tensor];
+                    assert!(pc.extent_offset + pc.len <= e.len, "case {case}: piece past its extent");
+                    assert_eq!(e.offset + pc.extent_offset, t.src_offset + pc.tensor_offset, "case {case}");
+                    assert_eq!(covered[pc.tensor], pc.tensor_offset, "case {case}: pieces out of order");
+                    assert_eq!(pc.tensor_offset % 4, 0, "case {case}: split inside an element");
+                    covered[pc.tensor] += pc.len;
+                }
+            }
+            for (t, c) in plan.tensors.iter().zip(&covered) {
+                assert_eq!(*c, t.src_len, "case {case}: {} covered {c} of {}", t.name, t.src_len);
+                assert_eq!(t.arena_offset % ARENA_ALIGN, 0);
+            }
+            let mut want: Vec<_> = specs.iter().zip(&selected).filter(|(_, s)| **s).map(|(s, _)| s.0.clone()).collect();
+            let mut got: Vec<_> = plan.tensors.iter().map(|t| t.name.clone()).collect();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "case {case}");
+        }
+    }
+}
