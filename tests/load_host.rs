@@ -420,6 +420,9 @@ fn extreme_options_load_or_fail_typed_never_panic() {
         assert!(matches!(huge.load(&path), Err(Error::HostOutOfMemory { .. })));
         assert_eq!(huge.staging_count(usize::MAX).staging_bytes(), usize::MAX);
     }
+    for len in [usize::MAX, usize::MAX - 4095] {
+        assert!(matches!(weightstream::target::HostMemory::new(len), Err(Error::HostOutOfMemory { .. })));
+    }
 }
 
 #[test]

@@ -28,7 +28,9 @@ unsafe impl Sync for HostMemory {}
 impl HostMemory {
     /// Map `len` bytes (at least one page is mapped, so a zero-length block has a valid pointer).
     pub fn new(len: usize) -> Result<Self> {
-        let map_len = len.max(1).div_ceil(4096) * 4096;
+        let Some(map_len) = len.max(1).checked_next_multiple_of(4096) else {
+            return Err(Error::HostOutOfMemory { bytes: len as u64, source: std::io::ErrorKind::OutOfMemory.into() });
+        };
         // SAFETY: an anonymous private mapping with no address hint has no preconditions.
         let p = unsafe {
             libc::mmap(
