@@ -1,8 +1,8 @@
 //! The conversion kernels on a CUDA device give the host's bits (the kernel math compiled for the
 //! host, itself checked against `half`/ml_dtypes in tests/convert_math.rs), for every conversion,
 //! every way of loading the kernels (nvcc PTX, lowered PTX, NVRTC), aligned and misaligned
-//! buffers, tails, and a buffer much larger than one grid. Without a driver or device the GPU tests
-//! print one line and pass.
+//! buffers, tails, and, for every conversion, a buffer much larger than one grid. Without a driver
+//! or device the GPU tests print one line and pass.
 #![cfg(feature = "cuda")]
 
 use cudarc::driver::{result as dr, sys};
@@ -227,6 +227,27 @@ fn large_buffer_many_grid_strides() {
         let mut want = vec![0u8; n * 2];
         convert_host(Dtype::F32, to, &src, &mut want).unwrap();
         run_one(&conv, Dtype::F32, to, &src, 0, 0, &want);
+    }
+}
+
+/// Every conversion on 48M + 7 random elements, aligned: the widening kernels' unrolled loop (K
+/// chunks a grid apart) runs several times, then their one-chunk remainder loop and the scalar
+/// tail; the small inputs of `device_results_equal_host_results` only reach the latter two.
+#[test]
+fn every_conversion_on_a_large_buffer() {
+    let Some(_dev) = gpu() else { return };
+    let conv = DeviceConverter::load().expect("DeviceConverter::load");
+    let n = 48 * 1024 * 1024 + 7;
+    let mut r = SplitMix(7);
+    let mut bytes = vec![0u8; n * 8];
+    for c in bytes.chunks_exact_mut(8) {
+        c.copy_from_slice(&r.next().to_le_bytes());
+    }
+    for (from, to) in conversions() {
+        let src = &bytes[..n * (from.bits() / 8) as usize];
+        let mut want = vec![0u8; n * (to.bits() / 8) as usize];
+        convert_with_kernel_math(from, to, src, &mut want).unwrap();
+        run_one(&conv, from, to, src, 0, 0, &want);
     }
 }
 
