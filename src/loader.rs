@@ -22,6 +22,9 @@ use crate::trace::TraceRecorder;
 /// Alignment O_DIRECT needs for offsets, lengths and buffer addresses.
 const DIRECT_ALIGN: u64 = 4096;
 
+/// Reads in flight at most (an io_uring of 4096 entries has 8192 completion slots).
+const MAX_IN_FLIGHT: usize = 4096;
+
 /// Most reader threads a loader starts (far past what a disk or the page cache can use; more
 /// only risks running out of threads).
 const MAX_THREADS: usize = 256;
@@ -327,24 +330,32 @@ impl Loader {
         }
         let files = self.open_files(&plan)?;
         let mut trace = self.trace.then(TraceRecorder::new);
-        let engine = self.engine()?;
+        let direct_to_host = device == Device::Cpu && !self.direct && !plan.tensors.iter().any(|t| t.converts());
+        // The engine is sized for the most reads the chosen path keeps in flight, so that an
+        // io_uring's completion queue (twice its entries) can never overflow.
+        let depth = if direct_to_host {
+            self.queue_depth.max(self.threads * 2).min(MAX_IN_FLIGHT)
+        } else {
+            self.staged_depth()
+        };
+        let engine = self.engine(depth)?;
         let io_name = engine.name();
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
 
         let mut bytes_read = plan.bytes_to_read();
         let (storage, staging_bytes, pinned) = match device {
-            Device::Cpu if !self.direct && !plan.tensors.iter().any(|t| t.converts()) => {
+            Device::Cpu if direct_to_host => {
                 // Reads per tensor: gaps that a staged extent would read through are skipped.
                 bytes_read = plan.tensors.iter().map(|t| t.src_len).sum();
                 let mut arena = HostMemory::new(plan.arena_len as usize)?;
                 arena.prefault(self.threads);
-                let mut queue = ReadQueue::new(engine, self.queue_depth.max(self.threads * 2));
+                let mut queue = ReadQueue::new(engine, depth);
                 self.run_direct_host(&plan, &files, &mut arena, &mut queue, trace.as_mut())?;
                 (Storage::Host(arena), 0, false)
             }
             Device::Cpu | Device::Null => {
                 let ring = self.host_ring(&mut rings)?;
-                let mut queue = ReadQueue::new(engine, self.staged_depth(ring));
+                let mut queue = ReadQueue::new(engine, depth);
                 let storage = if device == Device::Null {
                     self.run_staged(&plan, &files, ring, &mut NullSink, &mut queue, trace.as_mut())?;
                     Storage::Null
@@ -391,7 +402,7 @@ impl Loader {
                     self.streams,
                     self.trace,
                 )?;
-                let mut queue = ReadQueue::new(engine, self.staged_depth(ring));
+                let mut queue = ReadQueue::new(engine, depth);
                 let run = self.run_staged(&plan, &files, ring, &mut sink, &mut queue, trace.as_mut());
                 if let (Some(t), Ok(())) = (trace.as_mut(), &run) {
                     sink.write_trace(t)?;
@@ -433,8 +444,8 @@ impl Loader {
         Ok(model)
     }
 
-    fn engine(&self) -> Result<Box<dyn RawEngine>> {
-        let opts = EngineOptions { kind: self.io, queue_depth: self.queue_depth.max(64), threads: self.threads };
+    fn engine(&self, depth: usize) -> Result<Box<dyn RawEngine>> {
+        let opts = EngineOptions { kind: self.io, queue_depth: depth.max(64), threads: self.threads };
         let engine = open_engine(&opts, self.direct)
             .map_err(|e| Error::option(format!("cannot start the {:?} read engine: {e}", self.io)))?;
         Ok(match self.fault {
@@ -443,9 +454,18 @@ impl Loader {
         })
     }
 
-    fn staged_depth(&self, ring: &StagingRing) -> usize {
-        let per_slot = ring.slot_size().div_ceil(self.read_size) + 1;
-        ring.slot_count() * per_slot
+    /// Read size on the staged path: as asked, but at least 1/1024 of a slot, so that one slot
+    /// never needs more reads than the engine can hold.
+    fn staged_read_size(&self) -> usize {
+        let min = (self.staging_size / 1024).div_ceil(DIRECT_ALIGN as usize) * DIRECT_ALIGN as usize;
+        self.read_size.max(min)
+    }
+
+    /// Reads in flight at most on the staged path: every slot's reads (one more per slot for
+    /// O_DIRECT's alignment), bounded by what an io_uring can hold.
+    fn staged_depth(&self) -> usize {
+        let per_slot = self.staging_size.div_ceil(self.staged_read_size()) + 1;
+        self.staging_count.saturating_mul(per_slot).min(MAX_IN_FLIGHT)
     }
 
     fn host_ring<'r>(&self, rings: &'r mut Rings) -> Result<&'r mut StagingRing> {
@@ -591,13 +611,11 @@ impl Loader {
         let total = plan.bytes_to_read();
         let mut next = 0usize;
         let mut done = 0u64;
-        let read_size = self.read_size as u64;
+        let read_size = self.staged_read_size() as u64;
         let result = (|| -> Result<()> {
             loop {
                 self.check_cancel()?;
                 while next < plan.extents.len() {
-                    let Some(slot) = ring.take() else { break };
-                    sink.release(slot)?;
                     let e = &plan.extents[next];
                     let (start, end) = if self.direct {
                         let s = e.offset / DIRECT_ALIGN * DIRECT_ALIGN;
@@ -605,6 +623,13 @@ impl Loader {
                     } else {
                         (e.offset, e.offset + e.len)
                     };
+                    // All of a slot's reads are queued at once; wait for room rather than
+                    // overfill the engine (an io_uring's completion queue is bounded).
+                    if queue.room() < (end - start).div_ceil(read_size) as usize {
+                        break;
+                    }
+                    let Some(slot) = ring.take() else { break };
+                    sink.release(slot)?;
                     let buf = ring.slot_ptr(slot);
                     let fd = files[e.file].as_raw_fd();
                     let mut sub = 0u64;
@@ -637,6 +662,11 @@ impl Loader {
                     next += 1;
                 }
                 if queue.in_flight() == 0 {
+                    if next < plan.extents.len() {
+                        // Unreachable by construction (a slot's reads always fit an empty
+                        // queue); never return a half-loaded model if it were not.
+                        return Err(Error::option("internal: staged reads stalled with extents left"));
+                    }
                     break;
                 }
                 let c = queue.wait().map_err(|err| Error::io(&plan.files[0].path, err))?;

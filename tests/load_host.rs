@@ -448,3 +448,19 @@ fn progress_ends_at_its_total_when_a_filter_leaves_gaps() {
         assert!(total >= selected && total <= selected + 8, "{device}: {total}");
     }
 }
+
+#[test]
+fn many_small_reads_per_slot_never_overfill_the_engine() {
+    // 64 slots of 1 MiB filled by 4 KiB reads: 16,448 reads could be wanted at once, more than
+    // an io_uring's completion queue holds; the pipeline must wait for room instead.
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    for io in engines() {
+        let loader = Loader::new().io(io).staging_count(64).staging_size(1 << 20).read_size(4096);
+        let m = loader.clone().device(Device::Null).load(&path).unwrap();
+        assert_eq!(m.stats().bytes_read, expect.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
+        if direct_supported(dir.path()) {
+            assert_loaded(&loader.clone().device(Device::Cpu).direct(true), &path, &expect);
+        }
+    }
+}

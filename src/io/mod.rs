@@ -150,6 +150,11 @@ impl ReadQueue {
         self.pending.len()
     }
 
+    /// How many more requests may be submitted now.
+    pub fn room(&self) -> usize {
+        self.depth.saturating_sub(self.pending.len())
+    }
+
     /// Whether another request may be submitted now.
     pub fn has_room(&self) -> bool {
         self.pending.len() < self.depth
