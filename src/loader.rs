@@ -67,6 +67,9 @@ struct Rings {
     host: Option<StagingRing>,
     #[cfg(feature = "cuda")]
     pinned: Option<(usize, StagingRing)>,
+    /// The conversion kernels, loaded once per device (a module load can JIT-compile PTX).
+    #[cfg(feature = "cuda")]
+    converter: Option<(usize, Arc<crate::convert::cuda::DeviceConverter>)>,
 }
 
 /// Loads checkpoints. Build it once, load many times: the staging ring is allocated on the first
@@ -378,6 +381,8 @@ impl Loader {
             Device::Cuda(ordinal) => {
                 use crate::target::cuda;
                 let dev = cuda::CudaDevice::open(ordinal)?;
+                // One reborrow of the guard, so the ring and the converter borrow apart.
+                let rings: &mut Rings = &mut rings;
                 let ring = match &mut rings.pinned {
                     Some((o, r))
                         if *o == ordinal
@@ -393,15 +398,19 @@ impl Loader {
                     }
                 };
                 let arena = cuda::DeviceArena::alloc(&dev, plan.arena_len as usize)?;
-                let mut sink = cuda::CudaSink::new(
-                    &dev,
-                    &arena,
-                    &plan,
-                    ring.slot_count(),
-                    self.staging_size,
-                    self.streams,
-                    self.trace,
-                )?;
+                let converter = if plan.tensors.iter().any(|t| t.converts()) {
+                    match &rings.converter {
+                        Some((o, c)) if *o == ordinal => Some(Arc::clone(c)),
+                        _ => {
+                            let c = Arc::new(crate::convert::cuda::DeviceConverter::load()?);
+                            rings.converter = Some((ordinal, Arc::clone(&c)));
+                            Some(c)
+                        }
+                    }
+                } else {
+                    None
+                };
+                let mut sink = cuda::CudaSink::new(&dev, &arena, &plan, ring, self.streams, self.trace, converter)?;
                 let mut queue = ReadQueue::new(engine, depth);
                 let run = self.run_staged(&plan, &files, ring, &mut sink, &mut queue, trace.as_mut());
                 if let (Some(t), Ok(())) = (trace.as_mut(), &run) {

@@ -157,6 +157,15 @@ fn filtered_and_converted_loads_match_the_cpu_target() {
             }
         }
     }
+    // One loader, several converting loads: the kernels module is loaded once and reused.
+    let loader = Loader::new().device(Device::Cuda(0)).dtype(Dtype::BF16);
+    let cpu = Loader::new().device(Device::Cpu).dtype(Dtype::BF16).load(&path).unwrap();
+    for _ in 0..3 {
+        let g = loader.load(&path).unwrap();
+        for t in cpu.tensors() {
+            assert_eq!(g.tensor(t.name()).unwrap().to_host_vec().unwrap(), t.to_host_vec().unwrap());
+        }
+    }
     let g = Loader::new().device(Device::Cuda(0)).only("a.*").load(&path).unwrap();
     assert_eq!(g.len(), 2);
 }

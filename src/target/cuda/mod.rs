@@ -54,7 +54,7 @@ pub(crate) struct CudaSink<'a> {
     streams: Vec<Stream>,
     slot_events: Vec<Event>,
     scratch: Option<(DeviceArena, usize)>,
-    converter: Option<crate::convert::cuda::DeviceConverter>,
+    converter: Option<Arc<crate::convert::cuda::DeviceConverter>>,
     timing: Option<(Event, std::time::Instant, Vec<TimedCopy>)>,
 }
 
@@ -63,28 +63,32 @@ impl<'a> CudaSink<'a> {
         dev: &Arc<CudaDevice>,
         arena: &'a DeviceArena,
         plan: &Plan,
-        slots: usize,
-        slot_size: usize,
+        ring: &StagingRing,
         streams: usize,
         trace: bool,
+        converter: Option<Arc<crate::convert::cuda::DeviceConverter>>,
     ) -> Result<Self> {
+        let (slots, slot_size) = (ring.slot_count(), ring.slot_size());
         let converts = plan.tensors.iter().any(|t| t.converts());
         let streams = (0..streams.max(1)).map(|_| Stream::new(dev)).collect::<Result<Vec<_>>>()?;
         let slot_events = (0..slots).map(|_| Event::new(dev, false)).collect::<Result<Vec<_>>>()?;
-        let (scratch, converter) = if converts {
-            (
-                Some({
-                    // Room for a slot's pieces, each 256-byte aligned.
-                    let max_pieces = plan.extents.iter().map(|e| e.pieces.len()).max().unwrap_or(0);
-                    let per_slot =
-                        crate::plan::align_up((slot_size + 256 * max_pieces) as u64, 256).unwrap_or(u64::MAX) as usize;
-                    (DeviceArena::alloc(dev, slots * per_slot)?, per_slot)
-                }),
-                Some(crate::convert::cuda::DeviceConverter::load()?),
-            )
-        } else {
-            (None, None)
-        };
+        let (scratch, converter) =
+            if converts {
+                (
+                    Some({
+                        // Room for a slot's pieces, each 256-byte aligned.
+                        let max_pieces = plan.extents.iter().map(|e| e.pieces.len()).max().unwrap_or(0);
+                        let per_slot = crate::plan::align_up((slot_size + 256 * max_pieces) as u64, 256)
+                            .unwrap_or(u64::MAX) as usize;
+                        (DeviceArena::alloc(dev, slots * per_slot)?, per_slot)
+                    }),
+                    Some(converter.ok_or_else(|| {
+                        crate::Error::option("internal: conversions planned without a device converter")
+                    })?),
+                )
+            } else {
+                (None, None)
+            };
         let timing = if trace {
             let mut base = Event::new(dev, true)?;
             base.record(&streams[0])?;
