@@ -9,9 +9,10 @@
 // - F32/F64 -> F16/BF16 and F16/BF16 -> F32 are a literal port of the `half` crate's (2.x)
 //   software paths (`f16::from_f32_const`, `f16::from_f64_const`, `bf16::from_f32`,
 //   `bf16::from_f64`, `to_f32_const`): round to nearest even, overflow to +-inf, NaN stays NaN
-//   with its payload truncated and the quiet bit set. F64 -> F16/BF16 round from the f64 value
-//   (no double rounding through f32); like `half`, the tie test looks at the upper 32 bits of the
-//   f64 only.
+//   with its payload truncated and the quiet bit set. F64 -> F16/BF16 round once from the f64
+//   value (no double rounding through f32) and, unlike `half` 2.x (whose tie test looks at the
+//   upper 32 bits of the f64 only, so 1 + 2^-11 + 2^-40 becomes 1.0), take every mantissa bit
+//   into account: correctly rounded, equal to numpy and ml_dtypes (tests/convert_load.rs).
 // - F16 <-> BF16 go through f32 (exact), then round once.
 // - F64 -> F32: IEEE round to nearest even; NaN keeps the upper payload bits and gets the quiet
 //   bit (what x86 `cvtsd2ss`, i.e. Rust's `as f32`, produces).
@@ -178,7 +179,7 @@ __host__ __device__ __forceinline__ ws_u32 ws_f64_to_f32(ws_u64 x) {
     return r;
 }
 
-// f64 -> f16 (`half::f16::from_f64_const`)
+// f64 -> f16: `half::f16::from_f64_const`, with the low 32 mantissa bits in the sticky bit.
 __host__ __device__ __forceinline__ ws_u16 ws_f64_to_f16(ws_u64 val) {
     ws_u32 x = (ws_u32)(val >> 32);
     ws_u32 sign = x & 0x80000000u;
@@ -200,20 +201,20 @@ __host__ __device__ __forceinline__ ws_u16 ws_f64_to_f16(ws_u64 val) {
         man |= 0x00100000u;
         ws_u32 half_man = man >> (11 - half_exp);
         ws_u32 round_bit = 1u << (10 - half_exp);
-        if ((man & round_bit) != 0 && (man & (3u * round_bit - 1u)) != 0) {
+        if ((man & round_bit) != 0 && ((man & (3u * round_bit - 1u)) != 0 || (ws_u32)val != 0)) {
             half_man += 1;
         }
         return (ws_u16)(half_sign | half_man);
     }
     ws_u32 r = half_sign | ((ws_u32)half_exp << 10) | (man >> 10);
     const ws_u32 round_bit = 0x00000200u;
-    if ((man & round_bit) != 0 && (man & (3u * round_bit - 1u)) != 0) {
+    if ((man & round_bit) != 0 && ((man & (3u * round_bit - 1u)) != 0 || (ws_u32)val != 0)) {
         r += 1;
     }
     return (ws_u16)r;
 }
 
-// f64 -> bf16 (`half::bf16::from_f64`)
+// f64 -> bf16: `half::bf16::from_f64`, with the low 32 mantissa bits in the sticky bit.
 __host__ __device__ __forceinline__ ws_u16 ws_f64_to_bf16(ws_u64 val) {
     ws_u32 x = (ws_u32)(val >> 32);
     ws_u32 sign = x & 0x80000000u;
@@ -235,14 +236,14 @@ __host__ __device__ __forceinline__ ws_u16 ws_f64_to_bf16(ws_u64 val) {
         man |= 0x00100000u;
         ws_u32 half_man = man >> (14 - half_exp);
         ws_u32 round_bit = 1u << (13 - half_exp);
-        if ((man & round_bit) != 0 && (man & (3u * round_bit - 1u)) != 0) {
+        if ((man & round_bit) != 0 && ((man & (3u * round_bit - 1u)) != 0 || (ws_u32)val != 0)) {
             half_man += 1;
         }
         return (ws_u16)(half_sign | half_man);
     }
     ws_u32 r = half_sign | ((ws_u32)half_exp << 7) | (man >> 13);
     const ws_u32 round_bit = 0x00001000u;
-    if ((man & round_bit) != 0 && (man & (3u * round_bit - 1u)) != 0) {
+    if ((man & round_bit) != 0 && ((man & (3u * round_bit - 1u)) != 0 || (ws_u32)val != 0)) {
         r += 1;
     }
     return (ws_u16)r;

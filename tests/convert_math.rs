@@ -261,15 +261,49 @@ fn check_f64_inputs(inputs: &[u64]) {
     let want: Vec<u32> = inputs.iter().map(|&x| (f64::from_bits(x) as f32).to_bits()).collect();
     same("F64->F32 vs `as f32`", inputs, &got, &want);
 
-    // `from_f64_const` is half's software path; the runtime `from_f64` rounds through f32 on x86
-    // with F16C, which the kernels do not do.
+    // Correctly rounded, against an independent reference: round to odd into f32 (exact enough:
+    // f32 keeps 13 and 16 more bits than f16 and bf16), then `half`'s f32 rounding. NaNs: the
+    // payload rule is `half`'s (its software path), which the fix of the tie rule did not touch.
     let got = u16s(&host_matches_kernel(Dtype::F64, Dtype::F16, &src));
-    let want: Vec<u16> = inputs.iter().map(|&x| f16::from_f64_const(f64::from_bits(x)).to_bits()).collect();
-    same("F64->F16 vs half (software)", inputs, &got, &want);
+    let want: Vec<u16> = inputs
+        .iter()
+        .map(|&x| {
+            let v = f64::from_bits(x);
+            if v.is_nan() { f16::from_f64_const(v) } else { f16::from_f32(round_to_odd_f32(v)) }.to_bits()
+        })
+        .collect();
+    same("F64->F16 vs correct rounding", inputs, &got, &want);
 
     let got = u16s(&host_matches_kernel(Dtype::F64, Dtype::BF16, &src));
-    let want: Vec<u16> = inputs.iter().map(|&x| bf16::from_f64(f64::from_bits(x)).to_bits()).collect();
-    same("F64->BF16 vs half", inputs, &got, &want);
+    let want: Vec<u16> = inputs
+        .iter()
+        .map(|&x| {
+            let v = f64::from_bits(x);
+            if v.is_nan() { bf16::from_f64(v) } else { bf16::from_f32(round_to_odd_f32(v)) }.to_bits()
+        })
+        .collect();
+    same("F64->BF16 vs correct rounding", inputs, &got, &want);
+}
+
+/// `x` rounded to f32 toward zero, with the last bit set when any bit was dropped ("round to
+/// odd"): rounding that once more to a format at least two bits narrower is correctly rounded.
+fn round_to_odd_f32(x: f64) -> f32 {
+    if !x.is_finite() {
+        return x as f32;
+    }
+    let mut t = x as f32; // round to nearest, possibly away from zero or to infinity
+    if t.is_infinite() || (t as f64).abs() > x.abs() {
+        // one step toward zero
+        t = f32::from_bits(if t.is_infinite() {
+            f32::MAX.to_bits() | (t.to_bits() & 0x8000_0000)
+        } else {
+            t.to_bits() - 1
+        });
+    }
+    if t as f64 != x {
+        t = f32::from_bits(t.to_bits() | 1);
+    }
+    t
 }
 
 #[test]
@@ -331,10 +365,16 @@ fn f64_rounds_once_not_through_f32() {
     let x = 1.0 + 3.0 * 2f64.powi(-8) - 2f64.powi(-25);
     assert_eq!(bf16::from_f32(x as f32).to_bits(), 0x3F82);
     assert_eq!(u16s(&kernel(Dtype::F64, Dtype::BF16, &x.to_le_bytes())), [0x3F81]);
-    // Like `half`, the tie test looks at the upper 32 bits of the f64 only: 1 + 2^-11 + 2^-40 is
-    // above the tie, yet rounds to even (0x3C00) as `half` does.
+    // Unlike `half` 2.x, whose tie test looks at the upper 32 bits of the f64 only, every bit
+    // counts: 1 + 2^-11 + 2^-40 is above the tie and rounds up (numpy agrees), where `half`
+    // gives 0x3C00. The same for bf16 with 1 + 2^-8 + 2^-40.
     let x = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
     assert_eq!(f16::from_f64_const(x).to_bits(), 0x3C00);
+    assert_eq!(u16s(&kernel(Dtype::F64, Dtype::F16, &x.to_le_bytes())), [0x3C01]);
+    let x = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
+    assert_eq!(u16s(&kernel(Dtype::F64, Dtype::BF16, &x.to_le_bytes())), [0x3F81]);
+    // An exact tie still rounds to even.
+    let x = 1.0 + 2f64.powi(-11);
     assert_eq!(u16s(&kernel(Dtype::F64, Dtype::F16, &x.to_le_bytes())), [0x3C00]);
 }
 

@@ -84,8 +84,8 @@ pub fn convert_with_kernel_math(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u
 }
 
 /// Converts `src` (little-endian `from` elements) into `dst` (little-endian `to` elements) on the
-/// host with the `half` crate, giving the same bits as the CUDA kernels. Large buffers are split
-/// across threads (`std::thread::available_parallelism`).
+/// host with the `half` crate (F64 narrowing: the kernels' math), giving the same bits as the
+/// CUDA kernels. Large buffers are split across threads (`std::thread::available_parallelism`).
 ///
 /// `dst.len()` must be [`super::output_len`]`(from, to, src.len())`, else
 /// [`crate::Error::Conversion`]; so is an unsupported pair. `from == to` copies.
@@ -144,10 +144,10 @@ fn convert_chunk(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<(
         (F32, BF16) => via_f32::<4>(src, dst, to, f32::from_le_bytes),
         (BF16, F32) => map::<2, 4>(src, dst, |b| bf16::from_le_bytes(b).to_f32().to_le_bytes()),
         (F64, F32) => map::<8, 4>(src, dst, |b| (f64::from_le_bytes(b) as f32).to_le_bytes()),
-        // `from_f64_const` is `half`'s software path, which rounds from the f64 value; the
-        // runtime-dispatched `from_f64` goes through f32 (double rounding) on x86 with F16C.
-        (F64, F16) => map::<8, 2>(src, dst, |b| f16::from_f64_const(f64::from_le_bytes(b)).to_bits().to_le_bytes()),
-        (F64, BF16) => map::<8, 2>(src, dst, |b| bf16::from_f64(f64::from_le_bytes(b)).to_bits().to_le_bytes()),
+        // `half` has no correctly rounded f64 narrowing (its runtime `from_f64` goes through f32 on
+        // x86 with F16C; its software path ignores the low 32 mantissa bits in ties): use the
+        // kernels' own math, compiled for the host.
+        (F64, F16) | (F64, BF16) => convert_with_kernel_math(from, to, src, dst),
         (F8_E4M3, _) | (F8_E5M2, _) if matches!(to, F32 | F16 | BF16) => {
             let table = if from == F8_E4M3 { &E4M3_F32 } else { &E5M2_F32 };
             via_f32::<1>(src, dst, to, |b| f32::from_bits(table[b[0] as usize]))
