@@ -23,13 +23,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = loader.load(&path)?;
     for t in model.tensors() {
         match t.device_ptr() {
-            Some(ptr) => println!(
-                "{} {} {:?} at device pointer {ptr:#x} on cuda:{:?}",
-                t.name(),
-                t.dtype(),
-                t.shape(),
-                t.device_ordinal()
-            ),
+            Some(ptr) => {
+                println!("{} {} {:?} at device pointer {ptr:#x} on {}", t.name(), t.dtype(), t.shape(), t.device())
+            }
             None => println!("{} {} {:?} in host memory ({} bytes)", t.name(), t.dtype(), t.shape(), t.byte_len()),
         }
     }
