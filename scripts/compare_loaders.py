@@ -11,7 +11,7 @@ H100 machine). Prints a table of medians and writes JSON with --json-out.
 
 usage: compare_loaders.py FILE --weightstream PATH/TO/weightstream [--runs 5] [--cold]
 """
-import argparse, json, os, resource, statistics, subprocess, sys, time
+import argparse, json, os, statistics, subprocess, sys, time
 
 
 def evict(path):
@@ -71,12 +71,16 @@ def loaders(path):
             "runai-model-streamer": runai, "instanttensor": it}
 
 
-def rss_now():
+def status_bytes(key):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_now():
+    return status_bytes("VmRSS:")
 
 
 def run_one(a):
@@ -86,7 +90,9 @@ def run_one(a):
     base = rss_now()
     fn = loaders(a.file)[a.one]
     secs = timed(fn, a.runs, a.cold, a.file)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child would report
+    # the parent's high-water mark (the 4 GiB pinned tensor of the limit measurement).
+    peak = status_bytes("VmHWM:")
     print(json.dumps({"secs": secs, "base_rss": base, "peak_rss": peak}))
 
 
