@@ -65,11 +65,13 @@ impl CancelToken {
 #[derive(Default)]
 struct Rings {
     host: Option<StagingRing>,
-    #[cfg(feature = "cuda")]
-    pinned: Option<(usize, StagingRing)>,
     /// The conversion kernels, loaded once per device (a module load can JIT-compile PTX).
+    /// Declared before the pinned ring so that it drops first: the ring's buffers hold the
+    /// device's context, which the module needs until it is unloaded.
     #[cfg(feature = "cuda")]
     converter: Option<(usize, Arc<crate::convert::cuda::DeviceConverter>)>,
+    #[cfg(feature = "cuda")]
+    pinned: Option<(usize, StagingRing)>,
 }
 
 /// Loads checkpoints. Build it once, load many times: the staging ring is allocated on the first
