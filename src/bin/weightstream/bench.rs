@@ -91,76 +91,97 @@ fn resident_fraction(f: &std::fs::File) -> std::io::Result<f64> {
     Ok(vec.iter().filter(|&&b| b & 1 == 1).count() as f64 / pages as f64)
 }
 
-/// mmap each file, then copy every tensor on its own: to an owned Vec (cpu), or with a pageable
-/// host-to-device copy into its own allocation (cuda), as candle does.
+/// Where a baseline puts each tensor: an owned Vec (cpu), its own device allocation filled by a
+/// pageable host-to-device copy (cuda, as candle does), or (null) a reused 8 MiB buffer, so that
+/// every byte is copied once, as our null pipeline copies into its ring.
+struct BaselineTarget {
+    device: Device,
+    total: u64,
+    keep: Vec<Vec<u8>>,
+    scratch: Vec<u8>,
+    #[cfg(feature = "cuda")]
+    cuda:
+        Option<(std::sync::Arc<weightstream::target::cuda::CudaDevice>, Vec<weightstream::target::cuda::DeviceArena>)>,
+}
+
+impl BaselineTarget {
+    fn new(device: Device) -> Result<Self> {
+        Ok(BaselineTarget {
+            device,
+            total: 0,
+            keep: Vec::new(),
+            scratch: if device == Device::Null { vec![0; 8 << 20] } else { Vec::new() },
+            #[cfg(feature = "cuda")]
+            cuda: match device {
+                Device::Cuda(n) => Some((weightstream::target::cuda::CudaDevice::open(n)?, Vec::new())),
+                _ => None,
+            },
+        })
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        self.total += bytes.len() as u64;
+        #[cfg(feature = "cuda")]
+        if let Some((dev, arenas)) = &mut self.cuda {
+            let arena = weightstream::target::cuda::DeviceArena::alloc(dev, bytes.len())?;
+            if !bytes.is_empty() {
+                // SAFETY: the destination is a fresh allocation of bytes.len() bytes and the
+                // source a live slice; from pageable memory the driver has copied the bytes out
+                // before returning.
+                unsafe {
+                    weightstream::target::cuda::result::memcpy_htod_async(
+                        arena.ptr(),
+                        bytes.as_ptr(),
+                        bytes.len(),
+                        std::ptr::null_mut(),
+                    )?;
+                }
+            }
+            arenas.push(arena);
+            return Ok(());
+        }
+        if self.device == Device::Null {
+            for chunk in bytes.chunks(self.scratch.len()) {
+                self.scratch[..chunk.len()].copy_from_slice(chunk);
+                std::hint::black_box(&self.scratch);
+            }
+        } else {
+            self.keep.push(bytes.to_vec());
+        }
+        Ok(())
+    }
+
+    /// Wait for the device's copies; the bytes moved.
+    fn finish(self) -> Result<u64> {
+        #[cfg(feature = "cuda")]
+        if let Some((dev, _)) = &self.cuda {
+            dev.synchronize()?;
+        }
+        Ok(self.total)
+    }
+}
+
+/// mmap each file, then copy every tensor on its own (candle's and the Rust `safetensors`
+/// crate's way).
 fn mmap_copy(ckpt: &Checkpoint, device: Device) -> Result<u64> {
-    let mut total = 0u64;
-    #[cfg(feature = "cuda")]
-    let cuda = match device {
-        Device::Cuda(n) => Some(weightstream::target::cuda::CudaDevice::open(n)?),
-        _ => None,
-    };
-    let mut keep: Vec<Vec<u8>> = Vec::new();
-    #[cfg(feature = "cuda")]
-    let mut keep_dev = Vec::new();
+    let mut target = BaselineTarget::new(device)?;
     for f in &ckpt.files {
-        let file =
-            std::fs::File::open(&f.path).map_err(|e| Error::Io { file: f.path.clone(), tensor: None, source: e })?;
+        let io = |e| Error::Io { file: f.path.clone(), tensor: None, source: e };
+        let file = std::fs::File::open(&f.path).map_err(io)?;
         // SAFETY: a read-only map of a file validated a moment ago; as in the baselines it
         // models, a concurrent truncation would fault (the reason our pipeline avoids mmap).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io {
-            file: f.path.clone(),
-            tensor: None,
-            source: e,
-        })?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
         for t in &f.header.tensors {
             let s = (f.header.data_start + t.data_offsets.0) as usize;
-            let bytes = &map[s..s + t.byte_len() as usize];
-            total += bytes.len() as u64;
-            #[cfg(feature = "cuda")]
-            if let Some(dev) = &cuda {
-                let arena = weightstream::target::cuda::DeviceArena::alloc(dev, bytes.len())?;
-                if !bytes.is_empty() {
-                    // SAFETY: the destination is a fresh allocation of bytes.len() bytes and the
-                    // source a live slice; a synchronous copy from pageable memory.
-                    unsafe {
-                        weightstream::target::cuda::result::memcpy_htod_async(
-                            arena.ptr(),
-                            bytes.as_ptr(),
-                            bytes.len(),
-                            std::ptr::null_mut(),
-                        )?;
-                    }
-                }
-                keep_dev.push(arena);
-                continue;
-            }
-            if device == Device::Null {
-                std::hint::black_box(bytes.iter().step_by(4096).fold(0u8, |a, &b| a ^ b));
-            } else {
-                keep.push(bytes.to_vec());
-            }
+            target.put(&map[s..s + t.byte_len() as usize])?;
         }
     }
-    #[cfg(feature = "cuda")]
-    if let Some(dev) = &cuda {
-        dev.synchronize()?;
-    }
-    drop(keep);
-    Ok(total)
+    target.finish()
 }
 
 /// Read each file into one Vec, then copy every tensor out of it.
 fn read_all(ckpt: &Checkpoint, device: Device) -> Result<u64> {
-    let mut total = 0u64;
-    let mut keep: Vec<Vec<u8>> = Vec::new();
-    #[cfg(feature = "cuda")]
-    let cuda = match device {
-        Device::Cuda(n) => Some(weightstream::target::cuda::CudaDevice::open(n)?),
-        _ => None,
-    };
-    #[cfg(feature = "cuda")]
-    let mut keep_dev = Vec::new();
+    let mut target = BaselineTarget::new(device)?;
     for f in &ckpt.files {
         let all = std::fs::read(&f.path).map_err(|e| Error::Io { file: f.path.clone(), tensor: None, source: e })?;
         for t in &f.header.tensors {
@@ -171,35 +192,10 @@ fn read_all(ckpt: &Checkpoint, device: Device) -> Result<u64> {
                 what: "tensor data",
                 at: all.len() as u64,
             })?;
-            total += bytes.len() as u64;
-            #[cfg(feature = "cuda")]
-            if let Some(dev) = &cuda {
-                let arena = weightstream::target::cuda::DeviceArena::alloc(dev, bytes.len())?;
-                if !bytes.is_empty() {
-                    // SAFETY: fresh allocation of bytes.len() bytes; live source slice.
-                    unsafe {
-                        weightstream::target::cuda::result::memcpy_htod_async(
-                            arena.ptr(),
-                            bytes.as_ptr(),
-                            bytes.len(),
-                            std::ptr::null_mut(),
-                        )?;
-                    }
-                }
-                keep_dev.push(arena);
-                continue;
-            }
-            if device != Device::Null {
-                keep.push(bytes.to_vec());
-            }
+            target.put(bytes)?;
         }
     }
-    #[cfg(feature = "cuda")]
-    if let Some(dev) = &cuda {
-        dev.synchronize()?;
-    }
-    drop(keep);
-    Ok(total)
+    target.finish()
 }
 
 /// Run `bench`.
