@@ -5,9 +5,11 @@
 
 mod common;
 
+use common::{file_tensors, pattern, weightstream_bin};
+
 use std::path::{Path, PathBuf};
 
-use weightstream::format::{read_header, write_file, WriteTensor};
+use weightstream::format::{write_file, WriteTensor};
 use weightstream::target::cuda::{device_count, CudaDevice, DeviceArena};
 use weightstream::{Device, Dtype, Error, Loader};
 
@@ -29,30 +31,6 @@ fn gpu() -> Option<std::sync::MutexGuard<'static, ()>> {
         }
     };
     ok.then_some(guard)
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn file_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let h = read_header(path).unwrap();
-    let bytes = std::fs::read(path).unwrap();
-    h.tensors
-        .iter()
-        .map(|t| {
-            let s = (h.data_start + t.data_offsets.0) as usize;
-            (t.name.clone(), bytes[s..s + t.byte_len() as usize].to_vec())
-        })
-        .collect()
 }
 
 fn write_mixed(dir: &Path) -> PathBuf {
@@ -251,15 +229,4 @@ fn host_rss_during_a_gpu_load_stays_bounded() {
     let big = rss(&path);
     println!("peak RSS: CUDA baseline {} MiB, 1 GiB load {} MiB", base >> 20, big >> 20);
     assert!(big < base + (16 << 20) + (64 << 20), "1 GiB load peaked at {big} bytes, baseline {base}");
-}
-
-/// The CLI binary: cargo's path, or `.gpu/bin/weightstream` where the tests run on a machine
-/// that did not build them.
-fn weightstream_bin() -> PathBuf {
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_weightstream"));
-    if built.exists() {
-        built
-    } else {
-        PathBuf::from(".gpu/bin/weightstream")
-    }
 }

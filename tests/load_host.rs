@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{file_tensors, pattern, weightstream_bin};
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,18 +17,6 @@ fn tmpdir() -> tempfile::TempDir {
     // On the project's disk, not tmpfs, so that O_DIRECT works where the filesystem allows it.
     // (The build machine's path may not exist where the binary runs: then the system temp dir.)
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).or_else(|_| tempfile::tempdir()).unwrap()
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A checkpoint with awkward sizes: odd lengths, a tensor larger than small rings, empties.
@@ -50,19 +40,6 @@ fn write_mixed(dir: &Path) -> (PathBuf, Vec<(String, Vec<u8>)>) {
     let path = dir.join("mixed.safetensors");
     write_file(&path, &tensors, &Default::default()).unwrap();
     (path, specs.into_iter().map(|s| s.0).zip(data).collect())
-}
-
-/// Every tensor of `path` as stored in the file, read independently of the loader.
-fn file_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let h = read_header(path).unwrap();
-    let bytes = std::fs::read(path).unwrap();
-    h.tensors
-        .iter()
-        .map(|t| {
-            let s = (h.data_start + t.data_offsets.0) as usize;
-            (t.name.clone(), bytes[s..s + t.byte_len() as usize].to_vec())
-        })
-        .collect()
 }
 
 fn assert_loaded(loader: &Loader, path: &Path, expect: &[(String, Vec<u8>)]) {
@@ -385,17 +362,6 @@ fn peak_rss_of_a_null_load_stays_within_ring_plus_64_mib() {
         let rss = j["peak_host_rss_bytes"].as_u64().unwrap();
         assert_eq!(j["bytes_read"].as_u64().unwrap(), 512 << 20);
         assert!(rss < ring + (64 << 20), "{io}: peak RSS {rss} for a 512 MiB model through a 16 MiB ring");
-    }
-}
-
-/// The CLI binary: cargo's path, or `.gpu/bin/weightstream` where the tests run on a machine
-/// that did not build them.
-fn weightstream_bin() -> PathBuf {
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_weightstream"));
-    if built.exists() {
-        built
-    } else {
-        PathBuf::from(".gpu/bin/weightstream")
     }
 }
 

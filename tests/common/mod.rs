@@ -153,3 +153,40 @@ pub fn manifest(dir: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
     serde_json::from_str(&text).expect("manifest.json is JSON")
 }
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Every tensor of `path` as stored in the file, read independently of the loader.
+pub fn file_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let h = weightstream::format::read_header(path).unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    h.tensors
+        .iter()
+        .map(|t| {
+            let s = (h.data_start + t.data_offsets.0) as usize;
+            (t.name.clone(), bytes[s..s + t.byte_len() as usize].to_vec())
+        })
+        .collect()
+}
+
+/// The CLI binary: cargo's path, or `.gpu/bin/weightstream` where the tests run on a machine
+/// that did not build them.
+pub fn weightstream_bin() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_weightstream"));
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from(".gpu/bin/weightstream")
+    }
+}
