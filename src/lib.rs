@@ -11,7 +11,7 @@
 //! write_file(&path, &[WriteTensor::new("layer.0.weight", Dtype::BF16, vec![4, 8], &w)], &Default::default())?;
 //!
 //! let model = Loader::new().device(Device::Cpu).load(&path)?;
-//! let t = model.tensor("layer.0.weight").unwrap();
+//! let t = model.tensor("layer.0.weight").ok_or("missing tensor")?;
 //! assert_eq!(t.shape(), &[4, 8]);
 //! assert_eq!(t.to_host_vec()?, w);
 //! # Ok::<(), Box<dyn std::error::Error>>(())

@@ -79,15 +79,15 @@ struct Rings {
 ///
 /// ```
 /// use weightstream::{format::{write_file, WriteTensor}, Device, Dtype, Loader};
-/// let dir = tempfile::tempdir().unwrap();
+/// let dir = tempfile::tempdir()?;
 /// let p = dir.path().join("m.safetensors");
 /// let data = [0u8, 0x3c, 0, 0x40]; // f16 1.0, 2.0
 /// write_file(&p, &[WriteTensor::new("w", Dtype::F16, vec![2], &data)], &Default::default())?;
 /// let model = Loader::new().device(Device::Cpu).dtype(Dtype::F32).load(&p)?;
-/// let w = model.tensor("w").unwrap();
+/// let w = model.tensor("w").ok_or("missing tensor")?;
 /// assert_eq!(w.dtype(), Dtype::F32);
 /// assert_eq!(w.to_host_vec()?, [1.0f32.to_le_bytes(), 2.0f32.to_le_bytes()].concat());
-/// # Ok::<(), weightstream::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]
 pub struct Loader {
@@ -267,12 +267,13 @@ impl Loader {
     /// Load without blocking the tokio runtime's workers (the load runs on the blocking pool).
     ///
     /// ```
-    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let dir = tempfile::tempdir()?;
     /// # let p = dir.path().join("m.safetensors");
-    /// # weightstream::format::write_file(&p, &[weightstream::format::WriteTensor::new("w", weightstream::Dtype::U8, vec![1], &[1])], &Default::default()).unwrap();
-    /// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    /// let model = rt.block_on(weightstream::Loader::new().device(weightstream::Device::Cpu).load_async(&p)).unwrap();
+    /// # weightstream::format::write_file(&p, &[weightstream::format::WriteTensor::new("w", weightstream::Dtype::U8, vec![1], &[1])], &Default::default())?;
+    /// let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    /// let model = rt.block_on(weightstream::Loader::new().device(weightstream::Device::Cpu).load_async(&p))?;
     /// assert_eq!(model.len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn load_async(
         &self,

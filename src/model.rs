@@ -216,11 +216,11 @@ impl<'a> TensorRef<'a> {
     /// device, and the byte length must be a whole number of `T`.
     ///
     /// ```no_run
-    /// # fn demo(model: &weightstream::LoadedModel) -> weightstream::Result<()> {
-    /// let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    /// # fn demo(model: &weightstream::LoadedModel) -> Result<(), Box<dyn std::error::Error>> {
+    /// let ctx = cudarc::driver::CudaContext::new(0)?;
     /// let stream = ctx.default_stream();
-    /// let w = model.tensor("lm_head.weight").unwrap();
-    /// let host: Vec<u16> = w.with_cudarc_slice(&stream, |s| stream.clone_dtoh(s))?.unwrap();
+    /// let w = model.tensor("lm_head.weight").ok_or("missing tensor")?;
+    /// let host: Vec<u16> = w.with_cudarc_slice(&stream, |s| stream.clone_dtoh(s))??;
     /// # Ok(()) }
     /// ```
     #[cfg(feature = "cuda")]

@@ -116,13 +116,14 @@ impl Plan {
     ///
     /// ```
     /// use weightstream::{format::{write_file, WriteTensor}, plan::{Plan, PlanOptions}, Checkpoint, Dtype};
-    /// let dir = tempfile::tempdir().unwrap();
+    /// let dir = tempfile::tempdir()?;
     /// let p = dir.path().join("m.safetensors");
     /// write_file(&p, &[WriteTensor::new("a", Dtype::F32, vec![3], &[0; 12]),
-    ///                  WriteTensor::new("b", Dtype::F32, vec![1], &[0; 4])], &Default::default()).unwrap();
-    /// let plan = Plan::new(&Checkpoint::open(&p).unwrap(), &|_| true, &|_, d| d, PlanOptions::default()).unwrap();
+    ///                  WriteTensor::new("b", Dtype::F32, vec![1], &[0; 4])], &Default::default())?;
+    /// let plan = Plan::new(&Checkpoint::open(&p)?, &|_| true, &|_, d| d, PlanOptions::default())?;
     /// assert_eq!(plan.extents.len(), 1);           // both tensors in one read
     /// assert_eq!(plan.tensors[1].arena_offset, 256); // aligned in the arena
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn new(
         ckpt: &Checkpoint,

@@ -23,11 +23,12 @@ pub struct CheckpointFile {
 ///
 /// ```
 /// use weightstream::{format::{write_file, WriteTensor}, Checkpoint, Dtype};
-/// let dir = tempfile::tempdir().unwrap();
-/// write_file(dir.path().join("a.safetensors"), &[WriteTensor::new("x", Dtype::U8, vec![3], &[1, 2, 3])], &Default::default()).unwrap();
-/// let ckpt = Checkpoint::open(dir.path()).unwrap();
+/// let dir = tempfile::tempdir()?;
+/// write_file(dir.path().join("a.safetensors"), &[WriteTensor::new("x", Dtype::U8, vec![3], &[1, 2, 3])], &Default::default())?;
+/// let ckpt = Checkpoint::open(dir.path())?;
 /// assert_eq!(ckpt.files.len(), 1);
 /// assert_eq!(ckpt.total_bytes(), 3);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct Checkpoint {

@@ -40,9 +40,10 @@ impl StagingMemory for HostMemory {
 ///
 /// ```
 /// use weightstream::stage::StagingRing;
-/// let ring = StagingRing::host(4, 1 << 20).unwrap();
+/// let ring = StagingRing::host(4, 1 << 20)?;
 /// assert_eq!(ring.slot_count(), 4);
 /// assert_eq!(ring.total_bytes(), 4 << 20);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct StagingRing {
     slots: Vec<Box<dyn StagingMemory>>,

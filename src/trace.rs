@@ -27,9 +27,10 @@ pub struct Span {
 /// let mut t = weightstream::trace::TraceRecorder::new();
 /// let s = std::time::Instant::now();
 /// t.span("read", "read slot 0", s, std::time::Instant::now(), 4096);
-/// let dir = tempfile::tempdir().unwrap();
-/// t.write_chrome_json(dir.path().join("t.json")).unwrap();
+/// let dir = tempfile::tempdir()?;
+/// t.write_chrome_json(dir.path().join("t.json"))?;
 /// assert_eq!(t.spans().len(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct TraceRecorder {

@@ -65,7 +65,7 @@ shim!(
 /// let mut out = [0u8; 4];
 /// convert::convert_with_kernel_math(Dtype::F8_E4M3, Dtype::F32, &[0x38], &mut out)?;
 /// assert_eq!(f32::from_le_bytes(out), 1.0);
-/// # Ok::<(), weightstream::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn convert_with_kernel_math(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<()> {
     let n = check(from, to, src.len(), dst.len())?;

@@ -19,7 +19,7 @@
 //! let mut dst = vec![0u8; 6];
 //! convert::convert_host(Dtype::F32, Dtype::BF16, &src, &mut dst)?;
 //! assert_eq!(dst, [0x80, 0x3f, 0x20, 0xc0, 0x80, 0x7f]);
-//! # Ok::<(), weightstream::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 pub mod cpu;

@@ -7,11 +7,12 @@ use std::str::FromStr;
 ///
 /// ```
 /// use weightstream::Dtype;
-/// let d: Dtype = "BF16".parse().unwrap();
+/// let d: Dtype = "BF16".parse()?;
 /// assert_eq!(d, Dtype::BF16);
 /// assert_eq!(d.bits(), 16);
 /// assert_eq!(Dtype::F4.bits(), 4);
 /// assert_eq!(d.to_string(), "BF16");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

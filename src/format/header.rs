@@ -50,11 +50,12 @@ impl TensorInfo {
 /// ```
 /// use weightstream::format::{parse_header, write_to_vec, WriteTensor};
 /// use weightstream::Dtype;
-/// let bytes = write_to_vec(&[WriteTensor::new("w", Dtype::F32, vec![2], &[0u8; 8])], &Default::default()).unwrap();
-/// let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-/// let h = parse_header("mem", &bytes[8..8 + header_len], bytes.len() as u64).unwrap();
+/// let bytes = write_to_vec(&[WriteTensor::new("w", Dtype::F32, vec![2], &[0u8; 8])], &Default::default())?;
+/// let header_len = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+/// let h = parse_header("mem", &bytes[8..8 + header_len], bytes.len() as u64)?;
 /// assert_eq!(h.tensors[0].name, "w");
 /// assert_eq!(h.data_start, 8 + header_len as u64);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct Header {

@@ -38,7 +38,7 @@ impl ShardIndex {
     /// ```no_run
     /// let index = weightstream::format::ShardIndex::read("model/model.safetensors.index.json")?;
     /// println!("{} shards", index.shards.len());
-    /// # Ok::<(), weightstream::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn read(path: impl AsRef<Path>) -> Result<ShardIndex> {
         let path = path.as_ref();

@@ -81,10 +81,11 @@ fn header_for(tensors: &[WriteTensor<'_>], metadata: &BTreeMap<String, String>) 
 /// ```
 /// use weightstream::format::{read_header, write_file, WriteTensor};
 /// use weightstream::Dtype;
-/// let dir = tempfile::tempdir().unwrap();
+/// let dir = tempfile::tempdir()?;
 /// let path = dir.path().join("m.safetensors");
-/// write_file(&path, &[WriteTensor::new("a", Dtype::BF16, vec![2, 2], &[1u8; 8])], &Default::default()).unwrap();
-/// assert_eq!(read_header(&path).unwrap().tensors[0].shape, vec![2, 2]);
+/// write_file(&path, &[WriteTensor::new("a", Dtype::BF16, vec![2, 2], &[1u8; 8])], &Default::default())?;
+/// assert_eq!(read_header(&path)?.tensors[0].shape, vec![2, 2]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn write_file(
     path: impl AsRef<Path>,

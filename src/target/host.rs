@@ -9,10 +9,11 @@ use crate::error::{Error, Result};
 /// Large blocks ask for transparent huge pages, which makes first-touch faults 512× rarer.
 ///
 /// ```
-/// let mut m = weightstream::target::HostMemory::new(10_000).unwrap();
+/// let mut m = weightstream::target::HostMemory::new(10_000)?;
 /// m.as_mut_slice()[9_999] = 7;
 /// assert_eq!(m.as_slice()[9_999], 7);
 /// assert_eq!(m.as_slice().as_ptr() as usize % 4096, 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct HostMemory {
     ptr: NonNull<u8>,

@@ -16,10 +16,11 @@ use crate::plan::{Plan, ReadExtent};
 ///
 /// ```
 /// use weightstream::Device;
-/// assert_eq!("cuda:1".parse::<Device>().unwrap(), Device::Cuda(1));
-/// assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+/// assert_eq!("cuda:1".parse::<Device>()?, Device::Cuda(1));
+/// assert_eq!("cuda".parse::<Device>()?, Device::Cuda(0));
 /// assert_eq!(Device::Cpu.to_string(), "cpu");
 /// assert!("tpu".parse::<Device>().is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
