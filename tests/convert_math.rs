@@ -7,6 +7,9 @@
 //!   ~10M random samples; `all_f32_inputs` (ignored: `cargo test --release -- --ignored`)
 //!   sweeps all 2^32 f32.
 
+mod common;
+
+use common::SplitMix;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -52,17 +55,6 @@ fn host_matches_kernel(from: Dtype, to: Dtype, src: &[u8]) -> Vec<u8> {
     let h = host(from, to, src);
     assert!(k == h, "{from}->{to}: convert_host differs from the kernel math");
     k
-}
-
-struct SplitMix(u64);
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
 }
 
 // ------------------------------------------------------------------------------------------------

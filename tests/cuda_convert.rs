@@ -5,6 +5,9 @@
 //! or device the GPU tests print one line and pass.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::SplitMix;
 use cudarc::driver::{result as dr, sys};
 use weightstream::convert::cuda::{self as wc, DeviceConverter, KernelSource};
 use weightstream::convert::{conversions, convert_host, convert_with_kernel_math, output_len};
@@ -63,17 +66,6 @@ impl Drop for DevBuf {
     fn drop(&mut self) {
         // SAFETY: allocated by `new`, freed once, after the work using it has been synchronised.
         let _ = unsafe { dr::free_sync(self.ptr) };
-    }
-}
-
-struct SplitMix(u64);
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
     }
 }
 
