@@ -35,6 +35,24 @@ pub struct LoadStats {
     pub pinned: bool,
 }
 
+impl std::fmt::Display for LoadStats {
+    /// One line: `1024.0 MiB to cuda:0 in 0.105 s (42.50 GB/s, io pread, staging 128 MiB pinned)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} MiB to {} in {:.3} s ({:.2} GB/s, io {}{}, staging {} MiB{})",
+            self.bytes_loaded as f64 / 1048576.0,
+            self.device,
+            self.seconds,
+            self.gbps(),
+            self.io,
+            if self.direct { " O_DIRECT" } else { "" },
+            self.staging_bytes >> 20,
+            if self.pinned { " pinned" } else { "" },
+        )
+    }
+}
+
 impl LoadStats {
     /// Read throughput in GB/s (10^9 bytes per second).
     pub fn gbps(&self) -> f64 {

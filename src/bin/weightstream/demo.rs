@@ -85,17 +85,7 @@ pub fn run(args: Args) -> weightstream::Result<()> {
     }
     let model = loader.load(&path)?;
     let s = model.stats();
-    println!(
-        "loaded {} tensors ({:.1} MiB) to {} in {:.3} s: {:.2} GB/s (io {}, staging {} MiB{})",
-        model.len(),
-        s.bytes_loaded as f64 / 1048576.0,
-        s.device,
-        s.seconds,
-        s.gbps(),
-        s.io,
-        s.staging_bytes >> 20,
-        if s.pinned { " pinned" } else { "" }
-    );
+    println!("loaded {} tensors: {s}", model.len());
     let mut checked = 0u64;
     for ((name, _), expect) in layout.iter().zip(&data) {
         let t = model.tensor(name).ok_or_else(|| weightstream::Error::InvalidOption {

@@ -184,16 +184,8 @@ fn report(model: &LoadedModel, checksum: bool, json: bool) -> weightstream::Resu
         println!("{out}");
     } else {
         println!(
-            "loaded {} tensors, {:.1} MiB to {} in {:.3} s ({:.2} GB/s, io {}{}, staging {} MiB{}), peak host RSS {} MiB",
+            "loaded {} tensors: {s}, peak host RSS {} MiB",
             model.len(),
-            s.bytes_loaded as f64 / 1048576.0,
-            s.device,
-            s.seconds,
-            s.gbps(),
-            s.io,
-            if s.direct { " O_DIRECT" } else { "" },
-            s.staging_bytes >> 20,
-            if s.pinned { " pinned" } else { "" },
             rss.map(|r| (r >> 20).to_string()).unwrap_or_else(|| "?".into()),
         );
         if checksum {
