@@ -61,7 +61,7 @@ sweep)
 convert)
   mk f32_2g.safetensors float32 2
   for d in keep bf16 f16; do echo "== --dtype $d"; timeout 60 $W bench $data/f32_2g.safetensors --device cuda --strategy pipeline --runs 5 --dtype $d --staging 128M --staging-buffers 8 --threads 16 | tail -1; done 2>&1 | tee "$out/convert.log"
-  timeout 120 $B/convert-bench-test --bench 2>&1 | grep -E "time:|thrpt:|^[a-z]" | tail -20 | tee -a "$out/convert.log" ;;
+  timeout 120 $B/convert-bench-test --bench 2>&1 | grep -E "time:|thrpt:|^[a-z]" | tee -a "$out/convert.log" ;;
 sanitize)
   timeout 240 compute-sanitizer --tool memcheck $B/cuda_load-test --test-threads 1 every_tensor 2>&1 | tail -8 | tee "$out/sanitizer.log" ;;
 esac; done
