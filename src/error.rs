@@ -273,6 +273,13 @@ pub enum Error {
         /// Target dtype.
         to: &'static str,
     },
+    /// The read engine itself failed (its workers stopped, io_uring reported an error on its
+    /// queue): no single file is at fault. Errors of one read name its file and tensor instead.
+    #[error("the read engine failed: {source}")]
+    ReadEngine {
+        /// The engine's error.
+        source: io::Error,
+    },
     /// The load was cancelled through its [`crate::CancelToken`].
     #[error("load cancelled")]
     Cancelled,

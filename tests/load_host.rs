@@ -430,3 +430,122 @@ fn many_small_reads_per_slot_never_overfill_the_engine() {
         }
     }
 }
+
+/// The bytes `write_mixed`'s tensors should load as when F16/BF16/F32/F64 are converted to `to`:
+/// the kernels' own math (compiled C, checked against `half` in tests/convert_math.rs), not the
+/// code under test.
+fn converted_expectation(expect: &[(String, Vec<u8>)], path: &Path, to: Dtype) -> Vec<(String, Dtype, Vec<u8>)> {
+    let h = read_header(path).unwrap();
+    expect
+        .iter()
+        .map(|(name, bytes)| {
+            let from = h.tensors.iter().find(|t| &t.name == name).unwrap().dtype;
+            if !from.is_convertible_float() || from == to {
+                return (name.clone(), from, bytes.clone());
+            }
+            let mut out = vec![0u8; weightstream::convert::output_len(from, to, bytes.len() as u64).unwrap() as usize];
+            weightstream::convert::convert_with_kernel_math(from, to, bytes, &mut out).unwrap();
+            (name.clone(), to, out)
+        })
+        .collect()
+}
+
+#[test]
+fn cpu_conversion_through_bounce_buffers_matches_the_kernel_math() {
+    // Many reads per tensor (4 KiB and 64 KiB reads), every engine, every target dtype; e.f64
+    // sits at an odd file offset (after 13 bools).
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    for io in engines() {
+        for read_size in [4096, 64 << 10, 2 << 20] {
+            for to in [Dtype::F16, Dtype::BF16, Dtype::F32] {
+                let loader = Loader::new().device(Device::Cpu).io(io).read_size(read_size).threads(3).dtype(to);
+                let m = loader.load(&path).unwrap_or_else(|e| panic!("{loader:?}: {e}"));
+                for (name, dtype, bytes) in converted_expectation(&expect, &path, to) {
+                    let t = m.tensor(&name).unwrap();
+                    assert_eq!(t.dtype(), dtype, "{name}");
+                    assert!(t.to_host_vec().unwrap() == bytes, "{name} -> {to} with {loader:?}");
+                    assert_eq!(t.arena_range().start % 256, 0);
+                }
+                assert!(m.stats().staging_bytes > 0, "converted loads report their bounce buffers");
+            }
+        }
+    }
+    // No conversion asked: no bounce buffers.
+    let m = Loader::new().device(Device::Cpu).load(&path).unwrap();
+    assert_eq!(m.stats().staging_bytes, 0);
+}
+
+#[test]
+fn cpu_conversion_errors_name_file_and_tensor_and_free_everything() {
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    let h = read_header(&path).unwrap();
+    let w = h.tensors.iter().find(|t| t.name == "a.weight").unwrap();
+    let at = h.data_start + w.data_offsets.0 + 20_000;
+    let loader = Loader::new().device(Device::Cpu).dtype(Dtype::F16).read_size(4096);
+    let err = loader.clone().inject_fault(Fault::EioAt(at)).load(&path).unwrap_err();
+    match &err {
+        Error::Io { file, tensor, .. } => {
+            assert_eq!(file, &path);
+            assert_eq!(tensor.as_deref(), Some("a.weight"), "{err}");
+        }
+        other => panic!("expected Io, got {other:?}"),
+    }
+    // Short reads are resumed, not errors.
+    let m = loader.clone().inject_fault(Fault::ShortReads(1000)).load(&path).unwrap();
+    for (name, _, bytes) in converted_expectation(&expect, &path, Dtype::F16) {
+        assert!(m.tensor(&name).unwrap().to_host_vec().unwrap() == bytes, "{name} with short reads");
+    }
+    // Cancelled from the progress callback while conversions are in flight.
+    let token = CancelToken::new();
+    let t = token.clone();
+    let err = loader
+        .clone()
+        .cancel_token(token)
+        .progress(Arc::new(move |p| {
+            if p.bytes_done > 50_000 {
+                t.cancel()
+            }
+        }))
+        .load(&path)
+        .unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err:?}");
+    // Truncated after planning: EOF naming the last tensor, which is converted (F64).
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 5000).unwrap();
+    let err = loader.load_checkpoint(&ckpt).unwrap_err();
+    assert!(matches!(&err, Error::UnexpectedEof { tensor: Some(t), .. } if t == "e.f64"), "{err:?}");
+}
+
+#[test]
+fn cpu_conversion_trace_and_progress_account_for_every_byte() {
+    let dir = tmpdir();
+    let (path, expect) = write_mixed(dir.path());
+    let total: u64 = expect.iter().map(|(_, b)| b.len() as u64).sum();
+    let h = read_header(&path).unwrap();
+    let converted: u64 = expect
+        .iter()
+        .filter(|(n, _)| {
+            let d = h.tensors.iter().find(|t| &t.name == n).unwrap().dtype;
+            d.is_convertible_float() && d != Dtype::BF16
+        })
+        .map(|(_, b)| b.len() as u64)
+        .sum();
+    let last = Arc::new(std::sync::Mutex::new((0, 0)));
+    let l = last.clone();
+    let m = Loader::new()
+        .device(Device::Cpu)
+        .dtype(Dtype::BF16)
+        .read_size(8192)
+        .trace(true)
+        .progress(Arc::new(move |p| *l.lock().unwrap() = (p.bytes_done, p.bytes_total)))
+        .load(&path)
+        .unwrap();
+    let spans = m.trace().unwrap().spans();
+    let sum = |name: &str| spans.iter().filter(|s| s.name == name).map(|s| s.bytes).sum::<u64>();
+    assert_eq!(sum("read"), total);
+    assert_eq!(sum("convert"), converted);
+    assert_eq!(*last.lock().unwrap(), (total, total));
+}

@@ -139,6 +139,14 @@ pub fn convert_host(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Resul
 
 /// Converts one chunk on the calling thread. Lengths are already checked.
 fn convert_chunk(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<()> {
+    if super::lanes::convert(from, to, src, dst) {
+        return Ok(());
+    }
+    byte_wise(from, to, src, dst)
+}
+
+/// The byte-wise conversions: any alignment, any host; the typed fast path declines otherwise.
+fn byte_wise(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<()> {
     use Dtype::*;
     match (from, to) {
         (F32, BF16) => via_f32::<4>(src, dst, to, f32::from_le_bytes),

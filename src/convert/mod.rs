@@ -25,6 +25,8 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod lanes;
+pub(crate) mod workers;
 
 pub use cpu::{convert_host, convert_with_kernel_math};
 #[cfg(feature = "cuda")]
