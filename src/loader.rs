@@ -350,6 +350,7 @@ impl Loader {
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
 
         let mut bytes_read = plan.bytes_to_read();
+        let mut device_scratch_bytes = 0;
         let (storage, staging_bytes, pinned) = match device {
             Device::Cpu if direct_to_host => {
                 // Reads per tensor: gaps that a staged extent would read through are skipped.
@@ -420,6 +421,7 @@ impl Loader {
                 if let (Some(t), Ok(())) = (trace.as_mut(), &run) {
                     sink.write_trace(t)?;
                 }
+                device_scratch_bytes = sink.scratch_bytes();
                 drop(sink);
                 run?;
                 (Storage::Cuda(arena), ring.total_bytes() as u64, true)
@@ -439,6 +441,7 @@ impl Loader {
             seconds: started.elapsed().as_secs_f64(),
             staging_bytes,
             pinned,
+            device_scratch_bytes,
         };
         let tensors = plan
             .tensors

@@ -33,6 +33,9 @@ pub struct LoadStats {
     pub staging_bytes: u64,
     /// Whether the staging ring was pinned memory.
     pub pinned: bool,
+    /// Bytes of device memory used as conversion scratch besides the model (0 when nothing was
+    /// converted on a GPU).
+    pub device_scratch_bytes: u64,
 }
 
 impl std::fmt::Display for LoadStats {

@@ -230,3 +230,45 @@ fn host_rss_during_a_gpu_load_stays_bounded() {
     println!("peak RSS: CUDA baseline {} MiB, 1 GiB load {} MiB", base >> 20, big >> 20);
     assert!(big < base + (16 << 20) + (64 << 20), "1 GiB load peaked at {big} bytes, baseline {base}");
 }
+
+#[test]
+fn converted_load_peaks_at_converted_size_plus_bounded_scratch() {
+    let Some(_gpu) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // 256 MiB of f32 in 64 tensors, loaded as bf16: 128 MiB on the device.
+    let path = dir.path().join("f32.safetensors");
+    let data: Vec<u8> = (0..1u32 << 20).flat_map(|k| ((k as f32 - 5e5) * 1e-3).to_le_bytes()).collect();
+    let tensors: Vec<_> =
+        (0..64).map(|i| WriteTensor::new(format!("w{i}"), Dtype::F32, vec![1024, 1024], &data)).collect();
+    write_file(&path, &tensors, &Default::default()).unwrap();
+    let converted = 128u64 << 20;
+    let dev = CudaDevice::open(0).unwrap();
+    let cpu = Loader::new().device(Device::Cpu).dtype(Dtype::BF16).load(&path).unwrap();
+    // Default ring (one region of 16 MiB per stream), and 32 MiB slots over 4 streams, whose
+    // 16 MiB regions take each slot in two rounds.
+    for (slot, streams) in [(16usize << 20, 2usize), (32 << 20, 4)] {
+        let min_free = std::sync::Arc::new(std::sync::Mutex::new(usize::MAX));
+        let (m2, d2) = (min_free.clone(), dev.clone());
+        let loader = Loader::new().device(Device::Cuda(0)).dtype(Dtype::BF16).staging_size(slot).streams(streams);
+        drop(loader.load(&path).unwrap()); // warm-up: the kernels module and the pinned ring stay
+        let (free0, _) = dev.mem_info().unwrap();
+        let sampling = loader.clone().progress(std::sync::Arc::new(move |_| {
+            let (free, _) = d2.mem_info().unwrap();
+            let mut m = m2.lock().unwrap();
+            *m = (*m).min(free);
+        }));
+        let g = sampling.load(&path).unwrap();
+        let scratch = g.stats().device_scratch_bytes;
+        assert!(scratch > 0 && scratch <= weightstream::target::cuda::SCRATCH_BUDGET as u64, "scratch {scratch}");
+        let peak = free0 - *min_free.lock().unwrap();
+        // Allocation granularity and the driver's own bookkeeping: a few MiB at most.
+        let slack = 8 << 20;
+        assert!(
+            (peak as u64) <= converted + scratch + slack,
+            "slot {slot}, {streams} streams: device peak {peak} > {converted} converted + {scratch} scratch"
+        );
+        for t in cpu.tensors() {
+            assert_eq!(g.tensor(t.name()).unwrap().to_host_vec().unwrap(), t.to_host_vec().unwrap(), "{}", t.name());
+        }
+    }
+}

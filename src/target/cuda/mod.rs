@@ -44,15 +44,31 @@ struct TimedCopy {
     end: Event,
 }
 
+/// Device scratch for conversion, all streams together, at most (the bound).
+pub const SCRATCH_BUDGET: usize = 64 << 20;
+
+/// Bytes of one stream's scratch region: a staging slot's worth, or the stream's share of
+/// [`SCRATCH_BUDGET`] when that is less (larger pieces then go through in several rounds); a
+/// multiple of 4096, so that a round never cuts an element.
+pub fn scratch_region_bytes(slot_size: usize, streams: usize) -> usize {
+    let share = SCRATCH_BUDGET / streams.max(1) / 4096 * 4096;
+    (slot_size.min(share) / 4096 * 4096).max(4096)
+}
+
 /// Copies staged extents into a [`DeviceArena`]: slot `k`'s copies go on stream `k % streams`,
-/// followed by slot `k`'s event; the slot is released when that event has fired. A piece of a
-/// tensor to convert goes to an aligned place in the slot's scratch region first, and a kernel
-/// writes the converted values into the arena.
+/// followed by slot `k`'s event; the slot is released when that event has fired.
+///
+/// A piece of a tensor to convert is copied into its stream's scratch region first, and a kernel
+/// writes the converted values into the arena. One region per stream is enough: a stream runs
+/// its work in order, so the next copy into the region starts only after the kernel that read
+/// the previous contents has finished. That bounds the scratch by the stream count, not the slot
+/// count, and by [`SCRATCH_BUDGET`] in all.
 pub(crate) struct CudaSink<'a> {
     dev: Arc<CudaDevice>,
     arena: &'a DeviceArena,
     streams: Vec<Stream>,
     slot_events: Vec<Event>,
+    /// The scratch arena and the bytes of each stream's region in it.
     scratch: Option<(DeviceArena, usize)>,
     converter: Option<Arc<crate::convert::cuda::DeviceConverter>>,
     timing: Option<(Event, std::time::Instant, Vec<TimedCopy>)>,
@@ -72,23 +88,14 @@ impl<'a> CudaSink<'a> {
         let converts = plan.tensors.iter().any(|t| t.converts());
         let streams = (0..streams.max(1)).map(|_| Stream::new(dev)).collect::<Result<Vec<_>>>()?;
         let slot_events = (0..slots).map(|_| Event::new(dev, false)).collect::<Result<Vec<_>>>()?;
-        let (scratch, converter) =
-            if converts {
-                (
-                    Some({
-                        // Room for a slot's pieces, each 256-byte aligned.
-                        let max_pieces = plan.extents.iter().map(|e| e.pieces.len()).max().unwrap_or(0);
-                        let per_slot = crate::plan::align_up((slot_size + 256 * max_pieces) as u64, 256)
-                            .unwrap_or(u64::MAX) as usize;
-                        (DeviceArena::alloc(dev, slots * per_slot)?, per_slot)
-                    }),
-                    Some(converter.ok_or_else(|| {
-                        crate::Error::option("internal: conversions planned without a device converter")
-                    })?),
-                )
-            } else {
-                (None, None)
-            };
+        let (scratch, converter) = if converts {
+            let region = scratch_region_bytes(slot_size, streams.len());
+            let conv = converter
+                .ok_or_else(|| crate::Error::option("internal: conversions planned without a device converter"))?;
+            (Some((DeviceArena::alloc(dev, region * streams.len())?, region)), Some(conv))
+        } else {
+            (None, None)
+        };
         let timing = if trace {
             let mut base = Event::new(dev, true)?;
             base.record(&streams[0])?;
@@ -97,6 +104,11 @@ impl<'a> CudaSink<'a> {
             None
         };
         Ok(CudaSink { dev: Arc::clone(dev), arena, streams, slot_events, scratch, converter, timing })
+    }
+
+    /// Bytes of device scratch this sink holds for conversion (0 when nothing converts).
+    pub(crate) fn scratch_bytes(&self) -> u64 {
+        self.scratch.as_ref().map_or(0, |(a, _)| a.len() as u64)
     }
 
     /// Add device-timed copy spans to `trace` (after `finish`).
@@ -128,12 +140,8 @@ impl Sink for CudaSink<'_> {
         let arena = self.arena.ptr();
         let converts = pieces.iter().any(|p| plan.tensors[p.tensor].converts());
         match (&self.scratch, &self.converter) {
-            (Some((scratch, per_slot)), Some(conv)) if converts => {
-                // Each piece goes to its own 256-byte-aligned place in this slot's scratch, so
-                // the kernel reads aligned elements whatever the file's layout (a writer may
-                // place an F32 tensor at an odd offset).
-                let base = scratch.ptr() + (slot * per_slot) as u64;
-                let mut at = 0u64;
+            (Some((scratch, region)), Some(conv)) if converts => {
+                let base = scratch.ptr() + (si * region) as u64;
                 for p in pieces {
                     let t = &plan.tensors[p.tensor];
                     // SAFETY: the source lies in the pinned slot, valid until release(slot) has
@@ -151,19 +159,27 @@ impl Sink for CudaSink<'_> {
                         };
                         continue;
                     }
-                    let src = base + at;
-                    // SAFETY: at + p.len <= slot size: pieces of one extent are disjoint and sum
-                    // to at most the extent, plus at most 255 bytes of padding per piece, which
-                    // the scratch region's slack (see new) covers.
-                    unsafe { result::memcpy_htod_async(src, src_host, p.len as usize, stream.raw)? };
-                    at = crate::plan::align_up(at + p.len, 256).unwrap_or(u64::MAX);
-                    let elements = p.len * 8 / t.dtype.bits();
-                    let first = p.tensor_offset * 8 / t.dtype.bits();
-                    let dst = arena + t.arena_offset + first * t.out_dtype.bits() / 8;
-                    // SAFETY: src holds p.len bytes of t.dtype in scratch, dst has room for the
-                    // converted elements inside t's arena range (planned), both on this device;
-                    // the kernel runs on `stream` after the copy into scratch.
-                    unsafe { conv.launch(t.dtype, t.out_dtype, src, dst, elements as usize, stream.raw)? };
+                    // Rounds of at most one region, each at the region's start (256-byte
+                    // aligned, so the kernel reads aligned elements whatever the file's layout).
+                    // A round's length is a multiple of 4096 except the piece's last, so every
+                    // round holds whole elements.
+                    let mut done = 0u64;
+                    while done < p.len {
+                        let len = (p.len - done).min(*region as u64);
+                        // SAFETY: len <= region bytes, all within this stream's region; the
+                        // stream orders this copy after the kernel that last read the region.
+                        unsafe {
+                            result::memcpy_htod_async(base, src_host.add(done as usize), len as usize, stream.raw)?
+                        };
+                        let elements = len * 8 / t.dtype.bits();
+                        let first = (p.tensor_offset + done) * 8 / t.dtype.bits();
+                        let dst = arena + t.arena_offset + first * t.out_dtype.bits() / 8;
+                        // SAFETY: base holds len bytes of t.dtype, dst has room for the
+                        // converted elements inside t's arena range (planned), both on this
+                        // device; the kernel runs on `stream` after the copy into scratch.
+                        unsafe { conv.launch(t.dtype, t.out_dtype, base, dst, elements as usize, stream.raw)? };
+                        done += len;
+                    }
                 }
             }
             _ => {
@@ -209,5 +225,24 @@ impl Drop for CudaSink<'_> {
         // Streams synchronize in their own Drop; do it first here so the scratch region and the
         // staging slots are idle before anything is freed.
         let _ = self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_stays_within_its_budget_and_holds_whole_pages() {
+        assert_eq!(scratch_region_bytes(16 << 20, 2), 16 << 20);
+        assert_eq!(scratch_region_bytes(32 << 20, 4), 16 << 20);
+        assert_eq!(scratch_region_bytes(64 << 10, 1), 64 << 10);
+        assert_eq!(scratch_region_bytes(usize::MAX, 0), SCRATCH_BUDGET);
+        assert_eq!(scratch_region_bytes(1 << 30, 100_000), 4096);
+        for (slot, streams) in [(16 << 20, 2), (1 << 30, 3), (5 << 20, 7), (64 << 10, 64)] {
+            let r = scratch_region_bytes(slot, streams);
+            assert_eq!(r % 4096, 0);
+            assert!(r * streams <= SCRATCH_BUDGET.max(4096 * streams));
+        }
     }
 }
