@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::convert::workers::{ConvertDone, ConvertJob, ConvertWorkers};
+use crate::convert::workers::{JobError, ReadConvertJob, ReadConvertWorkers};
 use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::{open_engine, EngineOptions, Fault, FaultyEngine, IoKind, RawEngine, ReadQueue, ReadRequest};
@@ -180,7 +180,8 @@ impl Loader {
         self
     }
 
-    /// Read engine.
+    /// Read engine. (Converted loads to `cpu` without O_DIRECT read with pread in the
+    /// conversion workers, which convert each piece on the core that read it.)
     pub fn io(mut self, io: IoKind) -> Self {
         self.io = io;
         self
@@ -345,25 +346,34 @@ impl Loader {
         } else {
             self.staged_depth()
         };
-        let engine = self.engine(depth)?;
-        let io_name = engine.name();
+        // Converted loads to cpu read with the conversion workers' own preads.
+        let read_convert = direct_to_host && plan.tensors.iter().any(|t| t.converts());
+        let engine = if read_convert { None } else { Some(self.engine(depth)?) };
+        let io_name = engine.as_ref().map_or("pread", |e| e.name());
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
 
         let mut bytes_read = plan.bytes_to_read();
         let mut device_scratch_bytes = 0;
+        // Every path but the read-and-convert one has an engine.
+        let engine = move || engine.ok_or_else(|| Error::option("internal: no read engine"));
         let (storage, staging_bytes, pinned) = match device {
             Device::Cpu if direct_to_host => {
                 // Reads per tensor: gaps that a staged extent would read through are skipped.
                 bytes_read = plan.tensors.iter().map(|t| t.src_len).sum();
                 let mut arena = HostMemory::new(plan.arena_len as usize)?;
                 arena.prefault(self.threads);
-                let mut queue = ReadQueue::new(engine, depth);
-                let bounce_bytes = self.run_direct_host(&plan, &files, &mut arena, &mut queue, trace.as_mut())?;
-                (Storage::Host(arena), bounce_bytes, false)
+                let buffers = if read_convert {
+                    self.run_read_convert(&plan, &files, &mut arena, trace.as_mut())?
+                } else {
+                    let mut queue = ReadQueue::new(engine()?, depth);
+                    self.run_direct_host(&plan, &files, &mut arena, &mut queue, trace.as_mut())?;
+                    0
+                };
+                (Storage::Host(arena), buffers, false)
             }
             Device::Cpu | Device::Null => {
                 let ring = self.host_ring(&mut rings)?;
-                let mut queue = ReadQueue::new(engine, depth);
+                let mut queue = ReadQueue::new(engine()?, depth);
                 let storage = if device == Device::Null {
                     self.run_staged(&plan, &files, ring, &mut NullSink, &mut queue, trace.as_mut())?;
                     Storage::Null
@@ -416,7 +426,7 @@ impl Loader {
                     None
                 };
                 let mut sink = cuda::CudaSink::new(&dev, &arena, &plan, ring, self.streams, self.trace, converter)?;
-                let mut queue = ReadQueue::new(engine, depth);
+                let mut queue = ReadQueue::new(engine()?, depth);
                 let run = self.run_staged(&plan, &files, ring, &mut sink, &mut queue, trace.as_mut());
                 if let (Some(t), Ok(())) = (trace.as_mut(), &run) {
                     sink.write_trace(t)?;
@@ -487,7 +497,10 @@ impl Loader {
     fn host_ring<'r>(&self, rings: &'r mut Rings) -> Result<&'r mut StagingRing> {
         match &mut rings.host {
             Some(r) if r.slot_size() == self.staging_size && r.slot_count() == self.staging_count => {}
-            slot => *slot = Some(StagingRing::host(self.staging_count, self.staging_size)?),
+            slot => {
+                *slot = None; // free the old ring before mapping the new one
+                *slot = Some(StagingRing::host(self.staging_count, self.staging_size)?);
+            }
         }
         Ok(rings.host.as_mut().expect("set above")) // ok: assigned in the match
     }
@@ -532,10 +545,7 @@ impl Loader {
         }
     }
 
-    /// Cpu target without O_DIRECT: reads land straight in the arena. A converted tensor's reads
-    /// land in small bounce buffers instead, which conversion workers turn into the arena's bytes
-    /// while the next reads run (the piece is still in the caches then). Returns the bytes of
-    /// bounce buffers used.
+    /// Cpu target without conversion or O_DIRECT: reads land straight in the arena.
     fn run_direct_host(
         &self,
         plan: &Plan,
@@ -543,94 +553,48 @@ impl Loader {
         arena: &mut HostMemory,
         queue: &mut ReadQueue,
         mut trace: Option<&mut TraceRecorder>,
-    ) -> Result<u64> {
-        // Tags carry the read's index in the op list and, above BOUNCE_SHIFT, its bounce
-        // buffer plus one (0: the read goes straight to the arena).
-        const BOUNCE_SHIFT: u32 = 40;
-        const OP_MASK: u64 = (1 << BOUNCE_SHIFT) - 1;
-        let read_size = self.read_size;
-        // (tensor, offset in tensor, len): read_size is a multiple of 4096, so every read of a
-        // converted tensor holds whole elements.
+    ) -> Result<()> {
+        // (tensor, offset in tensor, len)
         let mut ops = Vec::new();
         for (i, t) in plan.tensors.iter().enumerate() {
             let mut off = 0;
             while off < t.src_len {
-                let len = (t.src_len - off).min(read_size as u64);
+                let len = (t.src_len - off).min(self.read_size as u64);
                 ops.push((i, off, len));
                 off += len;
             }
         }
-        if ops.len() as u64 > OP_MASK {
-            return Err(Error::option("too many reads for one load; raise --read-size"));
-        }
         let total = plan.tensors.iter().map(|t| t.src_len).sum();
         let base = arena.as_ptr();
-        // Enough bounce buffers to keep every reader and every converter busy, within 64 MiB.
-        let converts = plan.tensors.iter().any(|t| t.converts());
-        let bounce_count =
-            if converts { (4 * self.threads).min((64 << 20) / read_size).clamp(2, (1 << 23) - 1) } else { 0 };
-        // Declared before the workers and drained before returning: every job and read that
-        // uses a bounce buffer is finished before it is freed.
-        let bounces = HostMemory::new(bounce_count * read_size)?;
-        let bounce_base = bounces.as_ptr();
-        let mut free: Vec<usize> = (0..bounce_count).rev().collect();
-        let mut workers = converts.then(|| ConvertWorkers::new(self.threads));
         let mut started = vec![None; if trace.is_some() { ops.len() } else { 0 }];
         let mut next = 0;
         let mut done = 0u64;
         let result = (|| -> Result<()> {
-            loop {
+            while next < ops.len() || queue.in_flight() > 0 {
                 self.check_cancel()?;
-                while let Some(d) = workers.as_mut().and_then(ConvertWorkers::try_wait) {
-                    done += self.converted(plan, &ops, d, &mut free, trace.as_deref_mut(), done, total)?;
-                }
                 while next < ops.len() && queue.has_room() {
                     let (ti, off, len) = ops[next];
                     let t = &plan.tensors[ti];
-                    let (buf, bounce) = if t.converts() {
-                        let Some(b) = free.pop() else { break };
-                        // SAFETY: b < bounce_count, so the buffer lies in `bounces`.
-                        (unsafe { bounce_base.add(b * read_size) }, b as u64 + 1)
-                    } else {
-                        // SAFETY: arena_offset + off + len <= arena_len (planned), so the
-                        // pointer stays in the arena.
-                        (unsafe { base.add((t.arena_offset + off) as usize) }, 0)
-                    };
                     let req = ReadRequest {
                         fd: files[t.file].as_raw_fd(),
                         offset: t.src_offset + off,
-                        buf,
+                        // SAFETY: arena_offset + off + len <= arena_len (planned), so the pointer
+                        // stays in the arena.
+                        buf: unsafe { base.add((t.arena_offset + off) as usize) },
                         len: len as usize,
-                        tag: next as u64 | bounce << BOUNCE_SHIFT,
+                        tag: next as u64,
                     };
-                    // SAFETY: the arena and the bounce buffers outlive the queue's use of them
-                    // (drained below on every path); this arena range, or this bounce buffer
-                    // (off the free list until its conversion finished), is written by this
-                    // request alone; the fd is held open by `files` for the whole load.
+                    // SAFETY: the arena outlives the queue's use of it (drained below on every
+                    // path) and this range of it is written by this request alone; the fd is
+                    // held open by `files` for the whole load.
                     unsafe { queue.submit(req) }.map_err(|e| Error::io(&plan.files[t.file].path, e))?;
                     if let Some(s) = started.get_mut(next) {
                         *s = Some(Instant::now());
                     }
                     next += 1;
                 }
-                if queue.in_flight() == 0 {
-                    // Nothing to read now: wait for a conversion to give a bounce buffer back,
-                    // or stop when everything is done.
-                    match workers.as_mut().and_then(ConvertWorkers::wait) {
-                        Some(d) => {
-                            done += self.converted(plan, &ops, d, &mut free, trace.as_deref_mut(), done, total)?;
-                            continue;
-                        }
-                        None if next == ops.len() => break,
-                        // Unreachable: with no read and no conversion in flight every bounce
-                        // buffer is free. Never return a half-loaded model if it were not.
-                        None => return Err(Error::option("internal: reads stalled with tensors left")),
-                    }
-                }
                 let c = queue.wait().map_err(|source| Error::ReadEngine { source })?;
-                let op = (c.tag & OP_MASK) as usize;
-                let bounce = (c.tag >> BOUNCE_SHIFT) as usize;
-                let (ti, off, len) = ops[op];
+                let (ti, off, len) = ops[c.tag as usize];
                 let t = &plan.tensors[ti];
                 let file = &plan.files[t.file].path;
                 let n =
@@ -643,67 +607,121 @@ impl Loader {
                         at: t.src_offset + off + n as u64,
                     });
                 }
-                if let (Some(tr), Some(Some(s))) = (trace.as_deref_mut(), started.get(op)) {
-                    tr.span("read", format!("read {}", op % self.threads), *s, Instant::now(), len);
+                if let (Some(tr), Some(Some(s))) = (trace.as_deref_mut(), started.get(c.tag as usize)) {
+                    tr.span("read", format!("read {}", c.tag as usize % self.threads), *s, Instant::now(), len);
                 }
-                if bounce == 0 {
-                    done += len;
-                    self.report(done, total, file);
-                    continue;
-                }
-                let (sb, db) = (t.dtype.bits() / 8, t.out_dtype.bits() / 8);
-                let job = ConvertJob {
-                    from: t.dtype,
-                    to: t.out_dtype,
-                    // SAFETY: bounce - 1 < bounce_count (it came off the free list).
-                    src: unsafe { bounce_base.add((bounce - 1) * read_size) },
-                    src_len: len as usize,
-                    // SAFETY: off and len are whole elements of the tensor, whose converted
-                    // bytes lie at arena_offset..arena_offset + out_len, inside the arena.
-                    dst: unsafe { base.add((t.arena_offset + off / sb * db) as usize) },
-                    dst_len: (len / sb * db) as usize,
-                    tag: c.tag,
-                };
-                let Some(w) = workers.as_mut() else {
-                    return Err(Error::option("internal: a bounce read without conversion workers"));
-                };
-                // SAFETY: the bounce buffer holds the read's len bytes and is not written again
-                // before this job's outcome put it back on the free list; the destination range
-                // belongs to this piece of this tensor alone. Both outlive the workers, which are
-                // dropped (joined) before `bounces`, and before the arena is handed back.
-                unsafe { w.submit(job) }.map_err(|_| self.conversion_failed(plan, t))?;
+                done += len;
+                self.report(done, total, file);
             }
             Ok(())
         })();
         queue.drain();
-        // Let every queued conversion finish before the bounce buffers go.
-        drop(workers);
-        drop(bounces);
-        result.map(|()| (bounce_count * read_size) as u64)
+        result
     }
 
-    /// Book a finished conversion of the direct-to-host path: its bounce buffer goes back on
-    /// the free list, progress is reported. Returns the source bytes it completed.
-    #[allow(clippy::too_many_arguments)]
-    fn converted(
+    /// Cpu target with conversion, without O_DIRECT: each worker reads a piece into its own
+    /// small buffer and converts it into the arena at once, while the piece is still in that
+    /// core's caches (pieces that keep their dtype are read straight into the arena). Returns
+    /// the bytes of the workers' buffers.
+    fn run_read_convert(
         &self,
         plan: &Plan,
-        ops: &[(usize, u64, u64)],
-        d: ConvertDone,
-        free: &mut Vec<usize>,
-        trace: Option<&mut TraceRecorder>,
-        done_before: u64,
-        total: u64,
+        files: &[File],
+        arena: &mut HostMemory,
+        mut trace: Option<&mut TraceRecorder>,
     ) -> Result<u64> {
-        let (ti, _, len) = ops[(d.tag & ((1 << 40) - 1)) as usize];
-        free.push((d.tag >> 40) as usize - 1);
-        let t = &plan.tensors[ti];
-        d.result.map_err(|_| self.conversion_failed(plan, t))?;
-        if let Some(tr) = trace {
-            tr.span("convert", "convert", d.started, d.finished, len);
+        let read_size = self.read_size;
+        // (tensor, offset in tensor, len): read_size is a multiple of 4096, so every piece of a
+        // converted tensor holds whole elements.
+        let mut ops = Vec::new();
+        for (i, t) in plan.tensors.iter().enumerate() {
+            let mut off = 0;
+            while off < t.src_len {
+                let len = (t.src_len - off).min(read_size as u64);
+                ops.push((i, off, len));
+                off += len;
+            }
         }
-        self.report(done_before + len, total, &plan.files[t.file].path);
-        Ok(len)
+        let total = plan.tensors.iter().map(|t| t.src_len).sum();
+        let base = arena.as_ptr();
+        let mut workers = ReadConvertWorkers::new(self.threads, read_size, self.fault);
+        // Enough queued to keep every worker busy, few enough that a cancel stops soon.
+        let window = 2 * workers.threads().max(1);
+        let mut next = 0;
+        let mut in_flight = 0;
+        let mut done = 0u64;
+        let result = (|| -> Result<()> {
+            loop {
+                self.check_cancel()?;
+                while next < ops.len() && in_flight < window {
+                    let (ti, off, len) = ops[next];
+                    let t = &plan.tensors[ti];
+                    // Converted dtypes are whole bytes; the others (sub-byte ones too) land as read.
+                    let (at, dst_len) = if t.converts() {
+                        let (sb, db) = (t.dtype.bits() / 8, t.out_dtype.bits() / 8);
+                        (off / sb * db, len / sb * db)
+                    } else {
+                        (off, len)
+                    };
+                    let job = ReadConvertJob {
+                        fd: files[t.file].as_raw_fd(),
+                        offset: t.src_offset + off,
+                        len: len as usize,
+                        from: t.dtype,
+                        to: t.out_dtype,
+                        // SAFETY: off and len are whole elements of the tensor, whose bytes as
+                        // loaded lie at arena_offset..arena_offset + out_len, inside the arena.
+                        dst: unsafe { base.add((t.arena_offset + at) as usize) },
+                        dst_len: dst_len as usize,
+                        tag: next as u64,
+                    };
+                    // SAFETY: this destination range belongs to this piece alone; the arena
+                    // outlives the workers (dropped, so joined, before this function returns)
+                    // and the fd is held open by `files` for the whole load.
+                    unsafe { workers.submit(job) }.map_err(|_| self.conversion_failed(plan, t))?;
+                    next += 1;
+                    in_flight += 1;
+                }
+                if in_flight == 0 {
+                    return Ok(());
+                }
+                let Some(d) = workers.wait() else {
+                    return Err(Error::option("internal: the read-and-convert workers stopped"));
+                };
+                in_flight -= 1;
+                let (ti, _, len) = ops[d.tag as usize];
+                let t = &plan.tensors[ti];
+                let file = &plan.files[t.file].path;
+                match d.result {
+                    Ok(()) => {}
+                    Err(JobError::Read(e)) => {
+                        return Err(Error::Io { file: file.clone(), tensor: Some(t.name.clone()), source: e })
+                    }
+                    Err(JobError::Eof { at }) => {
+                        return Err(Error::UnexpectedEof {
+                            file: file.clone(),
+                            tensor: Some(t.name.clone()),
+                            what: "tensor data",
+                            at,
+                        })
+                    }
+                    Err(JobError::Convert) => return Err(self.conversion_failed(plan, t)),
+                }
+                if let Some(tr) = trace.as_deref_mut() {
+                    let track = format!("worker {}", d.worker);
+                    tr.span("read", track.clone(), d.started, d.read_done, len);
+                    if t.converts() {
+                        tr.span("convert", track, d.read_done, d.finished, len);
+                    }
+                }
+                done += len;
+                self.report(done, total, file);
+            }
+        })();
+        let buffers = (workers.threads() * read_size) as u64;
+        // Every job still queued finishes before the arena can go.
+        drop(workers);
+        result.map(|()| buffers)
     }
 
     fn conversion_failed(&self, plan: &Plan, t: &crate::plan::PlannedTensor) -> Error {

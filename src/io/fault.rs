@@ -13,6 +13,27 @@ pub enum Fault {
     EioAt(u64),
 }
 
+impl Fault {
+    /// Applies the fault to one read attempt of `len` bytes at `offset`: the length to attempt,
+    /// or the injected error.
+    ///
+    /// ```
+    /// use weightstream::io::Fault;
+    /// assert_eq!(Fault::ShortReads(7).attempt(0, 100).unwrap(), 7);
+    /// assert!(Fault::EioAt(50).attempt(0, 100).is_err());
+    /// assert_eq!(Fault::EioAt(50).attempt(100, 100).unwrap(), 100);
+    /// ```
+    pub fn attempt(&self, offset: u64, len: usize) -> io::Result<usize> {
+        match *self {
+            Fault::ShortReads(max) => Ok(len.min(max.max(1))),
+            Fault::EioAt(at) if offset <= at && at < offset + len as u64 => {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+            Fault::EioAt(_) => Ok(len),
+        }
+    }
+}
+
 /// Wraps an engine and injects `fault` into its reads.
 ///
 /// ```
@@ -39,14 +60,11 @@ impl RawEngine for FaultyEngine {
     }
 
     unsafe fn submit(&mut self, mut read: RawRead) -> io::Result<()> {
-        match self.fault {
-            Fault::ShortReads(max) => read.len = read.len.min(max.max(1)),
-            Fault::EioAt(at) => {
-                if read.offset <= at && at < read.offset + read.len as u64 {
-                    self.injected
-                        .push(RawCompletion { tag: read.tag, result: Err(io::Error::from_raw_os_error(libc::EIO)) });
-                    return Ok(());
-                }
+        match self.fault.attempt(read.offset, read.len) {
+            Ok(len) => read.len = len,
+            Err(e) => {
+                self.injected.push(RawCompletion { tag: read.tag, result: Err(e) });
+                return Ok(());
             }
         }
         // SAFETY: forwarded from the caller; a shortened length stays inside its buffer.
