@@ -360,8 +360,9 @@ impl Loader {
             Device::Cpu if direct_to_host => {
                 // Reads per tensor: gaps that a staged extent would read through are skipped.
                 bytes_read = plan.tensors.iter().map(|t| t.src_len).sum();
+                // Not prefaulted: faulting pages in during the reads measured 1.6× faster on
+                // the 2-core build machine than populating them first (BENCHMARKS.md).
                 let mut arena = HostMemory::new(plan.arena_len as usize)?;
-                arena.prefault(self.threads);
                 let buffers = if read_convert {
                     self.run_read_convert(&plan, &files, &mut arena, trace.as_mut())?
                 } else {
@@ -379,7 +380,6 @@ impl Loader {
                     Storage::Null
                 } else {
                     let mut arena = HostMemory::new(plan.arena_len as usize)?;
-                    arena.prefault(self.threads);
                     self.run_staged(
                         &plan,
                         &files,

@@ -57,31 +57,6 @@ impl HostMemory {
         Ok(HostMemory { ptr, len, map_len })
     }
 
-    /// Fault every page in now, from `threads` threads at once (MADV_POPULATE_WRITE, Linux
-    /// 5.14+; a no-op where unsupported). Reads into fresh memory then copy instead of faulting,
-    /// which matters most for io_uring's workers.
-    pub fn prefault(&mut self, threads: usize) {
-        let threads = threads.max(1);
-        let step = self.map_len.div_ceil(threads).div_ceil(2 << 20) * (2 << 20);
-        let base = self.ptr.as_ptr() as usize;
-        let map_len = self.map_len;
-        std::thread::scope(|s| {
-            for i in 0..threads {
-                let start = i * step;
-                if start >= map_len {
-                    break;
-                }
-                let len = step.min(map_len - start);
-                s.spawn(move || {
-                    // SAFETY: advice on a sub-range of a mapping we own; it only faults pages in.
-                    unsafe {
-                        libc::madvise((base + start) as *mut libc::c_void, len, 23 /* MADV_POPULATE_WRITE */)
-                    };
-                });
-            }
-        });
-    }
-
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
