@@ -107,6 +107,7 @@ pub struct Loader {
     progress: Option<ProgressFn>,
     cancel: Option<CancelToken>,
     trace: bool,
+    zero_copy: bool,
     fault: Option<Fault>,
     rings: Arc<Mutex<Rings>>,
 }
@@ -151,6 +152,7 @@ impl Loader {
             progress: None,
             cancel: None,
             trace: false,
+            zero_copy: false,
             fault: None,
             rings: Arc::default(),
         }
@@ -247,6 +249,20 @@ impl Loader {
         self
     }
 
+    /// Experimental (CUDA target, buffered reads): the device copies straight out of the page
+    /// cache, with no CPU copy; each 32 MiB window of a file is mapped read-only and page-locked
+    /// in place (`cuMemHostRegister`) while its copies run. Loads that convert, or use O_DIRECT,
+    /// keep the staging ring. Not yet measured on a GPU: see BENCHMARKS.md before relying on it.
+    ///
+    /// ```
+    /// let loader = weightstream::Loader::new().zero_copy(true);
+    /// # drop(loader);
+    /// ```
+    pub fn zero_copy(mut self, on: bool) -> Self {
+        self.zero_copy = on;
+        self
+    }
+
     /// Inject a read fault (tests of the error paths).
     #[doc(hidden)]
     pub fn inject_fault(mut self, fault: Fault) -> Self {
@@ -318,6 +334,9 @@ impl Loader {
                 return Err(Error::option(format!("--dtype {to}: only F32, F16 and BF16 are targets")));
             }
         }
+        if self.zero_copy && !matches!(device, Device::Cuda(_)) {
+            return Err(Error::option(format!("--zero-copy needs a CUDA device, not {device}")));
+        }
         let select = build_filter(&self.only)?;
         let staged_chunk = self.staging_size as u64 - if self.direct { 2 * DIRECT_ALIGN } else { 0 };
         let plan = Plan::new(
@@ -348,8 +367,17 @@ impl Loader {
         };
         // Converted loads to cpu read with the conversion workers' own preads.
         let read_convert = direct_to_host && plan.tensors.iter().any(|t| t.converts());
-        let engine = if read_convert { None } else { Some(self.engine(depth)?) };
-        let io_name = engine.as_ref().map_or("pread", |e| e.name());
+        // Experimental DMA from the page cache: buffered reads without conversion only.
+        let mapped = self.zero_copy
+            && matches!(device, Device::Cuda(_))
+            && !self.direct
+            && !plan.tensors.iter().any(|t| t.converts());
+        let engine = if read_convert || mapped { None } else { Some(self.engine(depth)?) };
+        let io_name = match &engine {
+            Some(e) => e.name(),
+            None if mapped => "mmap+register",
+            None => "pread",
+        };
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
 
         let mut bytes_read = plan.bytes_to_read();
@@ -391,6 +419,21 @@ impl Loader {
                     Storage::Host(arena)
                 };
                 (storage, ring.total_bytes() as u64, false)
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) if mapped => {
+                use crate::target::cuda;
+                let dev = cuda::CudaDevice::open(ordinal)?;
+                let arena = cuda::DeviceArena::alloc(&dev, plan.arena_len as usize)?;
+                let total = plan.bytes_to_read();
+                let mut done = 0;
+                let mut on_done = |bytes: u64, file: usize| {
+                    done += bytes;
+                    self.report(done, total, &plan.files[file].path);
+                    self.check_cancel()
+                };
+                cuda::mapped::run_mapped(&dev, &arena, &plan, &files, self.streams, trace.as_mut(), &mut on_done)?;
+                (Storage::Cuda(arena), 0, false)
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {

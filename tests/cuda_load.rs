@@ -272,3 +272,39 @@ fn converted_load_peaks_at_converted_size_plus_bounded_scratch() {
         }
     }
 }
+
+#[test]
+fn zero_copy_loads_byte_for_byte_and_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_mixed(dir.path());
+    // Without a GPU: a clear error, not a silent fallback.
+    let err = Loader::new().device(Device::Cpu).zero_copy(true).load(&path).unwrap_err();
+    assert!(matches!(err, Error::InvalidOption { .. }), "{err}");
+    let Some(_gpu) = gpu() else { return };
+    let loader = Loader::new().device(Device::Cuda(0)).zero_copy(true);
+    for _ in 0..2 {
+        let m = loader.load(&path).unwrap();
+        assert_eq!(m.stats().io, "mmap+register");
+        for (name, bytes) in file_tensors(&path) {
+            assert_eq!(m.tensor(&name).unwrap().to_host_vec().unwrap(), bytes, "{name}");
+        }
+    }
+    // Filtered: only the selected tensors, the rest of the arena untouched.
+    let m = loader.clone().only("a.*").load(&path).unwrap();
+    assert_eq!(m.len(), 2);
+    // Converting loads keep the staged path.
+    let m = loader.clone().dtype(Dtype::BF16).load(&path).unwrap();
+    assert_ne!(m.stats().io, "mmap+register");
+    // Cancelled from progress: the typed error, everything released.
+    let token = weightstream::CancelToken::new();
+    let t = token.clone();
+    let err =
+        loader.clone().cancel_token(token).progress(std::sync::Arc::new(move |_| t.cancel())).load(&path).unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err:?}");
+    // Truncated after planning: an error naming the file, never SIGBUS.
+    let ckpt = weightstream::Checkpoint::open(&path).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 5000).unwrap();
+    let err = loader.load_checkpoint(&ckpt).unwrap_err();
+    assert_eq!(err.file(), Some(path.as_path()), "{err}");
+}

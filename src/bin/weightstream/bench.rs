@@ -22,7 +22,8 @@ pub struct Args {
     #[command(flatten)]
     pub loader: LoaderArgs,
     /// Strategies to compare (repeatable): pipeline, pipeline-uring, pipeline-pread,
-    /// pipeline-direct, mmap-copy, read-all. Default: pipeline, mmap-copy, read-all.
+    /// pipeline-direct, pipeline-mapped (experimental, CUDA), mmap-copy, read-all. Default:
+    /// pipeline, mmap-copy, read-all.
     #[arg(long = "strategy")]
     pub strategies: Vec<String>,
     /// Timed runs per strategy (after one warm-up run unless --cold).
@@ -215,6 +216,7 @@ pub fn run(args: Args) -> Result<()> {
             "pipeline-uring" => Some(base_loader.clone().io(IoKind::Uring)),
             "pipeline-pread" => Some(base_loader.clone().io(IoKind::Pread)),
             "pipeline-direct" => Some(base_loader.clone().direct(true)),
+            "pipeline-mapped" => Some(base_loader.clone().zero_copy(true)),
             "mmap-copy" | "read-all" => None,
             other => return Err(Error::InvalidOption { what: format!("unknown strategy `{other}`") }),
         };

@@ -41,6 +41,9 @@ pub struct LoaderArgs {
     /// CUDA streams for the copies.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
+    /// Experimental: DMA from the page cache (mmap + cuMemHostRegister), no staging copy.
+    #[arg(long)]
+    pub zero_copy: bool,
 }
 
 impl LoaderArgs {
@@ -52,7 +55,8 @@ impl LoaderArgs {
             .direct(self.direct)
             .staging_count(self.staging_buffers)
             .staging_size((self.staging / self.staging_buffers.max(1) as u64) as usize)
-            .streams(self.streams);
+            .streams(self.streams)
+            .zero_copy(self.zero_copy);
         if let Some(d) = parse_dtype(&self.dtype) {
             l = l.dtype(d);
         }

@@ -3,6 +3,7 @@
 //! Layers as in cudarc: [`result`] (thin `Result` wrappers, the only code touching the driver
 //! bindings), [`safe`] (RAII types), and here the sink the pipeline drives.
 
+pub mod mapped;
 pub mod result;
 pub mod safe;
 

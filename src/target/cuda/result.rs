@@ -160,6 +160,37 @@ pub unsafe fn host_free(p: *mut u8) -> Result<()> {
     check("cuMemFreeHost", unsafe { sys::cuMemFreeHost(p.cast()) })
 }
 
+/// Whether `dev` can page-lock read-only memory (a file mapped `PROT_READ`) with
+/// [`host_register_read_only`].
+pub fn supports_read_only_register(dev: CUdevice) -> Result<bool> {
+    let mut v = 0;
+    let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED;
+    // SAFETY: writes one int; the driver validates the device.
+    check("cuDeviceGetAttribute", unsafe { sys::cuDeviceGetAttribute(&mut v, attr, dev) })?;
+    Ok(v != 0)
+}
+
+/// Page-lock `p..p+bytes` (read-only memory allowed) so that the device can DMA from it.
+///
+/// # Safety
+/// 1. A context is current. 2. `p` and `bytes` are multiples of the page size and the range is
+///    mapped for reading. 3. Unregister with [`host_unregister`] before unmapping it.
+pub unsafe fn host_register_read_only(p: *const u8, bytes: usize) -> Result<()> {
+    // SAFETY: per this function's contract; the driver only reads through the registration.
+    check("cuMemHostRegister", unsafe {
+        sys::cuMemHostRegister_v2(p as *mut c_void, bytes, sys::CU_MEMHOSTREGISTER_READ_ONLY)
+    })
+}
+
+/// Undo [`host_register_read_only`].
+///
+/// # Safety
+/// 1. `p` was registered by [`host_register_read_only`]; no copy still reads it.
+pub unsafe fn host_unregister(p: *const u8) -> Result<()> {
+    // SAFETY: per this function's contract.
+    check("cuMemHostUnregister", unsafe { sys::cuMemHostUnregister(p as *mut c_void) })
+}
+
 /// Queue a host-to-device copy.
 ///
 /// # Safety

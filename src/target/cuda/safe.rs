@@ -72,6 +72,12 @@ impl CudaDevice {
         self.bind()?;
         r::mem_get_info()
     }
+
+    /// Whether the device can DMA from read-only page-locked memory (a file's page cache mapped
+    /// read-only), which [`super::mapped`] needs.
+    pub fn supports_read_only_register(&self) -> Result<bool> {
+        r::supports_read_only_register(self.dev)
+    }
 }
 
 impl Drop for CudaDevice {

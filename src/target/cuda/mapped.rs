@@ -1,0 +1,249 @@
+//! Experimental: DMA straight out of the page cache, with no copy by the CPU.
+//!
+//! The staged pipeline copies every byte from the page cache into a pinned buffer first; on an
+//! H100 host that memcpy tops out near 40 GB/s, below the 50 GB/s the PCIe link can take
+//! (BENCHMARKS.md). Here each window of a file is mapped read-only, page-locked in place with
+//! `cuMemHostRegister(CU_MEMHOSTREGISTER_READ_ONLY)`, copied to the arena by the device's copy
+//! engines, then unregistered and unmapped. Registration pins the page-cache pages (and reads
+//! them from disk if they are not cached), so its cost replaces the memcpy's; whether it is
+//! cheaper is what `bench --strategy pipeline-mapped` measures. Host memory in use is the
+//! windows in flight. The CPU never touches the mapping, so a file truncated under us gives a
+//! driver error (or [`Error::UnexpectedEof`], checked before each window), never SIGBUS.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::result as r;
+use super::{CudaDevice, DeviceArena, Event, Stream};
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::trace::TraceRecorder;
+
+const PAGE: u64 = 4096;
+
+/// Bytes of file mapped and registered at once, per window.
+pub const WINDOW_BYTES: u64 = 32 << 20;
+/// Windows whose copies may be in flight at once (the host memory pinned in place at most:
+/// `WINDOW_BYTES * WINDOWS_IN_FLIGHT`).
+pub const WINDOWS_IN_FLIGHT: usize = 4;
+
+/// Consecutive extents of one file that one mapping covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Window {
+    pub file: usize,
+    /// Page-aligned file offset of the mapping.
+    pub start: u64,
+    /// End of the last extent (not page-aligned).
+    pub end: u64,
+    pub extents: std::ops::Range<usize>,
+}
+
+/// Group the plan's extents into windows of at most `max` bytes (from a page boundary), never
+/// across files. An extent larger than `max` gets a window of its own.
+pub(crate) fn windows(plan: &Plan, max: u64) -> Vec<Window> {
+    let mut out: Vec<Window> = Vec::new();
+    for (i, e) in plan.extents.iter().enumerate() {
+        let end = e.offset + e.len;
+        if let Some(w) = out.last_mut() {
+            if w.file == e.file && end - w.start <= max {
+                w.end = end;
+                w.extents.end = i + 1;
+                continue;
+            }
+        }
+        out.push(Window { file: e.file, start: e.offset / PAGE * PAGE, end, extents: i..i + 1 });
+    }
+    out
+}
+
+/// A read-only mapping of part of a file, page-locked for DMA. Unregisters and unmaps in `Drop`:
+/// the caller must have waited for every copy out of it first.
+struct PinnedMapping {
+    ptr: *mut u8,
+    len: usize,
+    registered: bool,
+    dev: Arc<CudaDevice>,
+}
+
+impl PinnedMapping {
+    fn new(dev: &Arc<CudaDevice>, file: &File, start: u64, len: usize) -> Result<Self> {
+        // SAFETY: a fresh shared read-only mapping; nothing on the CPU reads through it (the
+        // device does, through the registration), so a truncated file cannot raise SIGBUS here.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                start as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::option(format!("mmap failed: {}", std::io::Error::last_os_error())));
+        }
+        let mut m = PinnedMapping { ptr: p.cast(), len, registered: false, dev: Arc::clone(dev) };
+        dev.bind()?;
+        // SAFETY: the mapping is page-aligned, `len` bytes, readable; unregistered in Drop
+        // before it is unmapped.
+        unsafe { r::host_register_read_only(m.ptr, len)? };
+        m.registered = true;
+        Ok(m)
+    }
+}
+
+impl Drop for PinnedMapping {
+    fn drop(&mut self) {
+        if self.registered {
+            // SAFETY: registered in new; the owner waited for the copies (see the type's doc).
+            let _ = self.dev.bind().and_then(|()| unsafe { r::host_unregister(self.ptr) });
+        }
+        // SAFETY: unmapping the mapping made in new, once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Copy every planned extent from the files' page cache into `arena`: windows on `streams`
+/// round-robin, at most [`WINDOWS_IN_FLIGHT`] in flight. `on_done(bytes, file)` is called as each
+/// window lands (progress, cancellation). Nothing is converted: the caller sends converting
+/// plans down the staged path.
+pub(crate) fn run_mapped(
+    dev: &Arc<CudaDevice>,
+    arena: &DeviceArena,
+    plan: &Plan,
+    files: &[File],
+    streams: usize,
+    mut trace: Option<&mut TraceRecorder>,
+    on_done: &mut dyn FnMut(u64, usize) -> Result<()>,
+) -> Result<()> {
+    if !dev.supports_read_only_register()? {
+        return Err(Error::option("--zero-copy needs read-only host registration, which this device or driver lacks"));
+    }
+    let streams = (0..streams.max(1)).map(|_| Stream::new(dev)).collect::<Result<Vec<_>>>()?;
+    let mut in_flight: VecDeque<(PinnedMapping, Event, u64, usize)> = VecDeque::new();
+    let result = (|| -> Result<()> {
+        for (k, w) in windows(plan, WINDOW_BYTES).into_iter().enumerate() {
+            if in_flight.len() >= WINDOWS_IN_FLIGHT {
+                let (m, e, bytes, file) = in_flight.pop_front().expect("non-empty"); // ok: len checked
+                e.synchronize()?;
+                drop(m);
+                on_done(bytes, file)?;
+            }
+            let path = &plan.files[w.file].path;
+            let len_now = files[w.file].metadata().map_err(|e| Error::io(path, e))?.len();
+            if w.end > len_now {
+                let e = &plan.extents[w.extents.start];
+                return Err(Error::UnexpectedEof {
+                    file: path.clone(),
+                    tensor: plan.tensor_at(e, len_now.saturating_sub(e.offset)).map(str::to_string),
+                    what: "tensor data",
+                    at: len_now,
+                });
+            }
+            let map_len = (w.end - w.start).div_ceil(PAGE) * PAGE;
+            let started = Instant::now();
+            let m =
+                PinnedMapping::new(dev, &files[w.file], w.start, map_len as usize).map_err(|e| with_file(e, path))?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.span("register", "register", started, Instant::now(), map_len);
+            }
+            let stream = &streams[k % streams.len()];
+            let mut bytes = 0;
+            for e in &plan.extents[w.extents.clone()] {
+                for p in &plan.pieces[e.pieces.clone()] {
+                    let t = &plan.tensors[p.tensor];
+                    let src_off = (e.offset - w.start + p.extent_offset) as usize;
+                    // SAFETY: the source lies inside the registered mapping (the window covers
+                    // the extent), which stays registered until this window's event has fired;
+                    // the destination is inside t's planned arena range.
+                    unsafe {
+                        r::memcpy_htod_async(
+                            arena.ptr() + t.arena_offset + p.tensor_offset,
+                            m.ptr.add(src_off),
+                            p.len as usize,
+                            stream.raw,
+                        )?
+                    };
+                }
+                bytes += e.len;
+            }
+            let mut ev = Event::new(dev, false)?;
+            ev.record(stream)?;
+            in_flight.push_back((m, ev, bytes, w.file));
+        }
+        while let Some((m, e, bytes, file)) = in_flight.pop_front() {
+            e.synchronize()?;
+            drop(m);
+            on_done(bytes, file)?;
+        }
+        Ok(())
+    })();
+    // On an error, copies may still read the mappings: wait for them before unregistering.
+    for s in &streams {
+        let _ = s.synchronize();
+    }
+    drop(in_flight);
+    result
+}
+
+fn with_file(e: Error, path: &std::path::Path) -> Error {
+    match e {
+        Error::Cuda { call, message, file: None } => Error::Cuda { call, message, file: Some(path.to_path_buf()) },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{write_file, WriteTensor};
+    use crate::plan::PlanOptions;
+    use crate::{Checkpoint, Dtype};
+
+    #[test]
+    fn windows_cover_every_extent_once_within_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![1u8; 5 << 20];
+        let small = vec![2u8; 1000];
+        let mut map = serde_json::Map::new();
+        for f in ["a", "b"] {
+            let mut ts = Vec::new();
+            for i in 0..6 {
+                ts.push(WriteTensor::new(format!("{f}.s{i}"), Dtype::U8, vec![1000], &small));
+                ts.push(WriteTensor::new(format!("{f}.b{i}"), Dtype::U8, vec![5 << 20], &data));
+            }
+            let name = format!("{f}.safetensors");
+            write_file(dir.path().join(&name), &ts, &Default::default()).unwrap();
+            for t in &ts {
+                map.insert(t.name.clone(), name.clone().into());
+            }
+        }
+        let idx = dir.path().join("model.safetensors.index.json");
+        std::fs::write(&idx, serde_json::json!({ "weight_map": map }).to_string()).unwrap();
+        let ckpt = Checkpoint::open(&idx).unwrap();
+        // Two files, gaps where tensors are left out, big tensors split into 4 MiB extents.
+        let select = |n: &str| !n.ends_with("s1") && !n.ends_with("b3");
+        let plan =
+            Plan::new(&ckpt, &select, &|_, d| d, PlanOptions { chunk_bytes: 4 << 20, ..Default::default() }).unwrap();
+        assert!(plan.files.len() == 2 && plan.extents.len() > 10);
+        for max in [1 << 20, 8 << 20, 64 << 20] {
+            let ws = windows(&plan, max);
+            let mut next = 0;
+            for w in &ws {
+                assert_eq!(w.extents.start, next);
+                next = w.extents.end;
+                assert_eq!(w.start % PAGE, 0);
+                for e in &plan.extents[w.extents.clone()] {
+                    assert_eq!(e.file, w.file);
+                    assert!(e.offset >= w.start && e.offset + e.len <= w.end);
+                }
+                assert!(w.end - w.start <= max || w.extents.len() == 1, "{w:?}");
+            }
+            assert_eq!(next, plan.extents.len());
+        }
+        assert!(windows(&plan, 64 << 20).len() < windows(&plan, 1 << 20).len());
+    }
+}
