@@ -105,6 +105,8 @@ def main():
     ap.add_argument("--json-out")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--extra", nargs="*", default=[], help="extra args for weightstream bench")
+    ap.add_argument("--ws-strategy", action="append", default=None,
+                    help="weightstream bench strategies (repeatable; default: pipeline, mmap-copy)")
     a = ap.parse_args()
     if a.one:
         return run_one(a)
@@ -139,8 +141,9 @@ def main():
 
     if a.weightstream:
         W = a.weightstream
-        cmd = [W, "bench", a.file, "--device", "cuda", "--runs", str(a.runs), "--json",
-               "--strategy", "pipeline", "--strategy", "mmap-copy"] + (["--cold"] if a.cold else []) + a.extra
+        strategies = [x for s in (a.ws_strategy or ["pipeline", "mmap-copy"]) for x in ("--strategy", s)]
+        cmd = [W, "bench", a.file, "--device", "cuda", "--runs", str(a.runs), "--json"] + strategies \
+            + (["--cold"] if a.cold else []) + a.extra
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"weightstream failed: {r.stderr}", file=sys.stderr)

@@ -338,7 +338,12 @@ impl Loader {
             return Err(Error::option(format!("--zero-copy needs a CUDA device, not {device}")));
         }
         let select = build_filter(&self.only)?;
-        let staged_chunk = self.staging_size as u64 - if self.direct { 2 * DIRECT_ALIGN } else { 0 };
+        let mut staged_chunk = self.staging_size as u64 - if self.direct { 2 * DIRECT_ALIGN } else { 0 };
+        #[cfg(feature = "cuda")]
+        if self.zero_copy {
+            // Extents no larger than a zero-copy window (still within a staging slot).
+            staged_chunk = staged_chunk.min(crate::target::cuda::mapped::WINDOW_BYTES);
+        }
         let plan = Plan::new(
             ckpt,
             &|n| select.as_ref().is_none_or(|g| g.is_match(n)),
@@ -699,10 +704,11 @@ impl Loader {
                 while next < ops.len() && in_flight < window {
                     let (ti, off, len) = ops[next];
                     let t = &plan.tensors[ti];
-                    // Converted dtypes are whole bytes; the others (sub-byte ones too) land as read.
+                    // Whole elements of the stored dtype become as many of the loaded one (the
+                    // same bytes when it is kept, sub-byte dtypes included).
                     let (at, dst_len) = if t.converts() {
-                        let (sb, db) = (t.dtype.bits() / 8, t.out_dtype.bits() / 8);
-                        (off / sb * db, len / sb * db)
+                        let (sb, db) = (t.dtype.bits(), t.out_dtype.bits());
+                        (off * 8 / sb * db / 8, len * 8 / sb * db / 8)
                     } else {
                         (off, len)
                     };
@@ -721,7 +727,9 @@ impl Loader {
                     // SAFETY: this destination range belongs to this piece alone; the arena
                     // outlives the workers (dropped, so joined, before this function returns)
                     // and the fd is held open by `files` for the whole load.
-                    unsafe { workers.submit(job) }.map_err(|_| self.conversion_failed(plan, t))?;
+                    unsafe { workers.submit(job) }.map_err(|_| Error::ReadEngine {
+                        source: std::io::Error::other("no read-and-convert worker could be started"),
+                    })?;
                     next += 1;
                     in_flight += 1;
                 }

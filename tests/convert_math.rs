@@ -492,3 +492,23 @@ fn convert_host_large_buffers_match_kernel_math() {
     assert!(convert_host(Dtype::F32, Dtype::BF16, &f32src[..7], &mut small).is_err());
     assert!(convert_host(Dtype::F16, Dtype::F8_E4M3, &f32src[..8], &mut [0u8; 4]).is_err());
 }
+
+#[test]
+fn misaligned_buffers_take_the_byte_wise_path_with_the_same_bits() {
+    // Backed by u64s, so an offset of 1 is misaligned for every element type: convert_host then
+    // skips its typed loops, and must still give the kernel math's bits.
+    let mut r = SplitMix(11);
+    let words: Vec<u64> = (0..40_001).map(|_| r.next()).collect();
+    let bytes: &[u8] = bytemuck::cast_slice(&words);
+    for (from, to) in conversions() {
+        let n = (bytes.len() - 1) / (from.bits() / 8) as usize / 2;
+        let src_len = n * (from.bits() / 8) as usize;
+        let src = &bytes[1..1 + src_len];
+        let want = kernel(from, to, src);
+        let mut out = vec![0u64; want.len() / 8 + 2];
+        let out_bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        let dst = &mut out_bytes[1..1 + want.len()];
+        convert_host(from, to, src, dst).unwrap();
+        assert!(dst == &want[..], "{from}->{to} on misaligned buffers");
+    }
+}

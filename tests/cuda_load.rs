@@ -289,18 +289,27 @@ fn zero_copy_loads_byte_for_byte_and_fails_cleanly() {
             assert_eq!(m.tensor(&name).unwrap().to_host_vec().unwrap(), bytes, "{name}");
         }
     }
-    // Filtered: only the selected tensors, the rest of the arena untouched.
-    let m = loader.clone().only("a.*").load(&path).unwrap();
-    assert_eq!(m.len(), 2);
+    // Filtered: only the selected tensors, each byte for byte.
+    let m = loader.clone().only("a.*").only("e.*").load(&path).unwrap();
+    assert_eq!(m.len(), 3);
+    for (name, bytes) in file_tensors(&path).into_iter().filter(|(n, _)| n.starts_with('a') || n.starts_with('e')) {
+        assert_eq!(m.tensor(&name).unwrap().to_host_vec().unwrap(), bytes, "{name} (filtered)");
+    }
     // Converting loads keep the staged path.
     let m = loader.clone().dtype(Dtype::BF16).load(&path).unwrap();
     assert_ne!(m.stats().io, "mmap+register");
-    // Cancelled from progress: the typed error, everything released.
+    // Cancelled after the first window of a 96 MiB file (three windows): the typed error, with
+    // copies of later windows possibly in flight; then the loader loads again.
+    let big = dir.path().join("big.safetensors");
+    let chunk = pattern(3, 32 << 20);
+    let ts: Vec<_> = (0..3).map(|i| WriteTensor::new(format!("t{i}"), Dtype::U8, vec![32 << 20], &chunk)).collect();
+    write_file(&big, &ts, &Default::default()).unwrap();
     let token = weightstream::CancelToken::new();
     let t = token.clone();
     let err =
-        loader.clone().cancel_token(token).progress(std::sync::Arc::new(move |_| t.cancel())).load(&path).unwrap_err();
+        loader.clone().cancel_token(token).progress(std::sync::Arc::new(move |_| t.cancel())).load(&big).unwrap_err();
     assert!(matches!(err, Error::Cancelled), "{err:?}");
+    assert_eq!(loader.load(&big).unwrap().tensor("t2").unwrap().to_host_vec().unwrap(), chunk);
     // Truncated after planning: an error naming the file, never SIGBUS.
     let ckpt = weightstream::Checkpoint::open(&path).unwrap();
     let len = std::fs::metadata(&path).unwrap().len();

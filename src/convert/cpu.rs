@@ -137,6 +137,16 @@ pub fn convert_host(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Resul
     })
 }
 
+/// [`convert_host`] on the calling thread only (callers that are already one of many threads).
+pub(crate) fn convert_serial(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<()> {
+    check(from, to, src.len(), dst.len())?;
+    if from == to {
+        dst.copy_from_slice(src);
+        return Ok(());
+    }
+    convert_chunk(from, to, src, dst)
+}
+
 /// Converts one chunk on the calling thread. Lengths are already checked.
 fn convert_chunk(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<()> {
     if super::lanes::convert(from, to, src, dst) {

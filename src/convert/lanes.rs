@@ -1,12 +1,12 @@
 //! Host conversions over aligned, typed slices, written as branch-free per-element code that the
-//! compiler turns into vector instructions (and `half`'s F16C slice conversions where the CPU has
-//! them).
+//! compiler turns into vector instructions, compiled for AVX-512, AVX2 and the baseline and
+//! picked at run time.
 //!
 //! This is the cpu target's fast path: the byte-wise code in `cpu.rs` converts about 4 GB/s on
 //! one core, these loops several times that. Each function gives the same bits as `half`
-//! (checked exhaustively over every 16-bit input and a large f32 sample in
-//! `tests/convert_math.rs`). A slice that is not aligned to its element type, or a big-endian
-//! host, falls back to the byte-wise code (`convert` returns `false`).
+//! (checked here over every 16-bit input and the f32 rounding boundaries, and in
+//! `tests/convert_math.rs` against the kernels' math). A slice that is not aligned to its element
+//! type, or a big-endian host, falls back to the byte-wise code (`convert` returns `false`).
 
 use bytemuck::Pod;
 
@@ -196,11 +196,22 @@ mod tests {
     #[test]
     fn f32_functions_match_half_at_every_rounding_boundary() {
         for hi in 0..=u16::MAX as u32 {
-            for lo in [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF] {
+            // bf16 ties sit at 0x8000 in the low half, f16 ties at 0x1000 (for normal results).
+            for lo in [0u32, 1, 0x0FFF, 0x1000, 0x1001, 0x3000, 0x7FFF, 0x8000, 0x8001, 0xFFFF] {
                 let x = (hi << 16) | lo;
                 assert_eq!(f32_to_bf16(x), bf16::from_f32(f32::from_bits(x)).to_bits(), "f32 {x:#010x} -> bf16");
                 assert_eq!(f32_to_f16(x), f16::from_f32_const(f32::from_bits(x)).to_bits(), "f32 {x:#010x} -> f16");
             }
+        }
+    }
+
+    #[test]
+    fn f64_to_f32_is_rust_rounding() {
+        let xs = [0.1f64, -1e300, 1e-300, f64::NAN, f64::INFINITY, 3.4028235677973366e38, 1.0 + f64::EPSILON];
+        let mut out = [0f32; 7];
+        f64_f32(&xs, &mut out);
+        for (x, o) in xs.iter().zip(out) {
+            assert_eq!(o.to_bits(), (*x as f32).to_bits(), "{x}");
         }
     }
 

@@ -166,9 +166,11 @@ fn worker(
                 let dst = unsafe { std::slice::from_raw_parts_mut(j.dst, j.dst_len) };
                 let src = &buf[..j.len];
                 // A panic must still answer the job, or the loader would wait for it forever.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| super::convert_host(j.from, j.to, src, dst)))
-                    .map_err(|_| JobError::Convert)
-                    .and_then(|r| r.map_err(|_| JobError::Convert))
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    super::cpu::convert_serial(j.from, j.to, src, dst)
+                }))
+                .map_err(|_| JobError::Convert)
+                .and_then(|r| r.map_err(|_| JobError::Convert))
             }
             other => other,
         };

@@ -9,6 +9,7 @@
 //! cheaper is what `bench --strategy pipeline-mapped` measures. Host memory in use is the
 //! windows in flight. The CPU never touches the mapping, so a file truncated under us gives a
 //! driver error (or [`Error::UnexpectedEof`], checked before each window), never SIGBUS.
+//! Injected read faults (tests) do not apply here: nothing is read by a system call.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -21,8 +22,6 @@ use super::{CudaDevice, DeviceArena, Event, Stream};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::trace::TraceRecorder;
-
-const PAGE: u64 = 4096;
 
 /// Bytes of file mapped and registered at once, per window.
 pub const WINDOW_BYTES: u64 = 32 << 20;
@@ -41,20 +40,23 @@ pub(crate) struct Window {
     pub extents: std::ops::Range<usize>,
 }
 
-/// Group the plan's extents into windows of at most `max` bytes (from a page boundary), never
-/// across files. An extent larger than `max` gets a window of its own.
-pub(crate) fn windows(plan: &Plan, max: u64) -> Vec<Window> {
+/// Group the plan's extents into windows of at most `max` bytes from a `page` boundary, never
+/// across files, and only across gaps the planner would read through anyway (so a filtered load
+/// does not pin unselected tensors). An extent larger than `max` gets a window of its own (the
+/// loader plans zero-copy loads with extents of at most [`WINDOW_BYTES`]).
+pub(crate) fn windows(plan: &Plan, max: u64, page: u64) -> Vec<Window> {
+    let max_gap = crate::plan::PlanOptions::default().max_gap;
     let mut out: Vec<Window> = Vec::new();
     for (i, e) in plan.extents.iter().enumerate() {
         let end = e.offset + e.len;
         if let Some(w) = out.last_mut() {
-            if w.file == e.file && end - w.start <= max {
+            if w.file == e.file && e.offset >= w.end && e.offset - w.end <= max_gap && end - w.start <= max {
                 w.end = end;
                 w.extents.end = i + 1;
                 continue;
             }
         }
-        out.push(Window { file: e.file, start: e.offset / PAGE * PAGE, end, extents: i..i + 1 });
+        out.push(Window { file: e.file, start: e.offset / page * page, end, extents: i..i + 1 });
     }
     out
 }
@@ -69,7 +71,7 @@ struct PinnedMapping {
 }
 
 impl PinnedMapping {
-    fn new(dev: &Arc<CudaDevice>, file: &File, start: u64, len: usize) -> Result<Self> {
+    fn new(dev: &Arc<CudaDevice>, file: &File, path: &std::path::Path, start: u64, len: usize) -> Result<Self> {
         // SAFETY: a fresh shared read-only mapping; nothing on the CPU reads through it (the
         // device does, through the registration), so a truncated file cannot raise SIGBUS here.
         let p = unsafe {
@@ -83,13 +85,13 @@ impl PinnedMapping {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Error::option(format!("mmap failed: {}", std::io::Error::last_os_error())));
+            return Err(Error::io(path, std::io::Error::last_os_error()));
         }
         let mut m = PinnedMapping { ptr: p.cast(), len, registered: false, dev: Arc::clone(dev) };
         dev.bind()?;
         // SAFETY: the mapping is page-aligned, `len` bytes, readable; unregistered in Drop
         // before it is unmapped.
-        unsafe { r::host_register_read_only(m.ptr, len)? };
+        unsafe { r::host_register_read_only(m.ptr, len) }.map_err(|e| with_file(e, path))?;
         m.registered = true;
         Ok(m)
     }
@@ -123,19 +125,35 @@ pub(crate) fn run_mapped(
         return Err(Error::option("--zero-copy needs read-only host registration, which this device or driver lacks"));
     }
     let streams = (0..streams.max(1)).map(|_| Stream::new(dev)).collect::<Result<Vec<_>>>()?;
-    let mut in_flight: VecDeque<(PinnedMapping, Event, u64, usize)> = VecDeque::new();
+    let page = page_size();
+    // A window enters this queue before its first copy is queued and leaves it only after its
+    // event fired, so an error anywhere leaves every mapping a copy may read in here, until the
+    // streams are synchronized below.
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let result = (|| -> Result<()> {
-        for (k, w) in windows(plan, WINDOW_BYTES).into_iter().enumerate() {
+        let mut land_oldest = |in_flight: &mut VecDeque<InFlight>| -> Result<()> {
+            if let Some(w) = in_flight.front() {
+                if let Some(e) = &w.event {
+                    e.synchronize()?;
+                }
+                let w = in_flight.pop_front().expect("front exists"); // ok: checked above
+                drop(w.mapping);
+                on_done(w.bytes, w.file)?;
+            }
+            Ok(())
+        };
+        for (k, w) in windows(plan, WINDOW_BYTES, page).into_iter().enumerate() {
             if in_flight.len() >= WINDOWS_IN_FLIGHT {
-                let (m, e, bytes, file) = in_flight.pop_front().expect("non-empty"); // ok: len checked
-                e.synchronize()?;
-                drop(m);
-                on_done(bytes, file)?;
+                land_oldest(&mut in_flight)?;
             }
             let path = &plan.files[w.file].path;
             let len_now = files[w.file].metadata().map_err(|e| Error::io(path, e))?.len();
             if w.end > len_now {
-                let e = &plan.extents[w.extents.start];
+                // The extent the file now ends in (or before).
+                let e = plan.extents[w.extents.clone()]
+                    .iter()
+                    .find(|e| e.offset + e.len > len_now)
+                    .unwrap_or(&plan.extents[w.extents.start]);
                 return Err(Error::UnexpectedEof {
                     file: path.clone(),
                     tensor: plan.tensor_at(e, len_now.saturating_sub(e.offset)).map(str::to_string),
@@ -143,13 +161,14 @@ pub(crate) fn run_mapped(
                     at: len_now,
                 });
             }
-            let map_len = (w.end - w.start).div_ceil(PAGE) * PAGE;
+            let map_len = (w.end - w.start).div_ceil(page) * page;
             let started = Instant::now();
-            let m =
-                PinnedMapping::new(dev, &files[w.file], w.start, map_len as usize).map_err(|e| with_file(e, path))?;
+            let mapping = PinnedMapping::new(dev, &files[w.file], path, w.start, map_len as usize)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.span("register", "register", started, Instant::now(), map_len);
             }
+            let base = mapping.ptr;
+            in_flight.push_back(InFlight { mapping, event: None, bytes: 0, file: w.file });
             let stream = &streams[k % streams.len()];
             let mut bytes = 0;
             for e in &plan.extents[w.extents.clone()] {
@@ -157,27 +176,29 @@ pub(crate) fn run_mapped(
                     let t = &plan.tensors[p.tensor];
                     let src_off = (e.offset - w.start + p.extent_offset) as usize;
                     // SAFETY: the source lies inside the registered mapping (the window covers
-                    // the extent), which stays registered until this window's event has fired;
-                    // the destination is inside t's planned arena range.
+                    // the extent), which stays in `in_flight`, registered, until this window's
+                    // event has fired or the streams were synchronized; the destination is
+                    // inside t's planned arena range.
                     unsafe {
                         r::memcpy_htod_async(
                             arena.ptr() + t.arena_offset + p.tensor_offset,
-                            m.ptr.add(src_off),
+                            base.add(src_off),
                             p.len as usize,
                             stream.raw,
-                        )?
+                        )
+                        .map_err(|e| with_file(e, path))?
                     };
                 }
                 bytes += e.len;
             }
             let mut ev = Event::new(dev, false)?;
             ev.record(stream)?;
-            in_flight.push_back((m, ev, bytes, w.file));
+            let last = in_flight.back_mut().expect("pushed above"); // ok: pushed above
+            last.event = Some(ev);
+            last.bytes = bytes;
         }
-        while let Some((m, e, bytes, file)) = in_flight.pop_front() {
-            e.synchronize()?;
-            drop(m);
-            on_done(bytes, file)?;
+        while !in_flight.is_empty() {
+            land_oldest(&mut in_flight)?;
         }
         Ok(())
     })();
@@ -187,6 +208,27 @@ pub(crate) fn run_mapped(
     }
     drop(in_flight);
     result
+}
+
+/// A window whose copies are queued: its mapping, the event behind its last copy (`None` while
+/// copies are still being queued), the bytes it carries and its file.
+struct InFlight {
+    mapping: PinnedMapping,
+    event: Option<Event>,
+    bytes: u64,
+    file: usize,
+}
+
+/// The host's page size, which `mmap` offsets and `cuMemHostRegister` ranges must be multiples
+/// of (64 KiB on some ARM servers).
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
 }
 
 fn with_file(e: Error, path: &std::path::Path) -> Error {
@@ -230,12 +272,12 @@ mod tests {
             Plan::new(&ckpt, &select, &|_, d| d, PlanOptions { chunk_bytes: 4 << 20, ..Default::default() }).unwrap();
         assert!(plan.files.len() == 2 && plan.extents.len() > 10);
         for max in [1 << 20, 8 << 20, 64 << 20] {
-            let ws = windows(&plan, max);
+            let ws = windows(&plan, max, 4096);
             let mut next = 0;
             for w in &ws {
                 assert_eq!(w.extents.start, next);
                 next = w.extents.end;
-                assert_eq!(w.start % PAGE, 0);
+                assert_eq!(w.start % 4096, 0);
                 for e in &plan.extents[w.extents.clone()] {
                     assert_eq!(e.file, w.file);
                     assert!(e.offset >= w.start && e.offset + e.len <= w.end);
@@ -244,6 +286,12 @@ mod tests {
             }
             assert_eq!(next, plan.extents.len());
         }
-        assert!(windows(&plan, 64 << 20).len() < windows(&plan, 1 << 20).len());
+        assert!(windows(&plan, 64 << 20, 4096).len() < windows(&plan, 1 << 20, 4096).len());
+        // Left-out tensors are never inside a window: every window's bytes are selected ones or
+        // gaps the planner reads through.
+        for w in windows(&plan, 64 << 20, 4096) {
+            let selected: u64 = plan.extents[w.extents.clone()].iter().map(|e| e.len).sum();
+            assert!(w.end - w.start <= selected + 4096 + w.extents.len() as u64 * (256 << 10), "{w:?}");
+        }
     }
 }
