@@ -250,7 +250,7 @@ impl Loader {
     }
 
     /// Experimental (CUDA target, buffered reads): the device copies straight out of the page
-    /// cache, with no CPU copy; each 32 MiB window of a file is mapped read-only and page-locked
+    /// cache, with no CPU copy; each 16 MiB window of a file is mapped read-only and page-locked
     /// in place (`cuMemHostRegister`) while its copies run. Loads that convert, or use O_DIRECT,
     /// keep the staging ring. Not yet measured on a GPU: see BENCHMARKS.md before relying on it.
     ///
@@ -437,7 +437,18 @@ impl Loader {
                     self.report(done, total, &plan.files[file].path);
                     self.check_cancel()
                 };
-                cuda::mapped::run_mapped(&dev, &arena, &plan, &files, self.streams, trace.as_mut(), &mut on_done)?;
+                // Registration threads: as many as readers would be, at most one per pinned window.
+                let registrars = self.threads.min(cuda::mapped::WINDOWS_PINNED);
+                cuda::mapped::run_mapped(
+                    &dev,
+                    &arena,
+                    &plan,
+                    &files,
+                    self.streams,
+                    registrars,
+                    trace.as_mut(),
+                    &mut on_done,
+                )?;
                 (Storage::Cuda(arena), 0, false)
             }
             #[cfg(feature = "cuda")]

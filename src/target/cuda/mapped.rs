@@ -11,10 +11,12 @@
 //! driver error (or [`Error::UnexpectedEof`], checked before each window), never SIGBUS.
 //! Injected read faults (tests) do not apply here: nothing is read by a system call.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::result as r;
@@ -24,9 +26,12 @@ use crate::plan::Plan;
 use crate::trace::TraceRecorder;
 
 /// Bytes of file mapped and registered at once, per window.
-pub const WINDOW_BYTES: u64 = 32 << 20;
-/// Windows whose copies may be in flight at once (the host memory pinned in place at most:
-/// `WINDOW_BYTES * WINDOWS_IN_FLIGHT`).
+pub const WINDOW_BYTES: u64 = 16 << 20;
+/// Windows registered at once, at most: the page cache pinned in place, and mapped into this
+/// process (so counted in its RSS), is at most `WINDOW_BYTES * WINDOWS_PINNED` (128 MiB, the
+/// default staging ring's size).
+pub const WINDOWS_PINNED: usize = 8;
+/// Of those, windows whose copies may be queued at once; the others are registered ahead.
 pub const WINDOWS_IN_FLIGHT: usize = 4;
 
 /// Consecutive extents of one file that one mapping covers.
@@ -70,6 +75,10 @@ struct PinnedMapping {
     dev: Arc<CudaDevice>,
 }
 
+// SAFETY: the mapping is owned by this value alone; registering, unregistering and unmapping
+// work from any thread (each call binds the device's context first).
+unsafe impl Send for PinnedMapping {}
+
 impl PinnedMapping {
     fn new(dev: &Arc<CudaDevice>, file: &File, path: &std::path::Path, start: u64, len: usize) -> Result<Self> {
         // SAFETY: a fresh shared read-only mapping; nothing on the CPU reads through it (the
@@ -108,16 +117,21 @@ impl Drop for PinnedMapping {
     }
 }
 
-/// Copy every planned extent from the files' page cache into `arena`: windows on `streams`
-/// round-robin, at most [`WINDOWS_IN_FLIGHT`] in flight. `on_done(bytes, file)` is called as each
-/// window lands (progress, cancellation). Nothing is converted: the caller sends converting
-/// plans down the staged path.
+/// Copy every planned extent from the files' page cache into `arena`. `registrars` threads map
+/// and register windows ahead, in parallel (registration pins page by page and is the cost of
+/// this path); this thread queues each window's copies, in file order, on `streams`
+/// round-robin. At most [`WINDOWS_PINNED`] windows are registered at a time, of which at most
+/// [`WINDOWS_IN_FLIGHT`] have copies queued. `on_done(bytes, file)` is called as each window lands
+/// (progress, cancellation). Nothing is converted: the caller sends converting plans down the
+/// staged path.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run_mapped(
     dev: &Arc<CudaDevice>,
     arena: &DeviceArena,
     plan: &Plan,
     files: &[File],
     streams: usize,
+    registrars: usize,
     mut trace: Option<&mut TraceRecorder>,
     on_done: &mut dyn FnMut(u64, usize) -> Result<()>,
 ) -> Result<()> {
@@ -126,88 +140,155 @@ pub(crate) fn run_mapped(
     }
     let streams = (0..streams.max(1)).map(|_| Stream::new(dev)).collect::<Result<Vec<_>>>()?;
     let page = page_size();
-    // A window enters this queue before its first copy is queued and leaves it only after its
-    // event fired, so an error anywhere leaves every mapping a copy may read in here, until the
-    // streams are synchronized below.
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let result = (|| -> Result<()> {
-        let mut land_oldest = |in_flight: &mut VecDeque<InFlight>| -> Result<()> {
-            if let Some(w) = in_flight.front() {
-                if let Some(e) = &w.event {
-                    e.synchronize()?;
+    let wins = windows(plan, WINDOW_BYTES, page);
+    // Permits bound the registered windows: a registrar takes one before it registers the next
+    // window, this thread gives it back when that window has landed.
+    let (permit_tx, permit_rx) = sync_channel::<()>(WINDOWS_PINNED);
+    for _ in 0..WINDOWS_PINNED {
+        let _ = permit_tx.send(());
+    }
+    let permit_rx = Mutex::new(permit_rx);
+    let next = AtomicUsize::new(0);
+    let (done_tx, done_rx) = sync_channel::<Registered>(WINDOWS_PINNED);
+    std::thread::scope(|scope| {
+        for _ in 0..registrars.clamp(1, WINDOWS_PINNED) {
+            let (done_tx, permit_rx, next, wins) = (done_tx.clone(), &permit_rx, &next, &wins);
+            scope.spawn(move || {
+                if dev.bind().is_err() {
+                    return; // the main thread reports the missing window
                 }
-                let w = in_flight.pop_front().expect("front exists"); // ok: checked above
-                drop(w.mapping);
-                on_done(w.bytes, w.file)?;
+                loop {
+                    let permit = permit_rx.lock().map(|rx| rx.recv());
+                    if !matches!(permit, Ok(Ok(()))) {
+                        return; // the main thread stopped
+                    }
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(w) = wins.get(k) else { return };
+                    let started = Instant::now();
+                    let mapping = register(dev, plan, files, w, page);
+                    let r = Registered { index: k, mapping, started, finished: Instant::now() };
+                    if done_tx.send(r).is_err() {
+                        return; // dropping the mapping unregisters it: no copy was queued from it
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        // A window enters `in_flight` before its first copy is queued and leaves it only after
+        // its event fired, so on an error every mapping a copy may read is in there until the
+        // streams are synchronized below.
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut ready: BTreeMap<usize, Registered> = BTreeMap::new();
+        let result = (|| -> Result<()> {
+            let mut land_oldest = |in_flight: &mut VecDeque<InFlight>| -> Result<()> {
+                if let Some(w) = in_flight.front() {
+                    if let Some(e) = &w.event {
+                        e.synchronize()?;
+                    }
+                    let w = in_flight.pop_front().expect("front exists"); // ok: checked above
+                    drop(w.mapping);
+                    let _ = permit_tx.send(());
+                    on_done(w.bytes, w.file)?;
+                }
+                Ok(())
+            };
+            for (k, w) in wins.iter().enumerate() {
+                if in_flight.len() >= WINDOWS_IN_FLIGHT {
+                    land_oldest(&mut in_flight)?;
+                }
+                let reg = loop {
+                    if let Some(r) = ready.remove(&k) {
+                        break r;
+                    }
+                    match done_rx.recv() {
+                        Ok(r) => {
+                            ready.insert(r.index, r);
+                        }
+                        Err(_) => return Err(Error::option("internal: the zero-copy registrars stopped")),
+                    }
+                };
+                if let Some(t) = trace.as_deref_mut() {
+                    t.span("register", "register", reg.started, reg.finished, w.end - w.start);
+                }
+                let mapping = reg.mapping?;
+                let path = &plan.files[w.file].path;
+                let base = mapping.ptr;
+                in_flight.push_back(InFlight { mapping, event: None, bytes: 0, file: w.file });
+                let stream = &streams[k % streams.len()];
+                let mut bytes = 0;
+                for e in &plan.extents[w.extents.clone()] {
+                    for p in &plan.pieces[e.pieces.clone()] {
+                        let t = &plan.tensors[p.tensor];
+                        let src_off = (e.offset - w.start + p.extent_offset) as usize;
+                        // SAFETY: the source lies inside the registered mapping (the window
+                        // covers the extent), which stays in `in_flight`, registered, until this
+                        // window's event has fired or the streams were synchronized; the
+                        // destination is inside t's planned arena range.
+                        unsafe {
+                            r::memcpy_htod_async(
+                                arena.ptr() + t.arena_offset + p.tensor_offset,
+                                base.add(src_off),
+                                p.len as usize,
+                                stream.raw,
+                            )
+                            .map_err(|e| with_file(e, path))?
+                        };
+                    }
+                    bytes += e.len;
+                }
+                let mut ev = Event::new(dev, false)?;
+                ev.record(stream)?;
+                let last = in_flight.back_mut().expect("pushed above"); // ok: pushed above
+                last.event = Some(ev);
+                last.bytes = bytes;
             }
-            Ok(())
-        };
-        for (k, w) in windows(plan, WINDOW_BYTES, page).into_iter().enumerate() {
-            if in_flight.len() >= WINDOWS_IN_FLIGHT {
+            while !in_flight.is_empty() {
                 land_oldest(&mut in_flight)?;
             }
-            let path = &plan.files[w.file].path;
-            let len_now = files[w.file].metadata().map_err(|e| Error::io(path, e))?.len();
-            if w.end > len_now {
-                // The extent the file now ends in (or before).
-                let e = plan.extents[w.extents.clone()]
-                    .iter()
-                    .find(|e| e.offset + e.len > len_now)
-                    .unwrap_or(&plan.extents[w.extents.start]);
-                return Err(Error::UnexpectedEof {
-                    file: path.clone(),
-                    tensor: plan.tensor_at(e, len_now.saturating_sub(e.offset)).map(str::to_string),
-                    what: "tensor data",
-                    at: len_now,
-                });
-            }
-            let map_len = (w.end - w.start).div_ceil(page) * page;
-            let started = Instant::now();
-            let mapping = PinnedMapping::new(dev, &files[w.file], path, w.start, map_len as usize)?;
-            if let Some(t) = trace.as_deref_mut() {
-                t.span("register", "register", started, Instant::now(), map_len);
-            }
-            let base = mapping.ptr;
-            in_flight.push_back(InFlight { mapping, event: None, bytes: 0, file: w.file });
-            let stream = &streams[k % streams.len()];
-            let mut bytes = 0;
-            for e in &plan.extents[w.extents.clone()] {
-                for p in &plan.pieces[e.pieces.clone()] {
-                    let t = &plan.tensors[p.tensor];
-                    let src_off = (e.offset - w.start + p.extent_offset) as usize;
-                    // SAFETY: the source lies inside the registered mapping (the window covers
-                    // the extent), which stays in `in_flight`, registered, until this window's
-                    // event has fired or the streams were synchronized; the destination is
-                    // inside t's planned arena range.
-                    unsafe {
-                        r::memcpy_htod_async(
-                            arena.ptr() + t.arena_offset + p.tensor_offset,
-                            base.add(src_off),
-                            p.len as usize,
-                            stream.raw,
-                        )
-                        .map_err(|e| with_file(e, path))?
-                    };
-                }
-                bytes += e.len;
-            }
-            let mut ev = Event::new(dev, false)?;
-            ev.record(stream)?;
-            let last = in_flight.back_mut().expect("pushed above"); // ok: pushed above
-            last.event = Some(ev);
-            last.bytes = bytes;
+            Ok(())
+        })();
+        // On an error, copies may still read the mappings: wait for them before unregistering.
+        for s in &streams {
+            let _ = s.synchronize();
         }
-        while !in_flight.is_empty() {
-            land_oldest(&mut in_flight)?;
-        }
-        Ok(())
-    })();
-    // On an error, copies may still read the mappings: wait for them before unregistering.
-    for s in &streams {
-        let _ = s.synchronize();
+        drop(in_flight);
+        // Stop the registrars: no more permits, nobody receiving; registered windows no copy
+        // was queued from are unregistered as they drop.
+        drop(permit_tx);
+        drop(done_rx);
+        drop(ready);
+        result
+    })
+}
+
+/// Map and register window `w` (a registrar thread's work), after checking that the file still
+/// holds it.
+fn register(dev: &Arc<CudaDevice>, plan: &Plan, files: &[File], w: &Window, page: u64) -> Result<PinnedMapping> {
+    let path = &plan.files[w.file].path;
+    let len_now = files[w.file].metadata().map_err(|e| Error::io(path, e))?.len();
+    if w.end > len_now {
+        // The extent the file now ends in (or before).
+        let e = plan.extents[w.extents.clone()]
+            .iter()
+            .find(|e| e.offset + e.len > len_now)
+            .unwrap_or(&plan.extents[w.extents.start]);
+        return Err(Error::UnexpectedEof {
+            file: path.clone(),
+            tensor: plan.tensor_at(e, len_now.saturating_sub(e.offset)).map(str::to_string),
+            what: "tensor data",
+            at: len_now,
+        });
     }
-    drop(in_flight);
-    result
+    let map_len = (w.end - w.start).div_ceil(page) * page;
+    PinnedMapping::new(dev, &files[w.file], path, w.start, map_len as usize)
+}
+
+/// A window a registrar mapped and registered (or failed to).
+struct Registered {
+    index: usize,
+    mapping: Result<PinnedMapping>,
+    started: Instant,
+    finished: Instant,
 }
 
 /// A window whose copies are queued: its mapping, the event behind its last copy (`None` while
