@@ -153,7 +153,9 @@ pub(crate) fn run_mapped(
     std::thread::scope(|scope| {
         for _ in 0..registrars.clamp(1, WINDOWS_PINNED) {
             let (done_tx, permit_rx, next, wins) = (done_tx.clone(), &permit_rx, &next, &wins);
-            scope.spawn(move || {
+            // A thread the OS refuses is one registrar fewer; with none at all, the main thread
+            // finds the channel closed and returns an error.
+            let _ = std::thread::Builder::new().name("ws-register".into()).spawn_scoped(scope, move || {
                 if dev.bind().is_err() {
                     return; // the main thread reports the missing window
                 }
@@ -165,7 +167,10 @@ pub(crate) fn run_mapped(
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(w) = wins.get(k) else { return };
                     let started = Instant::now();
-                    let mapping = register(dev, plan, files, w, page);
+                    // A panic must still answer window k, or the main thread would wait for it.
+                    let mapping =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| register(dev, plan, files, w, page)))
+                            .unwrap_or_else(|_| Err(Error::option("internal: a zero-copy registrar panicked")));
                     let r = Registered { index: k, mapping, started, finished: Instant::now() };
                     if done_tx.send(r).is_err() {
                         return; // dropping the mapping unregisters it: no copy was queued from it
@@ -179,6 +184,9 @@ pub(crate) fn run_mapped(
         // streams are synchronized below.
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut ready: BTreeMap<usize, Registered> = BTreeMap::new();
+        // Dropped before `ready` and `in_flight` even when unwinding from a panic (a progress
+        // callback's, say): no mapping is unregistered while a queued copy may read it.
+        let streams_idle = SyncOnDrop(&streams);
         let result = (|| -> Result<()> {
             let mut land_oldest = |in_flight: &mut VecDeque<InFlight>| -> Result<()> {
                 if let Some(w) = in_flight.front() {
@@ -247,10 +255,10 @@ pub(crate) fn run_mapped(
             }
             Ok(())
         })();
-        // On an error, copies may still read the mappings: wait for them before unregistering.
-        for s in &streams {
-            let _ = s.synchronize();
-        }
+        // No new registrations; then, on an error, copies may still read the mappings: wait for
+        // them before unregistering.
+        next.store(wins.len(), Ordering::Relaxed);
+        drop(streams_idle);
         drop(in_flight);
         // Stop the registrars: no more permits, nobody receiving; registered windows no copy
         // was queued from are unregistered as they drop.
@@ -259,6 +267,17 @@ pub(crate) fn run_mapped(
         drop(ready);
         result
     })
+}
+
+/// Synchronizes every stream when dropped.
+struct SyncOnDrop<'a>(&'a [Stream]);
+
+impl Drop for SyncOnDrop<'_> {
+    fn drop(&mut self) {
+        for s in self.0 {
+            let _ = s.synchronize();
+        }
+    }
 }
 
 /// Map and register window `w` (a registrar thread's work), after checking that the file still
