@@ -213,7 +213,9 @@ impl Loader {
         self
     }
 
-    /// Reader threads (pread engine; bound on io_uring's workers), 1 to 256.
+    /// Reader threads, 1 to 256: the pread engine's pool, the bound on io_uring's workers, the
+    /// read-and-convert workers of converted cpu loads, and (up to 8) the registrars of
+    /// [`Loader::zero_copy`].
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads.clamp(1, MAX_THREADS);
         self
