@@ -340,12 +340,13 @@ impl Loader {
             return Err(Error::option(format!("--zero-copy needs a CUDA device, not {device}")));
         }
         let select = build_filter(&self.only)?;
-        let mut staged_chunk = self.staging_size as u64 - if self.direct { 2 * DIRECT_ALIGN } else { 0 };
+        let staged_chunk = self.staging_size as u64 - if self.direct { 2 * DIRECT_ALIGN } else { 0 };
+        // Extents no larger than a zero-copy window (still within a staging slot).
         #[cfg(feature = "cuda")]
-        if self.zero_copy {
-            // Extents no larger than a zero-copy window (still within a staging slot).
-            staged_chunk = staged_chunk.min(crate::target::cuda::mapped::WINDOW_BYTES);
-        }
+        let staged_chunk = match self.zero_copy {
+            true => staged_chunk.min(crate::target::cuda::mapped::WINDOW_BYTES),
+            false => staged_chunk,
+        };
         let plan = Plan::new(
             ckpt,
             &|n| select.as_ref().is_none_or(|g| g.is_match(n)),
@@ -388,6 +389,7 @@ impl Loader {
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
 
         let mut bytes_read = plan.bytes_to_read();
+        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
         let mut device_scratch_bytes = 0;
         // Every path but the read-and-convert one has an engine.
         let engine = move || engine.ok_or_else(|| Error::option("internal: no read engine"));
