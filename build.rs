@@ -24,8 +24,8 @@ fn main() {
     }
     println!("cargo:rustc-check-cfg=cfg(ws_convert_ptx)");
 
-    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")); // ok: build script, cargo always sets it
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")); // ok: build script, cargo always sets it
     let kernels = manifest.join("kernels");
 
     // 1. Host shim. Always optimised: the exhaustive tests run it over billions of inputs.
@@ -48,7 +48,7 @@ fn main() {
         .map(|l| if l.trim_start().starts_with("#include \"convert_math.cuh\"") { header.as_str() } else { l })
         .collect::<Vec<_>>()
         .join("\n");
-    fs::write(out.join("convert_nvrtc.cu"), inlined).expect("write $OUT_DIR/convert_nvrtc.cu");
+    fs::write(out.join("convert_nvrtc.cu"), inlined).expect("write $OUT_DIR/convert_nvrtc.cu"); // ok: build script, cannot go on without it
 
     // 3. PTX with nvcc, when the CUDA target is built and nvcc is found.
     if env::var_os("CARGO_FEATURE_CUDA").is_none() || env::var_os("WEIGHTSTREAM_NO_NVCC").is_some() {

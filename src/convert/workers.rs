@@ -9,11 +9,9 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::io::pool::WorkerPool;
 use crate::io::Fault;
 use crate::Dtype;
 
@@ -61,9 +59,7 @@ pub(crate) struct JobDone {
 
 /// Worker threads running [`ReadConvertJob`]s, in any order.
 pub(crate) struct ReadConvertWorkers {
-    jobs: Option<Sender<ReadConvertJob>>,
-    done: Receiver<JobDone>,
-    threads: Vec<JoinHandle<()>>,
+    pool: WorkerPool<ReadConvertJob, JobDone>,
     pending: usize,
 }
 
@@ -71,25 +67,17 @@ impl ReadConvertWorkers {
     /// Start `threads` workers (at least one; fewer where the OS refuses more), each with a
     /// buffer of `read_size` bytes, injecting `fault` into their reads (tests).
     pub fn new(threads: usize, read_size: usize, fault: Option<Fault>) -> Self {
-        let (jobs, job_rx) = channel::<ReadConvertJob>();
-        let (done_tx, done) = channel();
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let threads = (0..threads.max(1))
-            .map_while(|i| {
-                let rx = Arc::clone(&job_rx);
-                let tx = done_tx.clone();
-                std::thread::Builder::new()
-                    .name(format!("ws-convert-{i}"))
-                    .spawn(move || worker(i, rx, tx, read_size, fault))
-                    .ok()
-            })
-            .collect();
-        ReadConvertWorkers { jobs: Some(jobs), done, threads, pending: 0 }
+        let pool = WorkerPool::new("ws-convert", threads, |index| {
+            // Allocated on the first conversion: a worker that only reads in place needs none.
+            let mut buf: Vec<u8> = Vec::new();
+            move |job| run_job(index, job, &mut buf, read_size, fault)
+        });
+        ReadConvertWorkers { pool, pending: 0 }
     }
 
     /// Workers running.
     pub fn threads(&self) -> usize {
-        self.threads.len()
+        self.pool.threads()
     }
 
     /// Queue a job. `job.len` must be at most the workers' read size when `from != to`.
@@ -99,11 +87,7 @@ impl ReadConvertWorkers {
     /// `job.fd` must stay open, until this job's outcome was returned by
     /// [`ReadConvertWorkers::wait`] or the pool was dropped (dropping waits for every queued job).
     pub unsafe fn submit(&mut self, job: ReadConvertJob) -> Result<(), JobError> {
-        let sent = match &self.jobs {
-            Some(tx) if !self.threads.is_empty() => tx.send(job).is_ok(),
-            _ => false,
-        };
-        if !sent {
+        if !self.pool.send(job) {
             return Err(JobError::Convert);
         }
         self.pending += 1;
@@ -115,70 +99,46 @@ impl ReadConvertWorkers {
         if self.pending == 0 {
             return None;
         }
-        match self.done.recv() {
-            Ok(d) => {
-                self.pending -= 1;
-                Some(d)
-            }
-            Err(_) => {
-                self.pending = 0;
-                None
-            }
-        }
+        let d = self.pool.recv();
+        self.pending = if d.is_some() { self.pending - 1 } else { 0 };
+        d
     }
 }
 
-fn worker(
-    index: usize,
-    rx: Arc<Mutex<Receiver<ReadConvertJob>>>,
-    tx: Sender<JobDone>,
-    read_size: usize,
-    fault: Option<Fault>,
-) {
-    // Allocated on the first conversion: a worker that only reads in place needs none.
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        let job = match rx.lock() {
-            Ok(guard) => guard.recv(),
-            Err(_) => return,
-        };
-        let Ok(j) = job else { return };
-        let started = Instant::now();
-        let converts = j.from != j.to;
-        let result = if !converts {
-            // SAFETY: the submitter guarantees (submit) that dst is writable for dst_len bytes,
-            // exclusively, until the outcome is received or the pool dropped, which joins this
-            // thread first; dst_len == len for a piece that keeps its dtype.
-            unsafe { read_full(j.fd, j.offset, j.dst, j.len.min(j.dst_len), fault) }
-        } else if j.len > read_size {
-            Err(JobError::Convert)
-        } else {
-            if buf.len() < read_size {
-                buf = vec![0u8; read_size];
-            }
-            // SAFETY: buf holds read_size >= len bytes, owned by this thread.
-            unsafe { read_full(j.fd, j.offset, buf.as_mut_ptr(), j.len, fault) }
-        };
-        let read_done = Instant::now();
-        let result = match result {
-            Ok(()) if converts => {
-                // SAFETY: as above for dst; the conversion checks both lengths.
-                let dst = unsafe { std::slice::from_raw_parts_mut(j.dst, j.dst_len) };
-                let src = &buf[..j.len];
-                // A panic must still answer the job, or the loader would wait for it forever.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    super::cpu::convert_serial(j.from, j.to, src, dst)
-                }))
-                .map_err(|_| JobError::Convert)
-                .and_then(|r| r.map_err(|_| JobError::Convert))
-            }
-            other => other,
-        };
-        let done = JobDone { tag: j.tag, worker: index, started, read_done, finished: Instant::now(), result };
-        if tx.send(done).is_err() {
-            return;
+/// One job on worker `index`, with its buffer `buf`.
+fn run_job(index: usize, j: ReadConvertJob, buf: &mut Vec<u8>, read_size: usize, fault: Option<Fault>) -> JobDone {
+    let started = Instant::now();
+    let converts = j.from != j.to;
+    let result = if !converts {
+        // SAFETY: the submitter guarantees (submit) that dst is writable for dst_len bytes,
+        // exclusively, until the outcome is received or the pool dropped, which joins this
+        // thread first; dst_len == len for a piece that keeps its dtype.
+        unsafe { read_full(j.fd, j.offset, j.dst, j.len.min(j.dst_len), fault) }
+    } else if j.len > read_size {
+        Err(JobError::Convert)
+    } else {
+        if buf.len() < read_size {
+            *buf = vec![0u8; read_size];
         }
-    }
+        // SAFETY: buf holds read_size >= len bytes, owned by this thread.
+        unsafe { read_full(j.fd, j.offset, buf.as_mut_ptr(), j.len, fault) }
+    };
+    let read_done = Instant::now();
+    let result = match result {
+        Ok(()) if converts => {
+            // SAFETY: as above for dst; the conversion checks both lengths.
+            let dst = unsafe { std::slice::from_raw_parts_mut(j.dst, j.dst_len) };
+            let src = &buf[..j.len];
+            // A panic must still answer the job, or the loader would wait for it forever.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                super::cpu::convert_serial(j.from, j.to, src, dst)
+            }))
+            .map_err(|_| JobError::Convert)
+            .and_then(|r| r.map_err(|_| JobError::Convert))
+        }
+        other => other,
+    };
+    JobDone { tag: j.tag, worker: index, started, read_done, finished: Instant::now(), result }
 }
 
 /// Reads exactly `len` bytes at `offset` into `buf`, resuming short reads and EINTR.
@@ -208,17 +168,6 @@ unsafe fn read_full(fd: RawFd, offset: u64, buf: *mut u8, len: usize, fault: Opt
         got += n as usize;
     }
     Ok(())
-}
-
-impl Drop for ReadConvertWorkers {
-    fn drop(&mut self) {
-        // Closing the job channel ends each worker once the queue is empty; joining them means
-        // no job still touches a buffer after the pool is gone.
-        self.jobs.take();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
 }
 
 #[cfg(test)]

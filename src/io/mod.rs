@@ -8,6 +8,7 @@
 //! A fault-injecting engine ([`FaultyEngine`]) sits between the two in tests.
 
 mod fault;
+pub(crate) mod pool;
 mod pread;
 #[cfg(all(feature = "uring", target_os = "linux"))]
 mod uring;
