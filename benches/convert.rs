@@ -1,7 +1,8 @@
 //! Conversion throughput.
 //!
 //! - host: `convert_host` F32->BF16 (and F16->F32) on 256 MiB of source, against a plain memcpy of
-//!   the same bytes;
+//!   the same bytes; and five conversions on one cache-resident 2 MiB piece, one thread (what a
+//!   read-and-convert worker does per piece);
 //! - device (when a CUDA driver and device are present): each kernel on 256 MiB of source, against
 //!   a `cuMemcpyDtoD` of the same source bytes (the device's memory bandwidth). Throughput counts
 //!   bytes read + written. A summary with the kernels' share of the copy's bandwidth is printed
@@ -43,7 +44,29 @@ fn host(c: &mut Criterion) {
     let mut dst = vec![0u8; SRC_BYTES];
     g.bench_function(BenchmarkId::new("memcpy", "256MiB"), |b| b.iter(|| dst.copy_from_slice(&src)));
     g.finish();
+    // What one read-and-convert worker does per piece: one thread, a 2 MiB source already in
+    // cache (the cpu target converts each piece right after reading it).
+    let mut g = c.benchmark_group("convert_piece");
+    let piece = &src[..PIECE_BYTES];
+    for (from, to) in [
+        (Dtype::BF16, Dtype::F16),
+        (Dtype::F32, Dtype::BF16),
+        (Dtype::F32, Dtype::F16),
+        (Dtype::BF16, Dtype::F32),
+        (Dtype::F16, Dtype::F32),
+    ] {
+        let n = PIECE_BYTES / (from.bits() / 8) as usize;
+        let mut dst = vec![0u8; n * (to.bits() / 8) as usize];
+        g.throughput(Throughput::Bytes(PIECE_BYTES as u64));
+        g.bench_function(BenchmarkId::new(format!("{from}->{to}"), "2MiB"), |b| {
+            // Below convert_host's threshold for splitting across threads: one thread.
+            b.iter(|| convert_host(from, to, piece, &mut dst).unwrap())
+        });
+    }
+    g.finish();
 }
+
+const PIECE_BYTES: usize = 2 << 20;
 
 #[cfg(feature = "cuda")]
 mod device {

@@ -617,16 +617,7 @@ impl Loader {
         queue: &mut ReadQueue,
         mut trace: Option<&mut TraceRecorder>,
     ) -> Result<()> {
-        // (tensor, offset in tensor, len)
-        let mut ops = Vec::new();
-        for (i, t) in plan.tensors.iter().enumerate() {
-            let mut off = 0;
-            while off < t.src_len {
-                let len = (t.src_len - off).min(self.read_size as u64);
-                ops.push((i, off, len));
-                off += len;
-            }
-        }
+        let ops = tensor_reads(plan, self.read_size as u64);
         let total = plan.tensors.iter().map(|t| t.src_len).sum();
         let base = arena.as_ptr();
         let mut started = vec![None; if trace.is_some() { ops.len() } else { 0 }];
@@ -694,17 +685,9 @@ impl Loader {
         mut trace: Option<&mut TraceRecorder>,
     ) -> Result<u64> {
         let read_size = self.read_size;
-        // (tensor, offset in tensor, len): read_size is a multiple of 4096, so every piece of a
-        // converted tensor holds whole elements.
-        let mut ops = Vec::new();
-        for (i, t) in plan.tensors.iter().enumerate() {
-            let mut off = 0;
-            while off < t.src_len {
-                let len = (t.src_len - off).min(read_size as u64);
-                ops.push((i, off, len));
-                off += len;
-            }
-        }
+        // read_size is a multiple of 4096, so every piece of a converted tensor holds whole
+        // elements.
+        let ops = tensor_reads(plan, read_size as u64);
         let total = plan.tensors.iter().map(|t| t.src_len).sum();
         let base = arena.as_ptr();
         let mut workers = ReadConvertWorkers::new(self.threads, read_size, self.fault);
@@ -930,6 +913,21 @@ impl Loader {
         ring.reset();
         result
     }
+}
+
+/// The reads of the direct-to-host paths, per tensor (gaps between tensors are never read):
+/// `(tensor index, offset in the tensor, length)`, each at most `read_size` bytes.
+fn tensor_reads(plan: &Plan, read_size: u64) -> Vec<(usize, u64, u64)> {
+    let mut ops = Vec::new();
+    for (i, t) in plan.tensors.iter().enumerate() {
+        let mut off = 0;
+        while off < t.src_len {
+            let len = (t.src_len - off).min(read_size);
+            ops.push((i, off, len));
+            off += len;
+        }
+    }
+    ops
 }
 
 fn build_filter(only: &[String]) -> Result<Option<globset::GlobSet>> {
