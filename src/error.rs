@@ -212,10 +212,19 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// An invalid option (glob, size, device string...).
+    /// An option or argument that cannot be honoured (a bad glob, size or device string, or a
+    /// combination of options that this load cannot do as asked): a usage error, never a silent
+    /// downgrade.
     #[error("{what}")]
-    InvalidOption {
+    Usage {
         /// What is wrong.
+        what: String,
+    },
+    /// A broken internal invariant (a bug in weightstream, not in the input): reported instead of
+    /// a panic, with everything allocated released.
+    #[error("internal error: {what}")]
+    Internal {
+        /// What went wrong.
         what: String,
     },
     /// No CUDA driver library could be loaded.
@@ -237,6 +246,9 @@ pub enum Error {
     Cuda {
         /// The driver call.
         call: &'static str,
+        /// The driver's `CUresult` code (0 never appears here; 2 is out of memory), or 0 for
+        /// errors that come from NVRTC rather than the driver.
+        code: u32,
         /// The driver's message.
         message: String,
         /// The file being loaded when it happened, if any.
@@ -297,6 +309,26 @@ pub enum Error {
     },
 }
 
+/// The kind of an [`Error`]: what failed, independent of the variant's details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The file breaks the safetensors format (header, offsets, sizes).
+    Format,
+    /// The checkpoint as a whole is wrong: its index, its directory, a tensor in two files.
+    Source,
+    /// Reading failed: the OS, a short file, the read engine, host memory.
+    Io,
+    /// The CUDA driver or device: missing, out of memory, a failed call.
+    Device,
+    /// The caller asked for something this load cannot do as asked.
+    Usage,
+    /// A bug in weightstream.
+    Internal,
+    /// The load was cancelled.
+    Cancelled,
+}
+
 fn tensor_suffix(t: &Option<String>) -> String {
     match t {
         Some(t) => format!(" (tensor `{t}`)"),
@@ -345,7 +377,48 @@ impl Error {
         Error::Io { file: file.into(), tensor: None, source }
     }
 
-    pub(crate) fn option(what: impl Into<String>) -> Self {
-        Error::InvalidOption { what: what.into() }
+    pub(crate) fn usage(what: impl Into<String>) -> Self {
+        Error::Usage { what: what.into() }
+    }
+
+    pub(crate) fn internal(what: impl Into<String>) -> Self {
+        Error::Internal { what: what.into() }
+    }
+
+    /// What kind of failure this is, for callers that branch on it (retry on [`ErrorKind::Io`],
+    /// report [`ErrorKind::Format`] as a bad file, exit 2 on [`ErrorKind::Usage`]).
+    ///
+    /// ```
+    /// use weightstream::{Device, ErrorKind, Loader};
+    /// let err = Loader::new().device(Device::Cpu).load("/no/such/model.safetensors").unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Io);
+    /// assert_eq!("tpu".parse::<Device>().unwrap_err().kind(), ErrorKind::Usage);
+    /// ```
+    pub fn kind(&self) -> ErrorKind {
+        use Error::*;
+        match self {
+            Io { .. } | UnexpectedEof { .. } | ReadEngine { .. } | HostOutOfMemory { .. } => ErrorKind::Io,
+            FileTooSmall { .. }
+            | HeaderTooLarge { .. }
+            | HeaderPastEnd { .. }
+            | HeaderNotUtf8 { .. }
+            | HeaderStart { .. }
+            | HeaderJson { .. }
+            | BadMetadata { .. }
+            | DuplicateTensor { .. }
+            | ShapeOverflow { .. }
+            | OffsetsReversed { .. }
+            | MisalignedSlice { .. }
+            | SizeMismatch { .. }
+            | NotContiguous { .. }
+            | DataLengthMismatch { .. } => ErrorKind::Format,
+            BadIndex { .. } | TensorInTwoFiles { .. } | BadSource { .. } => ErrorKind::Source,
+            NoCudaDriver | NoCudaDevice { .. } | CudaNotBuilt | Cuda { .. } | DeviceOutOfMemory { .. } => {
+                ErrorKind::Device
+            }
+            Usage { .. } | UnsupportedConversion { .. } | Conversion { .. } => ErrorKind::Usage,
+            Internal { .. } => ErrorKind::Internal,
+            Cancelled => ErrorKind::Cancelled,
+        }
     }
 }

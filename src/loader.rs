@@ -1,27 +1,28 @@
-//! The `Loader` builder and the read pipeline it drives: plan -> read engine -> staging -> target.
+//! The `Loader` builder: options, the strategy chosen once per load from the device and the
+//! options, and a staging pool per device shared by clones.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use crate::convert::workers::{JobError, ReadConvertJob, ReadConvertWorkers};
+use crate::convert::workers::ReadConvertWorkers;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
-use crate::io::{open_engine, EngineOptions, Fault, FaultyEngine, IoKind, RawEngine, ReadQueue, ReadRequest};
+use crate::io::{open_engine, EngineOptions, Fault, FaultyEngine, IoKind, RawEngine, ReadQueue};
 use crate::model::{LoadStats, LoadedModel, Storage, TensorMeta};
-use crate::plan::{Plan, PlanOptions};
-use crate::progress::{Progress, ProgressFn};
+use crate::pipeline::{self, Observer};
+use crate::plan::{Plan, Schedule, ScheduleOptions};
+use crate::pool::StagingPool;
+use crate::progress::ProgressFn;
+use crate::sink::{Device, HostMemory, HostSink, NullSink, Sink};
 use crate::source::Checkpoint;
-use crate::stage::StagingRing;
-use crate::target::{Device, HostMemory, HostSink, NullSink, Sink};
+use crate::stage::in_place::{InPlaceReader, InPlaceStage};
+use crate::stage::ring::{RingStage, DIRECT_ALIGN};
+use crate::stage::Stage;
 use crate::trace::TraceRecorder;
-
-/// Alignment O_DIRECT needs for offsets, lengths and buffer addresses.
-const DIRECT_ALIGN: u64 = 4096;
 
 /// Reads in flight at most (an io_uring of 4096 entries has 8192 completion slots).
 const MAX_IN_FLIGHT: usize = 4096;
@@ -30,9 +31,36 @@ const MAX_IN_FLIGHT: usize = 4096;
 /// only risks running out of threads).
 const MAX_THREADS: usize = 256;
 
+/// Most staging buffers a loader accepts.
+pub const MAX_STAGING_COUNT: usize = 1024;
+
+/// Smallest staging buffer a loader accepts.
+pub const MIN_STAGING_SIZE: usize = 64 << 10;
+
 /// `v` rounded up to a multiple of `m`, or down where rounding up would overflow.
 fn round_to_multiple(v: usize, m: usize) -> usize {
     v.checked_next_multiple_of(m).unwrap_or(v / m * m)
+}
+
+/// How a load runs, chosen once from the device and the options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strategy {
+    /// Reads land in the host arena; `convert_on_workers`: read-and-convert workers.
+    InPlace { convert_on_workers: bool },
+    /// Reads fill the staging ring; the sink copies (or converts) out of it.
+    Ring,
+    /// The device copies from registered windows of the page cache.
+    ZeroCopy,
+}
+
+/// What a strategy run reports back.
+struct Outcome {
+    storage: Storage,
+    io: &'static str,
+    bytes_read: u64,
+    staging_bytes: u64,
+    pinned: bool,
+    device_scratch_bytes: u64,
 }
 
 /// Cancels a load from another thread: the load returns [`Error::Cancelled`] with everything it
@@ -60,19 +88,6 @@ impl CancelToken {
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
-}
-
-/// Staging buffers kept between loads of one `Loader`.
-#[derive(Default)]
-struct Rings {
-    host: Option<StagingRing>,
-    /// The conversion kernels, loaded once per device (a module load can JIT-compile PTX).
-    /// Declared before the pinned ring so that it drops first: the ring's buffers hold the
-    /// device's context, which the module needs until it is unloaded.
-    #[cfg(feature = "cuda")]
-    converter: Option<(usize, Arc<crate::convert::cuda::DeviceConverter>)>,
-    #[cfg(feature = "cuda")]
-    pinned: Option<(usize, StagingRing)>,
 }
 
 /// Loads checkpoints. Build it once, load many times: the staging ring is allocated on the first
@@ -109,7 +124,7 @@ pub struct Loader {
     trace: bool,
     zero_copy: bool,
     fault: Option<Fault>,
-    rings: Arc<Mutex<Rings>>,
+    pool: Arc<StagingPool>,
 }
 
 impl Default for Loader {
@@ -154,7 +169,7 @@ impl Loader {
             trace: false,
             zero_copy: false,
             fault: None,
-            rings: Arc::default(),
+            pool: Arc::default(),
         }
     }
 
@@ -182,8 +197,9 @@ impl Loader {
         self
     }
 
-    /// Read engine. (Converted loads to `cpu` without O_DIRECT read with pread in the
-    /// conversion workers, which convert each piece on the core that read it.)
+    /// Read engine. Converted loads to `cpu` read with pread in the conversion workers, which
+    /// convert each piece on the core that read it; with [`IoKind::Uring`] they read through
+    /// the staging ring with io_uring instead and convert out of it.
     pub fn io(mut self, io: IoKind) -> Self {
         self.io = io;
         self
@@ -195,15 +211,17 @@ impl Loader {
         self
     }
 
-    /// Size of one staging buffer (rounded up to 64 KiB; at least 64 KiB).
+    /// Size of one staging buffer, rounded down to a multiple of 4 KiB (O_DIRECT's alignment).
+    /// A load fails with [`Error::Usage`] when it is below [`MIN_STAGING_SIZE`].
     pub fn staging_size(mut self, bytes: usize) -> Self {
-        self.staging_size = round_to_multiple(bytes.max(64 << 10), 64 << 10);
+        self.staging_size = bytes / DIRECT_ALIGN as usize * DIRECT_ALIGN as usize;
         self
     }
 
-    /// Number of staging buffers.
+    /// Number of staging buffers. A load fails with [`Error::Usage`] when it is 0 or more than
+    /// [`MAX_STAGING_COUNT`].
     pub fn staging_count(mut self, count: usize) -> Self {
-        self.staging_count = count.max(1);
+        self.staging_count = count;
         self
     }
 
@@ -251,10 +269,11 @@ impl Loader {
         self
     }
 
-    /// Experimental (CUDA target, buffered reads): the device copies straight out of the page
-    /// cache, with no CPU copy; each 16 MiB window of a file is mapped read-only and page-locked
-    /// in place (`cuMemHostRegister`) while its copies run. Loads that convert, or use O_DIRECT,
-    /// keep the staging ring. Not yet measured on a GPU: see BENCHMARKS.md before relying on it.
+    /// Experimental zero-copy (CUDA device, buffered reads): the device copies straight out of
+    /// the page cache, with no CPU copy; each 16 MiB window of a file is mapped read-only and
+    /// page-locked in place (`cuMemHostRegister`) while its copies run. Conversion works as
+    /// with the ring; with O_DIRECT (no page cache to map) or a non-CUDA device the load fails
+    /// with [`Error::Usage`]. Not yet measured on a GPU: see BENCHMARKS.md before relying on it.
     ///
     /// ```
     /// let loader = weightstream::Loader::new().zero_copy(true);
@@ -304,7 +323,7 @@ impl Loader {
         async move {
             tokio::task::spawn_blocking(move || loader.load(path))
                 .await
-                .map_err(|e| Error::option(format!("load task failed: {e}")))?
+                .map_err(|e| Error::internal(format!("load task failed: {e}")))?
         }
     }
 
@@ -321,9 +340,46 @@ impl Loader {
     /// Resolve `auto`.
     pub fn resolved_device(&self) -> Device {
         match self.device {
-            Device::Auto if crate::target::cuda_available() => Device::Cuda(0),
+            Device::Auto if crate::sink::cuda_available() => Device::Cuda(0),
             Device::Auto => Device::Cpu,
             d => d,
+        }
+    }
+
+    /// The options that no load can honour, whatever the checkpoint.
+    fn check_options(&self, device: Device) -> Result<()> {
+        if let Some(to) = self.dtype {
+            if !matches!(to, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                return Err(Error::usage(format!("--dtype {to}: only F32, F16 and BF16 are targets")));
+            }
+        }
+        if !(1..=MAX_STAGING_COUNT).contains(&self.staging_count) {
+            let n = self.staging_count;
+            return Err(Error::usage(format!("{n} staging buffers: between 1 and {MAX_STAGING_COUNT}")));
+        }
+        if self.staging_size < MIN_STAGING_SIZE {
+            let n = self.staging_size;
+            return Err(Error::usage(format!("staging buffers of {n} bytes: at least {MIN_STAGING_SIZE}")));
+        }
+        if self.zero_copy && !matches!(device, Device::Cuda(_)) {
+            return Err(Error::usage(format!("--zero-copy needs a CUDA device, not {device}")));
+        }
+        if self.zero_copy && self.direct {
+            return Err(Error::usage("--zero-copy maps the page cache, which --direct bypasses: pick one"));
+        }
+        Ok(())
+    }
+
+    /// The strategy for `plan` on `device`: every option is honoured, or this is an error.
+    fn strategy(&self, device: Device, plan: &Plan) -> Strategy {
+        match device {
+            _ if self.zero_copy => Strategy::ZeroCopy,
+            // O_DIRECT needs 4 KiB-aligned buffers, which arena places (256 bytes) are not; an
+            // io_uring asked for is honoured through the ring, the workers read with pread.
+            Device::Cpu if !(self.direct || plan.converts() && self.io == IoKind::Uring) => {
+                Strategy::InPlace { convert_on_workers: plan.converts() }
+            }
+            _ => Strategy::Ring,
         }
     }
 
@@ -331,216 +387,231 @@ impl Loader {
     pub fn load_checkpoint(&self, ckpt: &Checkpoint) -> Result<LoadedModel> {
         let started = Instant::now();
         let device = self.resolved_device();
-        if let Some(to) = self.dtype {
-            if !matches!(to, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-                return Err(Error::option(format!("--dtype {to}: only F32, F16 and BF16 are targets")));
-            }
-        }
-        if self.zero_copy && !matches!(device, Device::Cuda(_)) {
-            return Err(Error::option(format!("--zero-copy needs a CUDA device, not {device}")));
-        }
+        self.check_options(device)?;
         let select = build_filter(&self.only)?;
-        let staged_chunk = self.staging_size as u64 - if self.direct { 2 * DIRECT_ALIGN } else { 0 };
-        // Extents no larger than a zero-copy window (still within a staging slot).
-        #[cfg(feature = "cuda")]
-        let staged_chunk = match self.zero_copy {
-            true => staged_chunk.min(crate::target::cuda::mapped::WINDOW_BYTES),
-            false => staged_chunk,
-        };
-        let plan = Plan::new(
-            ckpt,
-            &|n| select.as_ref().is_none_or(|g| g.is_match(n)),
-            &|n, d| self.out_dtype(n, d),
-            PlanOptions { chunk_bytes: staged_chunk, ..PlanOptions::default() },
-        )?;
+        let plan = Plan::new(ckpt, &|n| select.as_ref().is_none_or(|g| g.is_match(n)), &|n, d| self.out_dtype(n, d))?;
         for t in plan.tensors.iter().filter(|t| t.converts()) {
-            if !crate::convert::supported(t.dtype, t.out_dtype) {
+            if !crate::convert::supported(t.stored_dtype, t.dtype) {
                 return Err(Error::UnsupportedConversion {
                     file: plan.files[t.file].path.clone(),
                     tensor: t.name.clone(),
-                    from: t.dtype.name(),
-                    to: t.out_dtype.name(),
+                    from: t.stored_dtype.name(),
+                    to: t.dtype.name(),
                 });
             }
         }
-        let files = self.open_files(&plan)?;
+        let strategy = self.strategy(device, &plan);
+        // Data is read through the descriptors the headers were read from (O_DIRECT: a second
+        // descriptor of the same open file).
+        let direct_files = match self.direct {
+            true => plan.files.iter().map(|f| ckpt.files[f.source].reopen_direct()).collect::<Result<Vec<File>>>()?,
+            false => Vec::new(),
+        };
+        let fds: Vec<RawFd> = match self.direct {
+            true => direct_files.iter().map(File::as_raw_fd).collect(),
+            false => plan.files.iter().map(|f| ckpt.files[f.source].file.as_raw_fd()).collect(),
+        };
         let mut trace = self.trace.then(TraceRecorder::new);
-        let direct_to_host = device == Device::Cpu && !self.direct;
-        // The engine is sized for the most reads the chosen path keeps in flight, so that an
-        // io_uring's completion queue (twice its entries) can never overflow.
-        let depth = if direct_to_host {
-            self.queue_depth.max(self.threads * 2).min(MAX_IN_FLIGHT)
-        } else {
-            self.staged_depth()
-        };
-        // Converted loads to cpu read with the conversion workers' own preads.
-        let read_convert = direct_to_host && plan.tensors.iter().any(|t| t.converts());
-        // Experimental DMA from the page cache: buffered reads without conversion only.
-        let mapped = self.zero_copy
-            && matches!(device, Device::Cuda(_))
-            && !self.direct
-            && !plan.tensors.iter().any(|t| t.converts());
-        let engine = if read_convert || mapped { None } else { Some(self.engine(depth)?) };
-        let io_name = match &engine {
-            Some(e) => e.name(),
-            None if mapped => "mmap+register",
-            None => "pread",
-        };
-        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-
-        let mut bytes_read = plan.bytes_to_read();
-        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
-        let mut device_scratch_bytes = 0;
-        // Every path but the read-and-convert one has an engine.
-        let engine = move || engine.ok_or_else(|| Error::option("internal: no read engine"));
-        let (storage, staging_bytes, pinned) = match device {
-            Device::Cpu if direct_to_host => {
-                // Reads per tensor: gaps that a staged extent would read through are skipped.
-                bytes_read = plan.tensors.iter().map(|t| t.src_len).sum();
-                // Not prefaulted: faulting pages in during the reads measured 1.6× faster on
-                // the 2-core build machine than populating them first (BENCHMARKS.md).
-                let mut arena = HostMemory::new(plan.arena_len as usize)?;
-                let buffers = if read_convert {
-                    self.run_read_convert(&plan, &files, &mut arena, trace.as_mut())?
-                } else {
-                    let mut queue = ReadQueue::new(engine()?, depth);
-                    self.run_direct_host(&plan, &files, &mut arena, &mut queue, trace.as_mut())?;
-                    0
-                };
-                (Storage::Host(arena), buffers, false)
-            }
-            Device::Cpu | Device::Null => {
-                let ring = self.host_ring(&mut rings)?;
-                let mut queue = ReadQueue::new(engine()?, depth);
-                let storage = if device == Device::Null {
-                    self.run_staged(&plan, &files, ring, &mut NullSink, &mut queue, trace.as_mut())?;
-                    Storage::Null
-                } else {
-                    let mut arena = HostMemory::new(plan.arena_len as usize)?;
-                    self.run_staged(
-                        &plan,
-                        &files,
-                        ring,
-                        &mut HostSink { arena: &mut arena },
-                        &mut queue,
-                        trace.as_mut(),
-                    )?;
-                    Storage::Host(arena)
-                };
-                (storage, ring.total_bytes() as u64, false)
-            }
+        let mut obs =
+            Observer { progress: self.progress.as_ref(), cancel: self.cancel.as_ref(), trace: trace.as_mut() };
+        let out = match device {
+            Device::Cpu | Device::Null => self.load_host(device, strategy, &plan, fds, &mut obs)?,
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) if mapped => {
-                use crate::target::cuda;
-                let dev = cuda::CudaDevice::open(ordinal)?;
-                let arena = cuda::DeviceArena::alloc(&dev, plan.arena_len as usize)?;
-                let total = plan.bytes_to_read();
-                let mut done = 0;
-                let mut on_done = |bytes: u64, file: usize| {
-                    done += bytes;
-                    self.report(done, total, &plan.files[file].path);
-                    self.check_cancel()
-                };
-                // Registration threads: as many as readers would be, at most one per pinned window.
-                let registrars = self.threads.min(cuda::mapped::WINDOWS_PINNED);
-                cuda::mapped::run_mapped(
-                    &dev,
-                    &arena,
-                    &plan,
-                    &files,
-                    self.streams,
-                    registrars,
-                    trace.as_mut(),
-                    &mut on_done,
-                )?;
-                (Storage::Cuda(arena), 0, false)
-            }
-            #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => {
-                use crate::target::cuda;
-                let dev = cuda::CudaDevice::open(ordinal)?;
-                // One reborrow of the guard, so the ring and the converter borrow apart.
-                let rings: &mut Rings = &mut rings;
-                let ring = match &mut rings.pinned {
-                    Some((o, r))
-                        if *o == ordinal
-                            && r.slot_size() == self.staging_size
-                            && r.slot_count() == self.staging_count =>
-                    {
-                        r
-                    }
-                    slot => {
-                        *slot = None; // free the old ring before pinning a new one
-                        let r = cuda::pinned_ring(&dev, self.staging_count, self.staging_size)?;
-                        &mut slot.insert((ordinal, r)).1
-                    }
-                };
-                let arena = cuda::DeviceArena::alloc(&dev, plan.arena_len as usize)?;
-                let converter = if plan.tensors.iter().any(|t| t.converts()) {
-                    match &rings.converter {
-                        Some((o, c)) if *o == ordinal => Some(Arc::clone(c)),
-                        _ => {
-                            let c = Arc::new(crate::convert::cuda::DeviceConverter::load()?);
-                            rings.converter = Some((ordinal, Arc::clone(&c)));
-                            Some(c)
-                        }
-                    }
-                } else {
-                    None
-                };
-                let mut sink = cuda::CudaSink::new(&dev, &arena, &plan, ring, self.streams, self.trace, converter)?;
-                let mut queue = ReadQueue::new(engine()?, depth);
-                let run = self.run_staged(&plan, &files, ring, &mut sink, &mut queue, trace.as_mut());
-                if let (Some(t), Ok(())) = (trace.as_mut(), &run) {
-                    sink.write_trace(t)?;
-                }
-                device_scratch_bytes = sink.scratch_bytes();
-                drop(sink);
-                run?;
-                (Storage::Cuda(arena), ring.total_bytes() as u64, true)
-            }
+            Device::Cuda(ordinal) => self.load_cuda(ordinal, strategy, &plan, fds, &mut obs)?,
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(Error::CudaNotBuilt),
-            Device::Auto => unreachable!("resolved above"),
+            Device::Auto => return Err(Error::internal("device `auto` left unresolved")),
         };
-        drop(rings);
-        drop(files);
+        drop(direct_files);
         let stats = LoadStats {
             device,
-            io: io_name,
+            io: out.io,
             direct: self.direct,
-            bytes_read,
+            bytes_read: out.bytes_read,
             bytes_loaded: plan.bytes_loaded(),
             seconds: started.elapsed().as_secs_f64(),
-            staging_bytes,
-            pinned,
-            device_scratch_bytes,
+            staging_bytes: out.staging_bytes,
+            pinned: out.pinned,
+            device_scratch_bytes: out.device_scratch_bytes,
         };
         let tensors = plan
             .tensors
             .into_iter()
             .map(|t| TensorMeta {
                 name: t.name,
-                dtype: t.out_dtype,
-                stored_dtype: t.dtype,
+                dtype: t.dtype,
+                stored_dtype: t.stored_dtype,
                 shape: t.shape,
-                offset: t.arena_offset,
-                len: t.out_len,
+                offset: t.dst_offset,
+                len: t.len,
             })
             .collect();
-        let mut model = LoadedModel::new(device, tensors, storage, stats);
+        let mut model = LoadedModel::new(device, tensors, out.storage, stats);
         model.trace = trace;
         Ok(model)
+    }
+
+    /// The cpu and null devices: in place into the arena, or through a ring of host slots.
+    fn load_host(
+        &self,
+        device: Device,
+        strategy: Strategy,
+        plan: &Plan,
+        fds: Vec<RawFd>,
+        obs: &mut Observer<'_>,
+    ) -> Result<Outcome> {
+        let mut arena = match device {
+            Device::Cpu => Some(HostMemory::new(plan.dst_len as usize)?),
+            _ => None,
+        };
+        let mut host_sink = arena.as_mut().map(HostSink::new);
+        let mut null_sink = NullSink;
+        let sink: &mut dyn Sink = match &mut host_sink {
+            Some(s) => s,
+            None => &mut null_sink,
+        };
+        let (io, bytes_read, staging_bytes) = match strategy {
+            Strategy::InPlace { convert_on_workers } => {
+                let sched = Schedule::new(plan, ScheduleOptions::per_tensor(self.read_size as u64));
+                let region = sink.host_region().ok_or_else(|| Error::internal("in-place load without host memory"))?;
+                let (reader, io) = if convert_on_workers {
+                    (
+                        InPlaceReader::Workers(
+                            ReadConvertWorkers::new(self.threads, self.read_size, self.fault),
+                            self.read_size,
+                        ),
+                        "pread",
+                    )
+                } else {
+                    let depth = self.queue_depth.max(self.threads * 2).min(MAX_IN_FLIGHT);
+                    let queue = ReadQueue::new(self.engine(depth)?, depth);
+                    let io = queue.engine_name();
+                    (InPlaceReader::Engine(queue), io)
+                };
+                let mut stage = InPlaceStage::new(plan, &sched, fds, region, reader, self.trace);
+                let bytes = pipeline::run(plan, &sched, &mut stage, sink, obs)?;
+                (io, bytes, stage.staging_bytes())
+            }
+            Strategy::Ring => {
+                let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len()));
+                let mut ring = self.pool.host(self.staging_count, self.staging_size)?;
+                let queue = ReadQueue::new(self.engine(self.staged_depth())?, self.staged_depth());
+                let mut stage = RingStage::new(
+                    &sched,
+                    fds,
+                    &mut ring,
+                    queue,
+                    self.direct,
+                    self.staged_read_size() as u64,
+                    self.trace,
+                );
+                let io = stage.engine_name();
+                let run = pipeline::run(plan, &sched, &mut stage, sink, obs);
+                let staging = stage.staging_bytes();
+                drop(stage);
+                self.pool.give_back_host(ring);
+                (io, run?, staging)
+            }
+            Strategy::ZeroCopy => return Err(Error::usage(format!("--zero-copy needs a CUDA device, not {device}"))),
+        };
+        let storage = arena.map_or(Storage::Null, Storage::Host);
+        Ok(Outcome { storage, io, bytes_read, staging_bytes, pinned: false, device_scratch_bytes: 0 })
+    }
+
+    /// A CUDA device: through the pinned ring, or zero-copy from the page cache.
+    #[cfg(feature = "cuda")]
+    fn load_cuda(
+        &self,
+        ordinal: usize,
+        strategy: Strategy,
+        plan: &Plan,
+        fds: Vec<RawFd>,
+        obs: &mut Observer<'_>,
+    ) -> Result<Outcome> {
+        use crate::sink::cuda::{CudaDevice, CudaSink, DeviceArena};
+        use crate::stage::mapped::{MappedStage, WINDOW_BYTES};
+        let dev = CudaDevice::open(ordinal)?;
+        let arena = DeviceArena::alloc(&dev, plan.dst_len as usize)?;
+        let converter = match plan.converts() {
+            true => Some(self.pool.converter(&dev)?),
+            false => None,
+        };
+        let (io, bytes_read, staging_bytes, scratch) = match strategy {
+            Strategy::ZeroCopy => {
+                let window = (WINDOW_BYTES as usize).min(self.staging_size);
+                let sched = Schedule::new(plan, ScheduleOptions::coalesced(window as u64));
+                let mut sink =
+                    CudaSink::new(&dev, &arena, self.streams, plan.converts(), window, self.trace, converter)?;
+                // Registration threads: as many as readers would be, at most one per window.
+                let registrars = self.threads;
+                let bytes = std::thread::scope(|scope| {
+                    let mut stage =
+                        MappedStage::new(scope, &dev, plan, &sched, &fds, registrars, self.fault, self.trace)?;
+                    pipeline::run(plan, &sched, &mut stage, &mut sink, obs)
+                })?;
+                if let Some(t) = obs.trace.as_deref_mut() {
+                    sink.write_trace(t)?;
+                }
+                ("zero-copy", bytes, 0, sink.scratch_bytes())
+            }
+            _ => {
+                let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len()));
+                let mut ring = self.pool.pinned(&dev, self.staging_count, self.staging_size)?;
+                let mut sink = CudaSink::new(
+                    &dev,
+                    &arena,
+                    self.streams,
+                    plan.converts(),
+                    self.staging_size,
+                    self.trace,
+                    converter,
+                )?;
+                let queue = ReadQueue::new(self.engine(self.staged_depth())?, self.staged_depth());
+                let mut stage = RingStage::new(
+                    &sched,
+                    fds,
+                    &mut ring,
+                    queue,
+                    self.direct,
+                    self.staged_read_size() as u64,
+                    self.trace,
+                );
+                let io = stage.engine_name();
+                let run = pipeline::run(plan, &sched, &mut stage, &mut sink, obs);
+                let staging = stage.staging_bytes();
+                drop(stage);
+                if let (Some(t), Ok(_)) = (obs.trace.as_deref_mut(), &run) {
+                    sink.write_trace(t)?;
+                }
+                let scratch = sink.scratch_bytes();
+                drop(sink);
+                self.pool.give_back_pinned(ordinal, ring);
+                (io, run?, staging, scratch)
+            }
+        };
+        Ok(Outcome {
+            storage: Storage::Cuda(arena),
+            io,
+            bytes_read,
+            staging_bytes,
+            pinned: strategy != Strategy::ZeroCopy,
+            device_scratch_bytes: scratch,
+        })
     }
 
     fn engine(&self, depth: usize) -> Result<Box<dyn RawEngine>> {
         let opts = EngineOptions { kind: self.io, queue_depth: depth.max(64), threads: self.threads };
         let engine = open_engine(&opts, self.direct)
-            .map_err(|e| Error::option(format!("cannot start the {:?} read engine: {e}", self.io)))?;
+            .map_err(|e| Error::usage(format!("cannot start the {:?} read engine: {e}", self.io)))?;
         Ok(match self.fault {
             Some(f) => Box::new(FaultyEngine::new(engine, f)),
             None => engine,
         })
+    }
+
+    /// Largest extent through a slot: the slot, less room for O_DIRECT's alignment.
+    fn ring_extent_len(&self) -> u64 {
+        self.staging_size as u64 - if self.direct { 2 * DIRECT_ALIGN } else { 0 }
     }
 
     /// Read size on the staged path: as asked, but at least 1/1024 of a slot, so that one slot
@@ -556,378 +627,6 @@ impl Loader {
         let per_slot = self.staging_size.div_ceil(self.staged_read_size()) + 1;
         self.staging_count.saturating_mul(per_slot).min(MAX_IN_FLIGHT)
     }
-
-    fn host_ring<'r>(&self, rings: &'r mut Rings) -> Result<&'r mut StagingRing> {
-        match &mut rings.host {
-            Some(r) if r.slot_size() == self.staging_size && r.slot_count() == self.staging_count => {}
-            slot => {
-                *slot = None; // free the old ring before mapping the new one
-                *slot = Some(StagingRing::host(self.staging_count, self.staging_size)?);
-            }
-        }
-        Ok(rings.host.as_mut().expect("set above")) // ok: assigned in the match
-    }
-
-    fn open_files(&self, plan: &Plan) -> Result<Vec<File>> {
-        plan.files
-            .iter()
-            .map(|f| {
-                let mut o = std::fs::OpenOptions::new();
-                o.read(true);
-                if self.direct {
-                    o.custom_flags(libc::O_DIRECT);
-                }
-                o.open(&f.path).map_err(|e| {
-                    if self.direct && e.raw_os_error() == Some(libc::EINVAL) {
-                        Error::Io {
-                            file: f.path.clone(),
-                            tensor: None,
-                            source: std::io::Error::new(
-                                e.kind(),
-                                "this filesystem does not support O_DIRECT (--direct)",
-                            ),
-                        }
-                    } else {
-                        Error::io(&f.path, e)
-                    }
-                })
-            })
-            .collect()
-    }
-
-    fn check_cancel(&self) -> Result<()> {
-        match &self.cancel {
-            Some(t) if t.is_cancelled() => Err(Error::Cancelled),
-            _ => Ok(()),
-        }
-    }
-
-    fn report(&self, done: u64, total: u64, file: &Path) {
-        if let Some(p) = &self.progress {
-            p(&Progress { bytes_done: done, bytes_total: total, file: file.to_path_buf() });
-        }
-    }
-
-    /// Cpu target without conversion or O_DIRECT: reads land straight in the arena.
-    fn run_direct_host(
-        &self,
-        plan: &Plan,
-        files: &[File],
-        arena: &mut HostMemory,
-        queue: &mut ReadQueue,
-        mut trace: Option<&mut TraceRecorder>,
-    ) -> Result<()> {
-        let ops = tensor_reads(plan, self.read_size as u64);
-        let total = plan.tensors.iter().map(|t| t.src_len).sum();
-        let base = arena.as_ptr();
-        let mut started = vec![None; if trace.is_some() { ops.len() } else { 0 }];
-        let mut next = 0;
-        let mut done = 0u64;
-        let result = (|| -> Result<()> {
-            while next < ops.len() || queue.in_flight() > 0 {
-                self.check_cancel()?;
-                while next < ops.len() && queue.has_room() {
-                    let (ti, off, len) = ops[next];
-                    let t = &plan.tensors[ti];
-                    let req = ReadRequest {
-                        fd: files[t.file].as_raw_fd(),
-                        offset: t.src_offset + off,
-                        // SAFETY: arena_offset + off + len <= arena_len (planned), so the pointer
-                        // stays in the arena.
-                        buf: unsafe { base.add((t.arena_offset + off) as usize) },
-                        len: len as usize,
-                        tag: next as u64,
-                    };
-                    // SAFETY: the arena outlives the queue's use of it (drained below on every
-                    // path) and this range of it is written by this request alone; the fd is
-                    // held open by `files` for the whole load.
-                    unsafe { queue.submit(req) }.map_err(|e| Error::io(&plan.files[t.file].path, e))?;
-                    if let Some(s) = started.get_mut(next) {
-                        *s = Some(Instant::now());
-                    }
-                    next += 1;
-                }
-                let c = queue.wait().map_err(|source| Error::ReadEngine { source })?;
-                let (ti, off, len) = ops[c.tag as usize];
-                let t = &plan.tensors[ti];
-                let file = &plan.files[t.file].path;
-                let n =
-                    c.result.map_err(|e| Error::Io { file: file.clone(), tensor: Some(t.name.clone()), source: e })?;
-                if (n as u64) < len {
-                    return Err(Error::UnexpectedEof {
-                        file: file.clone(),
-                        tensor: Some(t.name.clone()),
-                        what: "tensor data",
-                        at: t.src_offset + off + n as u64,
-                    });
-                }
-                if let (Some(tr), Some(Some(s))) = (trace.as_deref_mut(), started.get(c.tag as usize)) {
-                    tr.span("read", format!("read {}", c.tag as usize % self.threads), *s, Instant::now(), len);
-                }
-                done += len;
-                self.report(done, total, file);
-            }
-            Ok(())
-        })();
-        queue.drain();
-        result
-    }
-
-    /// Cpu target with conversion, without O_DIRECT: each worker reads a piece into its own
-    /// small buffer and converts it into the arena at once, while the piece is still in that
-    /// core's caches (pieces that keep their dtype are read straight into the arena). Returns
-    /// the bytes of the workers' buffers.
-    fn run_read_convert(
-        &self,
-        plan: &Plan,
-        files: &[File],
-        arena: &mut HostMemory,
-        mut trace: Option<&mut TraceRecorder>,
-    ) -> Result<u64> {
-        let read_size = self.read_size;
-        // read_size is a multiple of 4096, so every piece of a converted tensor holds whole
-        // elements.
-        let ops = tensor_reads(plan, read_size as u64);
-        let total = plan.tensors.iter().map(|t| t.src_len).sum();
-        let base = arena.as_ptr();
-        let mut workers = ReadConvertWorkers::new(self.threads, read_size, self.fault);
-        // Enough queued to keep every worker busy, few enough that a cancel stops soon.
-        let window = 2 * workers.threads().max(1);
-        let mut next = 0;
-        let mut in_flight = 0;
-        let mut done = 0u64;
-        let result = (|| -> Result<()> {
-            loop {
-                self.check_cancel()?;
-                while next < ops.len() && in_flight < window {
-                    let (ti, off, len) = ops[next];
-                    let t = &plan.tensors[ti];
-                    // Whole elements of the stored dtype become as many of the loaded one (the
-                    // same bytes when it is kept, sub-byte dtypes included).
-                    let (at, dst_len) = if t.converts() {
-                        let (sb, db) = (t.dtype.bits(), t.out_dtype.bits());
-                        (off * 8 / sb * db / 8, len * 8 / sb * db / 8)
-                    } else {
-                        (off, len)
-                    };
-                    let job = ReadConvertJob {
-                        fd: files[t.file].as_raw_fd(),
-                        offset: t.src_offset + off,
-                        len: len as usize,
-                        from: t.dtype,
-                        to: t.out_dtype,
-                        // SAFETY: off and len are whole elements of the tensor, whose bytes as
-                        // loaded lie at arena_offset..arena_offset + out_len, inside the arena.
-                        dst: unsafe { base.add((t.arena_offset + at) as usize) },
-                        dst_len: dst_len as usize,
-                        tag: next as u64,
-                    };
-                    // SAFETY: this destination range belongs to this piece alone; the arena
-                    // outlives the workers (dropped, so joined, before this function returns)
-                    // and the fd is held open by `files` for the whole load.
-                    unsafe { workers.submit(job) }.map_err(|_| Error::ReadEngine {
-                        source: std::io::Error::other("no read-and-convert worker could be started"),
-                    })?;
-                    next += 1;
-                    in_flight += 1;
-                }
-                if in_flight == 0 {
-                    return Ok(());
-                }
-                let Some(d) = workers.wait() else {
-                    return Err(Error::option("internal: the read-and-convert workers stopped"));
-                };
-                in_flight -= 1;
-                let (ti, _, len) = ops[d.tag as usize];
-                let t = &plan.tensors[ti];
-                let file = &plan.files[t.file].path;
-                match d.result {
-                    Ok(()) => {}
-                    Err(JobError::Read(e)) => {
-                        return Err(Error::Io { file: file.clone(), tensor: Some(t.name.clone()), source: e })
-                    }
-                    Err(JobError::Eof { at }) => {
-                        return Err(Error::UnexpectedEof {
-                            file: file.clone(),
-                            tensor: Some(t.name.clone()),
-                            what: "tensor data",
-                            at,
-                        })
-                    }
-                    Err(JobError::Convert) => return Err(self.conversion_failed(plan, t)),
-                }
-                if let Some(tr) = trace.as_deref_mut() {
-                    let track = format!("worker {}", d.worker);
-                    tr.span("read", track.clone(), d.started, d.read_done, len);
-                    if t.converts() {
-                        tr.span("convert", track, d.read_done, d.finished, len);
-                    }
-                }
-                done += len;
-                self.report(done, total, file);
-            }
-        })();
-        let buffers = (workers.threads() * read_size) as u64;
-        // Every job still queued finishes before the arena can go.
-        drop(workers);
-        result.map(|()| buffers)
-    }
-
-    fn conversion_failed(&self, plan: &Plan, t: &crate::plan::PlannedTensor) -> Error {
-        Error::UnsupportedConversion {
-            file: plan.files[t.file].path.clone(),
-            tensor: t.name.clone(),
-            from: t.dtype.name(),
-            to: t.out_dtype.name(),
-        }
-    }
-
-    /// Every other target: reads fill staging slots, the sink takes them from there.
-    fn run_staged(
-        &self,
-        plan: &Plan,
-        files: &[File],
-        ring: &mut StagingRing,
-        sink: &mut dyn Sink,
-        queue: &mut ReadQueue,
-        mut trace: Option<&mut TraceRecorder>,
-    ) -> Result<()> {
-        struct SlotJob {
-            extent: usize,
-            data_skip: usize,
-            outstanding: usize,
-            started: Instant,
-        }
-        ring.reset();
-        let mut jobs: Vec<Option<SlotJob>> = (0..ring.slot_count()).map(|_| None).collect();
-        let total = plan.bytes_to_read();
-        let mut next = 0usize;
-        let mut done = 0u64;
-        let read_size = self.staged_read_size() as u64;
-        let result = (|| -> Result<()> {
-            loop {
-                self.check_cancel()?;
-                while next < plan.extents.len() {
-                    let e = &plan.extents[next];
-                    let (start, end) = if self.direct {
-                        let s = e.offset / DIRECT_ALIGN * DIRECT_ALIGN;
-                        (s, (e.offset + e.len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN)
-                    } else {
-                        (e.offset, e.offset + e.len)
-                    };
-                    // All of a slot's reads are queued at once; wait for room rather than
-                    // overfill the engine (an io_uring's completion queue is bounded).
-                    if queue.room() < (end - start).div_ceil(read_size) as usize {
-                        break;
-                    }
-                    let Some(slot) = ring.take() else { break };
-                    sink.release(slot)?;
-                    let buf = ring.slot_ptr(slot);
-                    let fd = files[e.file].as_raw_fd();
-                    let mut sub = 0u64;
-                    let mut count = 0;
-                    while start + sub < end {
-                        let len = (end - start - sub).min(read_size);
-                        let req = ReadRequest {
-                            fd,
-                            offset: start + sub,
-                            // SAFETY: end - start <= slot size (the plan's chunk leaves room
-                            // for O_DIRECT alignment), so buf + sub + len stays in the slot.
-                            buf: unsafe { buf.add(sub as usize) },
-                            len: len as usize,
-                            tag: ((slot as u64) << 32) | (sub / read_size),
-                        };
-                        // SAFETY: the slot was released by the sink (nothing reads it), it is
-                        // written by this extent's requests alone, in disjoint ranges, and is
-                        // not handed out again before all of them completed; the ring and fds
-                        // outlive the queue's use (drained below on every path).
-                        unsafe { queue.submit(req) }.map_err(|err| Error::io(&plan.files[e.file].path, err))?;
-                        sub += len;
-                        count += 1;
-                    }
-                    jobs[slot] = Some(SlotJob {
-                        extent: next,
-                        data_skip: (e.offset - start) as usize,
-                        outstanding: count,
-                        started: Instant::now(),
-                    });
-                    next += 1;
-                }
-                if queue.in_flight() == 0 {
-                    if next < plan.extents.len() {
-                        // Unreachable by construction (a slot's reads always fit an empty
-                        // queue); never return a half-loaded model if it were not.
-                        return Err(Error::option("internal: staged reads stalled with extents left"));
-                    }
-                    break;
-                }
-                let c = queue.wait().map_err(|source| Error::ReadEngine { source })?;
-                let slot = (c.tag >> 32) as usize;
-                let Some(job) = jobs[slot].as_mut() else {
-                    return Err(Error::option("completion for an idle staging slot"));
-                };
-                let e = &plan.extents[job.extent];
-                let file = &plan.files[e.file].path;
-                let tensor_at = |off: u64| plan.tensor_at(e, off.saturating_sub(e.offset)).map(str::to_string);
-                let n = c.result.map_err(|err| Error::Io {
-                    file: file.clone(),
-                    tensor: tensor_at(c.offset),
-                    source: err,
-                })?;
-                let needed = (e.offset + e.len).saturating_sub(c.offset).min(c.len as u64);
-                if (n as u64) < needed {
-                    let at = c.offset + n as u64;
-                    return Err(Error::UnexpectedEof {
-                        file: file.clone(),
-                        tensor: tensor_at(at),
-                        what: "tensor data",
-                        at,
-                    });
-                }
-                job.outstanding -= 1;
-                if job.outstanding > 0 {
-                    continue;
-                }
-                let job = jobs[slot].take().expect("checked Some above"); // ok: as_mut succeeded
-                let read_done = Instant::now();
-                // SAFETY: every read into the slot completed; the slot holds data_skip + e.len
-                // initialised bytes and nothing writes it until it is released again.
-                let data =
-                    unsafe { std::slice::from_raw_parts(ring.slot_ptr(slot).add(job.data_skip), e.len as usize) };
-                sink.deliver(slot, data, e, plan)?;
-                if let Some(t) = trace.as_deref_mut() {
-                    t.span("read", format!("read slot {slot}"), job.started, read_done, e.len);
-                    t.span("deliver", format!("read slot {slot}"), read_done, Instant::now(), e.len);
-                }
-                ring.give_back(slot);
-                done += e.len;
-                self.report(done, total, file);
-            }
-            sink.finish()
-        })();
-        if result.is_err() {
-            // Nothing may still write into or read from a slot once we return.
-            queue.drain();
-            let _ = sink.finish();
-        }
-        ring.reset();
-        result
-    }
-}
-
-/// The reads of the direct-to-host paths, per tensor (gaps between tensors are never read):
-/// `(tensor index, offset in the tensor, length)`, each at most `read_size` bytes.
-fn tensor_reads(plan: &Plan, read_size: u64) -> Vec<(usize, u64, u64)> {
-    let mut ops = Vec::new();
-    for (i, t) in plan.tensors.iter().enumerate() {
-        let mut off = 0;
-        while off < t.src_len {
-            let len = (t.src_len - off).min(read_size);
-            ops.push((i, off, len));
-            off += len;
-        }
-    }
-    ops
 }
 
 fn build_filter(only: &[String]) -> Result<Option<globset::GlobSet>> {
@@ -936,7 +635,7 @@ fn build_filter(only: &[String]) -> Result<Option<globset::GlobSet>> {
     }
     let mut b = globset::GlobSetBuilder::new();
     for g in only {
-        b.add(globset::Glob::new(g).map_err(|e| Error::option(format!("--only `{g}`: {e}")))?);
+        b.add(globset::Glob::new(g).map_err(|e| Error::usage(format!("--only `{g}`: {e}")))?);
     }
-    b.build().map(Some).map_err(|e| Error::option(format!("--only: {e}")))
+    b.build().map(Some).map_err(|e| Error::usage(format!("--only: {e}")))
 }

@@ -4,13 +4,13 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::format::Dtype;
-use crate::target::{Device, HostMemory};
+use crate::sink::{Device, HostMemory};
 
 /// Where a model's bytes live. Dropping it frees the arena as one.
 pub(crate) enum Storage {
     Host(HostMemory),
     #[cfg(feature = "cuda")]
-    Cuda(crate::target::cuda::DeviceArena),
+    Cuda(crate::sink::cuda::DeviceArena),
     Null,
 }
 
@@ -251,10 +251,10 @@ impl<'a> TensorRef<'a> {
         f: impl FnOnce(&cudarc::driver::CudaSlice<T>) -> R,
     ) -> Result<R> {
         let (Some(ptr), Some(ordinal)) = (self.device_ptr(), self.device_ordinal()) else {
-            return Err(Error::option(format!("tensor `{}` is not on a CUDA device", self.meta.name)));
+            return Err(Error::usage(format!("tensor `{}` is not on a CUDA device", self.meta.name)));
         };
         if stream.context().ordinal() != ordinal {
-            return Err(Error::option(format!(
+            return Err(Error::usage(format!(
                 "tensor `{}` is on cuda:{ordinal}, the stream on cuda:{}",
                 self.meta.name,
                 stream.context().ordinal()
@@ -262,7 +262,7 @@ impl<'a> TensorRef<'a> {
         }
         let size = std::mem::size_of::<T>() as u64;
         if size == 0 || self.meta.len % size != 0 {
-            return Err(Error::option(format!(
+            return Err(Error::usage(format!(
                 "tensor `{}`: {} bytes are not a whole number of {}-byte elements",
                 self.meta.name, self.meta.len, size
             )));
@@ -292,7 +292,7 @@ impl<'a> TensorRef<'a> {
             Storage::Host(_) => Ok(self.host_bytes().unwrap_or_default().to_vec()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(a) => a.copy_to_host(self.meta.offset, self.meta.len as usize),
-            Storage::Null => Err(Error::option(format!(
+            Storage::Null => Err(Error::usage(format!(
                 "tensor `{}` was loaded to the null device: its bytes were dropped",
                 self.meta.name
             ))),

@@ -23,8 +23,9 @@
 //! ```
 
 pub mod cpu;
+/// The device side of conversion: the kernels, loaded and launched by the CUDA sink.
 #[cfg(feature = "cuda")]
-pub mod cuda;
+pub use crate::sink::cuda::kernels as cuda;
 mod lanes;
 pub(crate) mod workers;
 

@@ -80,7 +80,7 @@ impl ShardIndex {
 /// Where the shards of an index in `canon_dir` must lead once symlinks are resolved: the index's
 /// directory, or, for a Hugging Face cache snapshot (`models--org--name/snapshots/<rev>`, whose
 /// files are symlinks to `../../blobs/<hash>`), the cache repo folder `models--org--name`.
-fn confinement_root(canon_dir: &Path) -> PathBuf {
+pub(crate) fn confinement_root(canon_dir: &Path) -> PathBuf {
     let repo = canon_dir
         .parent()
         .filter(|snapshots| snapshots.file_name().is_some_and(|n| n == "snapshots"))

@@ -2,7 +2,7 @@
 
 mod dtype;
 mod header;
-mod index;
+pub(crate) mod index;
 mod writer;
 
 pub use dtype::{Dtype, UnknownDtype};

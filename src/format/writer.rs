@@ -54,7 +54,7 @@ fn check(t: &WriteTensor<'_>) -> Result<u64> {
     let need = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).and_then(|n| t.dtype.bytes_for(n));
     match need {
         Some(n) if n == t.data.len() as u64 => Ok(n),
-        _ => Err(Error::option(format!(
+        _ => Err(Error::usage(format!(
             "tensor `{}`: {} bytes given for {} {:?}",
             t.name,
             t.data.len(),
@@ -69,7 +69,7 @@ fn header_for(tensors: &[WriteTensor<'_>], metadata: &BTreeMap<String, String>) 
     let mut entries = Vec::with_capacity(tensors.len());
     for t in tensors {
         if !seen.insert(t.name.as_str()) {
-            return Err(Error::option(format!("tensor `{}` given twice", t.name)));
+            return Err(Error::usage(format!("tensor `{}` given twice", t.name)));
         }
         entries.push((t.name.clone(), t.dtype, t.shape.clone(), check(t)?));
     }

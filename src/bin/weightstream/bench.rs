@@ -101,8 +101,7 @@ struct BaselineTarget {
     keep: Vec<Vec<u8>>,
     scratch: Vec<u8>,
     #[cfg(feature = "cuda")]
-    cuda:
-        Option<(std::sync::Arc<weightstream::target::cuda::CudaDevice>, Vec<weightstream::target::cuda::DeviceArena>)>,
+    cuda: Option<(std::sync::Arc<weightstream::sink::cuda::CudaDevice>, Vec<weightstream::sink::cuda::DeviceArena>)>,
 }
 
 impl BaselineTarget {
@@ -114,7 +113,7 @@ impl BaselineTarget {
             scratch: if device == Device::Null { vec![0; 8 << 20] } else { Vec::new() },
             #[cfg(feature = "cuda")]
             cuda: match device {
-                Device::Cuda(n) => Some((weightstream::target::cuda::CudaDevice::open(n)?, Vec::new())),
+                Device::Cuda(n) => Some((weightstream::sink::cuda::CudaDevice::open(n)?, Vec::new())),
                 _ => None,
             },
         })
@@ -124,13 +123,13 @@ impl BaselineTarget {
         self.total += bytes.len() as u64;
         #[cfg(feature = "cuda")]
         if let Some((dev, arenas)) = &mut self.cuda {
-            let arena = weightstream::target::cuda::DeviceArena::alloc(dev, bytes.len())?;
+            let arena = weightstream::sink::cuda::DeviceArena::alloc(dev, bytes.len())?;
             if !bytes.is_empty() {
                 // SAFETY: the destination is a fresh allocation of bytes.len() bytes and the
                 // source a live slice; from pageable memory the driver has copied the bytes out
                 // before returning.
                 unsafe {
-                    weightstream::target::cuda::result::memcpy_htod_async(
+                    weightstream::sink::cuda::driver::memcpy_htod_async(
                         arena.ptr(),
                         bytes.as_ptr(),
                         bytes.len(),
@@ -218,7 +217,7 @@ pub fn run(args: Args) -> Result<()> {
             "pipeline-direct" => Some(base_loader.clone().direct(true)),
             "pipeline-mapped" => Some(base_loader.clone().zero_copy(true)),
             "mmap-copy" | "read-all" => None,
-            other => return Err(Error::InvalidOption { what: format!("unknown strategy `{other}`") }),
+            other => return Err(Error::Usage { what: format!("unknown strategy `{other}`") }),
         };
         let loader = loader.map(|l| l.device(device));
         let mut row = Row {

@@ -88,13 +88,11 @@ pub fn run(args: Args) -> weightstream::Result<()> {
     println!("loaded {} tensors: {s}", model.len());
     let mut checked = 0u64;
     for ((name, _), expect) in layout.iter().zip(&data) {
-        let t = model.tensor(name).ok_or_else(|| weightstream::Error::InvalidOption {
-            what: format!("demo: tensor `{name}` missing after load"),
-        })?;
+        let t = model
+            .tensor(name)
+            .ok_or_else(|| weightstream::Error::Usage { what: format!("demo: tensor `{name}` missing after load") })?;
         if t.to_host_vec()? != *expect {
-            return Err(weightstream::Error::InvalidOption {
-                what: format!("demo: tensor `{name}` differs after load"),
-            });
+            return Err(weightstream::Error::Usage { what: format!("demo: tensor `{name}` differs after load") });
         }
         checked += expect.len() as u64;
     }
@@ -113,7 +111,7 @@ pub fn run(args: Args) -> weightstream::Result<()> {
 fn why_no_gpu() -> String {
     #[cfg(feature = "cuda")]
     {
-        match weightstream::target::cuda::device_count() {
+        match weightstream::sink::cuda::device_count() {
             Ok(0) => "driver present, no device".into(),
             Ok(n) => format!("{n} devices"),
             Err(e) => e.to_string(),

@@ -1,9 +1,9 @@
-//! RAII types over [`super::result`]: a device (its primary context), pinned host buffers, the
+//! RAII types over [`super::driver`]: a device (its primary context), pinned host buffers, the
 //! device arena, streams and events. Each frees what it owns in `Drop`, with its context current.
 
 use std::sync::{Arc, Mutex};
 
-use super::result as r;
+use super::driver as r;
 use crate::error::{Error, Result};
 use crate::stage::StagingMemory;
 
@@ -176,7 +176,7 @@ impl DeviceArena {
     pub fn copy_to_host(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let end = offset.checked_add(len as u64).filter(|&e| e <= self.len as u64);
         if end.is_none() {
-            return Err(Error::option(format!("range {offset}+{len} outside the arena of {} bytes", self.len)));
+            return Err(Error::usage(format!("range {offset}+{len} outside the arena of {} bytes", self.len)));
         }
         let mut out = vec![0u8; len];
         if len > 0 {
@@ -233,7 +233,7 @@ impl Drop for Stream {
 /// An event, destroyed in `Drop`.
 pub struct Event {
     pub(crate) raw: r::CUevent,
-    recorded: bool,
+    recorded: std::sync::atomic::AtomicBool,
     dev: Arc<CudaDevice>,
 }
 
@@ -243,20 +243,20 @@ impl Event {
         dev.bind()?;
         // SAFETY: a context is current; destroyed in Drop.
         let raw = unsafe { r::event_create(timing)? };
-        Ok(Event { raw, recorded: false, dev: Arc::clone(dev) })
+        Ok(Event { raw, recorded: false.into(), dev: Arc::clone(dev) })
     }
 
     /// Record it on `stream`.
-    pub fn record(&mut self, stream: &Stream) -> Result<()> {
+    pub fn record(&self, stream: &Stream) -> Result<()> {
         // SAFETY: both live and of the same device.
         unsafe { r::event_record(self.raw, stream.raw)? };
-        self.recorded = true;
+        self.recorded.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
     /// Block until it fired (returns at once if never recorded).
     pub fn synchronize(&self) -> Result<()> {
-        if !self.recorded {
+        if !self.recorded.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
         // SAFETY: live event.

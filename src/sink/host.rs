@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 /// Large blocks ask for transparent huge pages, which makes first-touch faults 512× rarer.
 ///
 /// ```
-/// let mut m = weightstream::target::HostMemory::new(10_000)?;
+/// let mut m = weightstream::sink::HostMemory::new(10_000)?;
 /// m.as_mut_slice()[9_999] = 7;
 /// assert_eq!(m.as_slice()[9_999], 7);
 /// assert_eq!(m.as_slice().as_ptr() as usize % 4096, 0);
@@ -96,5 +96,73 @@ impl Drop for HostMemory {
 impl std::fmt::Debug for HostMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostMemory").field("len", &self.len).finish()
+    }
+}
+
+/// Copies (or converts) staged pieces into a host arena, or lends the arena to the readers so
+/// that they read (and convert) into it in place.
+#[derive(Debug)]
+pub struct HostSink<'a> {
+    arena: &'a mut HostMemory,
+}
+
+impl<'a> HostSink<'a> {
+    /// A sink writing into `arena`, laid out as the plan's destination region.
+    ///
+    /// ```
+    /// let mut arena = weightstream::sink::HostMemory::new(4096)?;
+    /// let sink = weightstream::sink::HostSink::new(&mut arena);
+    /// # drop(sink);
+    /// # Ok::<(), weightstream::Error>(())
+    /// ```
+    pub fn new(arena: &'a mut HostMemory) -> Self {
+        HostSink { arena }
+    }
+}
+
+impl super::Sink for HostSink<'_> {
+    fn host_region(&mut self) -> Option<super::HostRegion> {
+        // SAFETY: the arena is mapped for len bytes and borrowed mutably by this sink for its
+        // whole life; the sink never touches it while readers may write (InPlace deliveries
+        // are not copied).
+        Some(unsafe { super::HostRegion::new(self.arena.ptr, self.arena.len) })
+    }
+
+    fn deliver(&mut self, d: &super::Delivery<'_>) -> Result<super::Fence> {
+        if matches!(d.bytes, super::Staged::InPlace) {
+            return Ok(super::Fence::done());
+        }
+        if matches!(d.bytes, super::Staged::DeviceReadable { .. }) {
+            return Err(Error::internal("a host sink was given bytes only a device may read"));
+        }
+        let arena = self.arena.as_mut_slice();
+        for (p, src) in d.pieces()? {
+            let t = &d.plan.tensors[p.tensor];
+            let Some(src) = src else { continue };
+            // SAFETY: `pieces` checked that p.len bytes at src lie inside the staged host bytes,
+            // which the stage keeps valid and unchanged for this call.
+            let src = unsafe { std::slice::from_raw_parts(src, p.len as usize) };
+            let dst = t.dst_range(p.tensor_offset, p.len);
+            let Some(dst) = arena.get_mut(dst.start as usize..dst.end as usize) else {
+                return Err(Error::internal(format!("tensor `{}` planned outside the arena", t.name)));
+            };
+            if t.converts() {
+                crate::convert::convert_host(t.stored_dtype, t.dtype, src, dst).map_err(|_| {
+                    Error::UnsupportedConversion {
+                        file: d.plan.files[t.file].path.clone(),
+                        tensor: t.name.clone(),
+                        from: t.stored_dtype.name(),
+                        to: t.dtype.name(),
+                    }
+                })?;
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
+        Ok(super::Fence::done())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
     }
 }

@@ -1,22 +1,63 @@
-//! From a path to the ordered list of checkpoint files, with their validated headers.
+//! The source seam: from a path to the files of a checkpoint, each open, with its validated
+//! header.
 //!
 //! A path may be a single `.safetensors` file, a `*.safetensors.index.json`, a directory (its
 //! index if it has one, else all its `*.safetensors` files), or a Hugging Face cache folder
 //! `models--org--name` (resolved through `refs/main` to `snapshots/<rev>`).
+//!
+//! Each file is opened once, and its data is read through the descriptor its header was read
+//! from: a file renamed over (a checkpoint re-saved next to a running server) cannot mix new
+//! bytes into old offsets. Only regular files are opened (a FIFO would block `open` forever),
+//! and a shard of an index must be, once opened, inside the index's tree. Object-store sources
+//! will plug in here.
+
+mod local;
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use local::open_regular;
 
 use crate::error::{Error, Result};
-use crate::format::{read_header, Header, ShardIndex};
+use crate::format::{read_header_from, Header, ShardIndex};
 
-/// One file of a checkpoint and its validated header.
+/// One file of a checkpoint, open, and its validated header.
 #[derive(Debug, Clone)]
 pub struct CheckpointFile {
     /// Path of the file.
     pub path: PathBuf,
     /// Its header.
     pub header: Header,
+    /// The open file its header was read from; the data is read through it too.
+    pub file: Arc<File>,
+}
+
+impl CheckpointFile {
+    /// Open the regular file at `path` and read its header.
+    ///
+    /// ```
+    /// use weightstream::{format::{write_file, WriteTensor}, source::CheckpointFile, Dtype};
+    /// let dir = tempfile::tempdir()?;
+    /// let p = dir.path().join("m.safetensors");
+    /// write_file(&p, &[WriteTensor::new("x", Dtype::U8, vec![2], &[1, 2])], &Default::default())?;
+    /// assert_eq!(CheckpointFile::open(&p)?.header.tensors.len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let mut file = open_regular(path)?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let header = read_header_from(path, &mut file, len)?;
+        Ok(CheckpointFile { path: path.to_path_buf(), header, file: Arc::new(file) })
+    }
+
+    /// A second descriptor of the same file opened with O_DIRECT (through `/proc/self/fd`, so
+    /// it is the file the header was read from even if the path now names another one).
+    pub fn reopen_direct(&self) -> Result<File> {
+        local::reopen_direct(&self.file, &self.path)
+    }
 }
 
 /// A checkpoint: its files in order, each with its header.
@@ -43,10 +84,10 @@ impl Checkpoint {
     /// index's tensors are in their shards; no tensor is in two files).
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
         let (files, index) = resolve(path.as_ref())?;
-        let files = files
-            .into_iter()
-            .map(|p| read_header(&p).map(|header| CheckpointFile { path: p, header }))
-            .collect::<Result<Vec<_>>>()?;
+        let files = files.into_iter().map(CheckpointFile::open).collect::<Result<Vec<_>>>()?;
+        if let Some(index) = &index {
+            local::check_confined(index, &files)?;
+        }
         let mut owner: HashMap<&str, usize> = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             for t in &f.header.tensors {
@@ -93,7 +134,7 @@ pub fn resolve(path: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
     if meta.is_file() {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.ends_with(".json") {
-            let index = ShardIndex::read(path)?;
+            let index = read_index(path)?;
             return Ok((index.shards.clone(), Some(index)));
         }
         return Ok((vec![path.to_path_buf()], None));
@@ -132,7 +173,7 @@ fn resolve_dir(path: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
         }),
         0 => Ok((shards, None)),
         1 => {
-            let index = ShardIndex::read(&indexes[0])?;
+            let index = read_index(&indexes[0])?;
             Ok((index.shards.clone(), Some(index)))
         }
         _ => {
@@ -140,7 +181,7 @@ fn resolve_dir(path: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
             let conventional = indexes.iter().find(|p| p.ends_with("model.safetensors.index.json"));
             match conventional {
                 Some(p) => {
-                    let index = ShardIndex::read(p)?;
+                    let index = read_index(p)?;
                     Ok((index.shards.clone(), Some(index)))
                 }
                 None => Err(Error::BadSource {
@@ -177,4 +218,11 @@ fn hf_cache_snapshot(dir: &Path) -> Result<Option<PathBuf>> {
         return Err(bad(format!("snapshot {} does not exist", snap.display())));
     }
     Ok(Some(snap))
+}
+
+/// Read the index at `path`, after checking that it is a regular file (a FIFO would block the
+/// read forever).
+fn read_index(path: &Path) -> Result<ShardIndex> {
+    drop(open_regular(path)?);
+    ShardIndex::read(path)
 }

@@ -9,7 +9,7 @@ use std::ffi::{c_void, CStr};
 
 use cudarc::driver::sys;
 
-pub use sys::{CUcontext, CUdevice, CUdeviceptr, CUevent, CUstream};
+pub use sys::{CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUfunction, CUmodule, CUstream};
 
 use crate::error::{Error, Result};
 
@@ -34,12 +34,12 @@ fn check(call: &'static str, r: sys::CUresult) -> Result<()> {
             format!("{} ({r:?})", CStr::from_ptr(s).to_string_lossy())
         }
     };
-    Err(Error::Cuda { call, message, file: None })
+    Err(Error::Cuda { call, code: r as u32, message, file: None })
 }
 
 /// Whether `e` is the driver's out-of-memory error.
 pub fn is_out_of_memory(e: &Error) -> bool {
-    matches!(e, Error::Cuda { message, .. } if message.contains("CUDA_ERROR_OUT_OF_MEMORY"))
+    matches!(e, Error::Cuda { code, .. } if *code == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY as u32)
 }
 
 /// `cuInit(0)` then `cuDeviceGetCount`. Requires [`driver_present`].
@@ -298,4 +298,90 @@ pub unsafe fn event_elapsed_ms(start: CUevent, end: CUevent) -> Result<f32> {
 pub unsafe fn event_destroy(e: CUevent) -> Result<()> {
     // SAFETY: per this function's contract.
     check("cuEventDestroy", unsafe { sys::cuEventDestroy_v2(e) })
+}
+
+/// Whether libnvrtc can be loaded (cudarc's NVRTC loader panics when it is missing).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen the library by name.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// `cuCtxGetDevice`: the device of the context current on this thread. Requires
+/// [`driver_present`].
+pub fn ctx_get_device() -> Result<CUdevice> {
+    let mut dev: CUdevice = 0;
+    // SAFETY: writes one CUdevice into `dev`.
+    check("cuCtxGetDevice (is a CUDA context current?)", unsafe { sys::cuCtxGetDevice(&mut dev) })?;
+    Ok(dev)
+}
+
+/// `cuDeviceGetAttribute`.
+pub fn device_attribute(dev: CUdevice, attr: CUdevice_attribute) -> Result<i32> {
+    let mut v = 0;
+    // SAFETY: writes one int; an invalid device is reported as an error code.
+    check("cuDeviceGetAttribute", unsafe { sys::cuDeviceGetAttribute(&mut v, attr, dev) })?;
+    Ok(v)
+}
+
+/// `cuModuleLoadData` of a NUL-terminated PTX image.
+///
+/// # Safety
+/// 1. A context must be current on this thread.
+/// 2. The module must be unloaded with [`module_unload`] while that context exists.
+pub unsafe fn module_load_data(image: &CStr) -> Result<CUmodule> {
+    let mut m = std::ptr::null_mut();
+    // SAFETY: `image` is NUL-terminated and outlives the call (the driver copies it).
+    check("cuModuleLoadData", unsafe { sys::cuModuleLoadData(&mut m, image.as_ptr().cast()) })?;
+    Ok(m)
+}
+
+/// `cuModuleGetFunction`.
+///
+/// # Safety
+/// `module` must be loaded and not unloaded; the function is valid until it is.
+pub unsafe fn module_get_function(module: CUmodule, name: &CStr) -> Result<CUfunction> {
+    let mut f = std::ptr::null_mut();
+    // SAFETY: writes one handle; `module` is live by the caller's contract.
+    check("cuModuleGetFunction", unsafe { sys::cuModuleGetFunction(&mut f, module, name.as_ptr()) })?;
+    Ok(f)
+}
+
+/// `cuModuleUnload`.
+///
+/// # Safety
+/// `module` was loaded, is unloaded once, and none of its functions is used afterwards.
+pub unsafe fn module_unload(module: CUmodule) -> Result<()> {
+    // SAFETY: by the caller's contract.
+    check("cuModuleUnload", unsafe { sys::cuModuleUnload(module) })
+}
+
+/// `cuLaunchKernel` of `f` on `stream` with no dynamic shared memory.
+///
+/// # Safety
+/// 1. `params` points at live values of exactly the kernel's parameter types, in order.
+/// 2. The memory the kernel touches is valid device memory of the current context until the
+///    launch has run on `stream`.
+pub unsafe fn launch_kernel(
+    f: CUfunction,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    stream: CUstream,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    // SAFETY: by the caller's contract; the driver copies the parameters at launch.
+    check("cuLaunchKernel", unsafe {
+        sys::cuLaunchKernel(
+            f,
+            grid.0,
+            grid.1,
+            grid.2,
+            block.0,
+            block.1,
+            block.2,
+            0,
+            stream,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    })
 }

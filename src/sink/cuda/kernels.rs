@@ -11,10 +11,10 @@
 
 use std::ffi::{c_void, CStr, CString};
 
-use cudarc::driver::{result as dr, sys, DriverError};
 use cudarc::nvrtc;
 
-use super::{conversion_error, table_index, TABLE};
+use super::driver::{self as dr, CUdevice_attribute, CUdeviceptr, CUfunction, CUmodule, CUstream};
+use crate::convert::{conversion_error, table_index, TABLE};
 use crate::{Dtype, Error, Result};
 
 /// PTX for `compute_80` made by nvcc at build time, when nvcc was found.
@@ -52,8 +52,8 @@ impl KernelSource {
 /// Made and used with that context current on the calling thread (the caller sets it); dropped
 /// while the context still exists (the module is unloaded then; errors there are ignored).
 pub struct DeviceConverter {
-    module: sys::CUmodule,
-    functions: [sys::CUfunction; TABLE.len()],
+    module: CUmodule,
+    functions: [CUfunction; TABLE.len()],
     sm_count: u32,
     source: KernelSource,
 }
@@ -87,28 +87,25 @@ impl DeviceConverter {
                 Err(e) => why.push(format!("{source:?}: {e}")),
             }
         }
-        Err(Error::Cuda { call: "loading the conversion kernels", message: why.join("; "), file: None })
+        Err(Error::Cuda { call: "loading the conversion kernels", message: why.join("; "), code: 0, file: None })
     }
 
     /// Loads the kernels into the current context from `source` only.
     pub fn with_source(source: KernelSource) -> Result<Self> {
-        // SAFETY: only probes whether the library can be opened; cudarc's loader would panic
-        // when it cannot, so nothing else of cudarc's driver API runs before this check.
-        if !unsafe { sys::is_culib_present() } {
+        // cudarc's loader would panic without the library: nothing else of the driver API runs
+        // before this check.
+        if !dr::driver_present() {
             return Err(Error::NoCudaDriver);
         }
-        let dev = current_device()?;
-        let attr = |a| {
-            // SAFETY: `dev` comes from the current context, so it is a valid device.
-            unsafe { dr::device::get_attribute(dev, a) }.map_err(|e| cuda_err("cuDeviceGetAttribute", e))
-        };
-        let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let dev = dr::ctx_get_device()?;
+        let attr = |a| dr::device_attribute(dev, a);
+        let sm_count = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let ptx = match source {
             KernelSource::NvccPtx => NVCC_PTX.map(str::to_owned).ok_or_else(no_ptx)?,
             KernelSource::NvccPtxLowered => NVCC_PTX.map(lower_ptx_version).ok_or_else(no_ptx)?,
             KernelSource::Nvrtc => {
-                let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-                let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+                let major = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+                let minor = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
                 compile_with_nvrtc(major, minor)?
             }
         };
@@ -140,10 +137,10 @@ impl DeviceConverter {
         &self,
         from: Dtype,
         to: Dtype,
-        src: sys::CUdeviceptr,
-        dst: sys::CUdeviceptr,
+        src: CUdeviceptr,
+        dst: CUdeviceptr,
         elements: usize,
-        stream: sys::CUstream,
+        stream: CUstream,
     ) -> Result<()> {
         if from == to {
             let bytes = from
@@ -155,8 +152,7 @@ impl DeviceConverter {
             }
             // SAFETY: by the caller's contract (1-3) both ranges are valid device memory of the
             // current context for `bytes` bytes, do not overlap, and outlive the copy.
-            return unsafe { dr::memcpy_dtod_async(dst, src, bytes, stream) }
-                .map_err(|e| cuda_err("cuMemcpyDtoDAsync", e));
+            return unsafe { dr::memcpy_dtod_async(dst, src, bytes, stream) };
         }
         let i = table_index(from, to).ok_or_else(|| conversion_error(from, to, "no such conversion".into()))?;
         if elements == 0 {
@@ -173,16 +169,15 @@ impl DeviceConverter {
         let mut dst = dst;
         let mut n = elements as u64;
         let mut params = [
-            (&mut src as *mut sys::CUdeviceptr).cast::<c_void>(),
-            (&mut dst as *mut sys::CUdeviceptr).cast::<c_void>(),
+            (&mut src as *mut CUdeviceptr).cast::<c_void>(),
+            (&mut dst as *mut CUdeviceptr).cast::<c_void>(),
             (&mut n as *mut u64).cast::<c_void>(),
         ];
         // SAFETY: `functions[i]` is the kernel `ws_convert_<suffix>(const void*, void*,
         // unsigned long long)` of our loaded module, and `params` points at three live locals of
         // exactly those types (the driver copies them at launch). The caller guarantees the
         // context, the stream and the memory ranges (1-3).
-        unsafe { dr::launch_kernel(self.functions[i], (blocks, 1, 1), (BLOCK_THREADS, 1, 1), 0, stream, &mut params) }
-            .map_err(|e| cuda_err("cuLaunchKernel", e))
+        unsafe { dr::launch_kernel(self.functions[i], (blocks, 1, 1), (BLOCK_THREADS, 1, 1), stream, &mut params) }
     }
 }
 
@@ -190,7 +185,7 @@ impl Drop for DeviceConverter {
     fn drop(&mut self) {
         // SAFETY: the module was loaded by us and is unloaded once; its functions are not used
         // after this. A failure (the context already gone) is ignored: nothing to release then.
-        let _ = unsafe { dr::module::unload(self.module) };
+        let _ = unsafe { dr::module_unload(self.module) };
     }
 }
 
@@ -211,19 +206,20 @@ pub fn nvrtc_source() -> &'static str {
 /// Errors: [`Error::Cuda`] when libnvrtc cannot be loaded or the compilation fails (with its
 /// log).
 pub fn compile_with_nvrtc(major: i32, minor: i32) -> Result<String> {
-    // SAFETY: only probes whether the library can be opened; cudarc's loader would panic when it
-    // cannot, so no NVRTC call happens before this check.
-    if !unsafe { nvrtc::sys::is_culib_present() } {
+    // cudarc's NVRTC loader would panic without the library: no NVRTC call happens before this.
+    if !dr::nvrtc_present() {
         return Err(Error::Cuda {
             call: "nvrtc",
             message: "libnvrtc could not be loaded (install the CUDA runtime compiler, or build with nvcc found)"
                 .into(),
+            code: 0,
             file: None,
         });
     }
     let src = CString::new(NVRTC_SOURCE).map_err(|_| Error::Cuda {
         call: "nvrtc",
         message: "kernel source contains NUL".into(),
+        code: 0,
         file: None,
     })?;
     let mut archs = vec![format!("--gpu-architecture=compute_{major}{minor}")];
@@ -237,7 +233,7 @@ pub fn compile_with_nvrtc(major: i32, minor: i32) -> Result<String> {
             Err(e) => why.push(format!("{arch}: {e}")),
         }
     }
-    Err(Error::Cuda { call: "nvrtcCompileProgram", message: why.join("; "), file: None })
+    Err(Error::Cuda { call: "nvrtcCompileProgram", message: why.join("; "), code: 0, file: None })
 }
 
 fn nvrtc_compile(src: &CStr, arch: &str) -> std::result::Result<String, String> {
@@ -278,54 +274,40 @@ fn lower_ptx_version(ptx: &str) -> String {
 }
 
 /// Loads `ptx` into the current context and gets every kernel of the table.
-fn load_module(ptx: &str) -> Result<(sys::CUmodule, [sys::CUfunction; TABLE.len()])> {
+fn load_module(ptx: &str) -> Result<(CUmodule, [CUfunction; TABLE.len()])> {
     let image = CString::new(ptx).map_err(|_| Error::Cuda {
         call: "cuModuleLoadData",
         message: "PTX contains NUL".into(),
+        code: 0,
         file: None,
     })?;
     // SAFETY: `image` is a NUL-terminated PTX text that outlives the call (the driver copies it).
-    let module =
-        unsafe { dr::module::load_data(image.as_ptr().cast()) }.map_err(|e| cuda_err("cuModuleLoadData", e))?;
+    // (and a context is current: ctx_get_device succeeded before); unloaded by the converter.
+    let module = unsafe { dr::module_load_data(&image) }?;
     let mut functions = [std::ptr::null_mut(); TABLE.len()];
     for (slot, &(_, _, suffix)) in functions.iter_mut().zip(TABLE.iter()) {
         let name = CString::new(format!("ws_convert_{suffix}")).unwrap_or_default();
         // SAFETY: `module` was loaded above and is not unloaded until the error path below or
         // the converter's drop.
-        match unsafe { dr::module::get_function(module, name) } {
+        match unsafe { dr::module_get_function(module, &name) } {
             Ok(f) => *slot = f,
             Err(e) => {
                 // SAFETY: loaded above, unloaded once, nothing of it kept.
-                let _ = unsafe { dr::module::unload(module) };
-                return Err(cuda_err("cuModuleGetFunction", e));
+                let _ = unsafe { dr::module_unload(module) };
+                return Err(e);
             }
         }
     }
     Ok((module, functions))
 }
 
-/// The device of the current context.
-fn current_device() -> Result<sys::CUdevice> {
-    let mut dev: sys::CUdevice = 0;
-    // SAFETY: writes one CUdevice into `dev`; the driver library is present (checked by callers).
-    unsafe { sys::cuCtxGetDevice(&mut dev) }
-        .result()
-        .map_err(|e| cuda_err("cuCtxGetDevice (is a CUDA context current?)", e))?;
-    Ok(dev)
-}
-
 fn no_ptx() -> Error {
     Error::Cuda {
         call: "loading the conversion kernels",
         message: "no PTX was embedded at build time (nvcc was not found)".into(),
+        code: 0,
         file: None,
     }
-}
-
-fn cuda_err(call: &'static str, e: DriverError) -> Error {
-    let name = e.error_name().map(|c| c.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
-    let text = e.error_string().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
-    Error::Cuda { call, message: format!("{name}: {text}"), file: None }
 }
 
 #[cfg(test)]

@@ -1,32 +1,33 @@
-//! The CUDA target: pinned staging ring, copies on several streams, one device arena.
+//! The CUDA sink: copies on several streams into one device arena, conversion kernels from a
+//! bounded scratch region, an event behind each delivery as its fence.
 //!
-//! Layers as in cudarc: [`result`] (thin `Result` wrappers, the only code touching the driver
-//! bindings), [`safe`] (RAII types), and here the sink the pipeline drives.
+//! Layers as in cudarc: [`driver`] (thin `Result` wrappers, the only code touching cudarc's
+//! driver bindings), [`memory`] (RAII types), [`kernels`] (the conversion kernels), and here the
+//! sink the pipeline drives.
 
-pub mod mapped;
-pub mod result;
-pub mod safe;
+pub mod driver;
+pub mod kernels;
+pub mod memory;
 
 use std::sync::Arc;
 
-pub use safe::{CudaDevice, DeviceArena, Event, PinnedBuf, Stream};
+pub use memory::{CudaDevice, DeviceArena, Event, PinnedBuf, Stream};
 
-use crate::error::Result;
-use crate::plan::{Plan, ReadExtent};
+use crate::error::{Error, Result};
+use crate::sink::{Delivery, Fence, Sink, Staged};
 use crate::stage::{StagingMemory, StagingRing};
-use crate::target::Sink;
 use crate::trace::TraceRecorder;
 
 /// Number of CUDA devices; [`crate::Error::NoCudaDriver`] when libcuda cannot be loaded.
 ///
 /// ```
-/// match weightstream::target::cuda::device_count() {
+/// match weightstream::sink::cuda::device_count() {
 ///     Ok(n) => println!("{n} CUDA devices"),
 ///     Err(e) => println!("{e}"),
 /// }
 /// ```
 pub fn device_count() -> Result<usize> {
-    result::init_and_count()
+    driver::init_and_count()
 }
 
 /// A staging ring of `count` pinned buffers of `size` bytes for `dev`.
@@ -56,64 +57,63 @@ pub fn scratch_region_bytes(slot_size: usize, streams: usize) -> usize {
     (slot_size.min(share) / 4096 * 4096).max(4096)
 }
 
-/// Copies staged extents into a [`DeviceArena`]: slot `k`'s copies go on stream `k % streams`,
-/// followed by slot `k`'s event; the slot is released when that event has fired.
+/// Copies delivered bytes into a [`DeviceArena`]: delivery slot `k`'s copies go on stream
+/// `k % streams`, followed by slot `k`'s event, which is the delivery's fence.
 ///
 /// A piece of a tensor to convert is copied into its stream's scratch region first, and a kernel
 /// writes the converted values into the arena. One region per stream is enough: a stream runs
 /// its work in order, so the next copy into the region starts only after the kernel that read
 /// the previous contents has finished. That bounds the scratch by the stream count, not the slot
 /// count, and by [`SCRATCH_BUDGET`] in all.
-pub(crate) struct CudaSink<'a> {
+pub struct CudaSink<'a> {
     dev: Arc<CudaDevice>,
     arena: &'a DeviceArena,
     streams: Vec<Stream>,
-    slot_events: Vec<Event>,
+    slot_events: Vec<std::rc::Rc<Event>>,
     /// The scratch arena and the bytes of each stream's region in it.
     scratch: Option<(DeviceArena, usize)>,
-    converter: Option<Arc<crate::convert::cuda::DeviceConverter>>,
+    converter: Option<Arc<kernels::DeviceConverter>>,
     timing: Option<(Event, std::time::Instant, Vec<TimedCopy>)>,
 }
 
 impl<'a> CudaSink<'a> {
-    pub(crate) fn new(
+    /// A sink into `arena` on `dev` with `streams` streams. `converter` must be given when
+    /// `converts`; then each stream gets a scratch region of
+    /// [`scratch_region_bytes`]`(max_delivery, streams)`. `trace` times every copy on the device.
+    pub fn new(
         dev: &Arc<CudaDevice>,
         arena: &'a DeviceArena,
-        plan: &Plan,
-        ring: &StagingRing,
         streams: usize,
+        converts: bool,
+        max_delivery: usize,
         trace: bool,
-        converter: Option<Arc<crate::convert::cuda::DeviceConverter>>,
+        converter: Option<Arc<kernels::DeviceConverter>>,
     ) -> Result<Self> {
-        let (slots, slot_size) = (ring.slot_count(), ring.slot_size());
-        let converts = plan.tensors.iter().any(|t| t.converts());
         let streams = (0..streams.max(1)).map(|_| Stream::new(dev)).collect::<Result<Vec<_>>>()?;
-        let slot_events = (0..slots).map(|_| Event::new(dev, false)).collect::<Result<Vec<_>>>()?;
         let (scratch, converter) = if converts {
-            let region = scratch_region_bytes(slot_size, streams.len());
-            let conv = converter
-                .ok_or_else(|| crate::Error::option("internal: conversions planned without a device converter"))?;
+            let region = scratch_region_bytes(max_delivery, streams.len());
+            let conv = converter.ok_or_else(|| Error::internal("conversions planned without a device converter"))?;
             (Some((DeviceArena::alloc(dev, region * streams.len())?, region)), Some(conv))
         } else {
             (None, None)
         };
         let timing = if trace {
-            let mut base = Event::new(dev, true)?;
+            let base = Event::new(dev, true)?;
             base.record(&streams[0])?;
             Some((base, std::time::Instant::now(), Vec::new()))
         } else {
             None
         };
-        Ok(CudaSink { dev: Arc::clone(dev), arena, streams, slot_events, scratch, converter, timing })
+        Ok(CudaSink { dev: Arc::clone(dev), arena, streams, slot_events: Vec::new(), scratch, converter, timing })
     }
 
     /// Bytes of device scratch this sink holds for conversion (0 when nothing converts).
-    pub(crate) fn scratch_bytes(&self) -> u64 {
+    pub fn scratch_bytes(&self) -> u64 {
         self.scratch.as_ref().map_or(0, |(a, _)| a.len() as u64)
     }
 
     /// Add device-timed copy spans to `trace` (after `finish`).
-    pub(crate) fn write_trace(&mut self, trace: &mut TraceRecorder) -> Result<()> {
+    pub fn write_trace(&mut self, trace: &mut TraceRecorder) -> Result<()> {
         let Some((base, base_host, copies)) = &self.timing else { return Ok(()) };
         let offset_us = base_host.saturating_duration_since(trace.origin()).as_secs_f64() * 1e6;
         for c in copies {
@@ -123,43 +123,49 @@ impl<'a> CudaSink<'a> {
         }
         Ok(())
     }
+
+    fn slot_event(&mut self, slot: usize) -> Result<std::rc::Rc<Event>> {
+        while self.slot_events.len() <= slot {
+            self.slot_events.push(std::rc::Rc::new(Event::new(&self.dev, false)?));
+        }
+        Ok(std::rc::Rc::clone(&self.slot_events[slot]))
+    }
 }
 
 impl Sink for CudaSink<'_> {
-    fn deliver(&mut self, slot: usize, data: &[u8], extent: &ReadExtent, plan: &Plan) -> Result<()> {
+    fn reads_by_dma(&self) -> bool {
+        true
+    }
+
+    fn deliver(&mut self, d: &Delivery<'_>) -> Result<Fence> {
+        if matches!(d.bytes, Staged::InPlace) {
+            return Err(Error::internal("the CUDA sink has no host region to read in place"));
+        }
+        let slot = d.slot;
         let si = slot % self.streams.len();
+        let event = self.slot_event(slot)?;
         let stream = &self.streams[si];
-        let mut timed = match &self.timing {
+        let timed = match &self.timing {
             Some(_) => {
-                let mut s = Event::new(&self.dev, true)?;
+                let s = Event::new(&self.dev, true)?;
                 s.record(stream)?;
                 Some(s)
             }
             None => None,
         };
-        let pieces = &plan.pieces[extent.pieces.clone()];
         let arena = self.arena.ptr();
-        let converts = pieces.iter().any(|p| plan.tensors[p.tensor].converts());
-        match (&self.scratch, &self.converter) {
-            (Some((scratch, region)), Some(conv)) if converts => {
-                let base = scratch.ptr() + (si * region) as u64;
-                for p in pieces {
-                    let t = &plan.tensors[p.tensor];
-                    // SAFETY: the source lies in the pinned slot, valid until release(slot) has
-                    // waited on this slot's event (recorded below, after all its work).
-                    let src_host = unsafe { data.as_ptr().add(p.extent_offset as usize) };
-                    if !t.converts() {
-                        // SAFETY: the destination is inside t's planned arena range.
-                        unsafe {
-                            result::memcpy_htod_async(
-                                arena + t.arena_offset + p.tensor_offset,
-                                src_host,
-                                p.len as usize,
-                                stream.raw,
-                            )?
-                        };
-                        continue;
-                    }
+        let mut bytes = 0u64;
+        for (p, src) in d.pieces()? {
+            let t = &d.plan.tensors[p.tensor];
+            let Some(src) = src else { continue };
+            bytes += p.len;
+            let dst = t.dst_range(p.tensor_offset, p.len);
+            if dst.end > self.arena.len() as u64 {
+                return Err(Error::internal(format!("tensor `{}` planned outside the arena", t.name)));
+            }
+            match (&self.scratch, &self.converter) {
+                (Some((scratch, region)), Some(conv)) if t.converts() => {
+                    let base = scratch.ptr() + (si * region) as u64;
                     // Rounds of at most one region, each at the region's start (256-byte
                     // aligned, so the kernel reads aligned elements whatever the file's layout).
                     // A round's length is a multiple of 4096 except the piece's last, so every
@@ -167,50 +173,47 @@ impl Sink for CudaSink<'_> {
                     let mut done = 0u64;
                     while done < p.len {
                         let len = (p.len - done).min(*region as u64);
-                        // SAFETY: len <= region bytes, all within this stream's region; the
-                        // stream orders this copy after the kernel that last read the region.
-                        unsafe {
-                            result::memcpy_htod_async(base, src_host.add(done as usize), len as usize, stream.raw)?
-                        };
-                        let elements = len * 8 / t.dtype.bits();
-                        let first = (p.tensor_offset + done) * 8 / t.dtype.bits();
-                        let dst = arena + t.arena_offset + first * t.out_dtype.bits() / 8;
-                        // SAFETY: base holds len bytes of t.dtype, dst has room for the
-                        // converted elements inside t's arena range (planned), both on this
+                        // SAFETY: the source lies in the delivered bytes (checked by `pieces`),
+                        // valid until this delivery's fence fired; len <= region bytes, all
+                        // within this stream's region; the stream orders this copy after the
+                        // kernel that last read the region.
+                        unsafe { driver::memcpy_htod_async(base, src.add(done as usize), len as usize, stream.raw)? };
+                        let elements = len * 8 / t.stored_dtype.bits();
+                        let out = t.dst_range(p.tensor_offset + done, len);
+                        // SAFETY: base holds len bytes of the stored dtype; out is inside t's
+                        // arena range (checked above for the whole piece), both on this
                         // device; the kernel runs on `stream` after the copy into scratch.
-                        unsafe { conv.launch(t.dtype, t.out_dtype, base, dst, elements as usize, stream.raw)? };
+                        unsafe {
+                            conv.launch(
+                                t.stored_dtype,
+                                t.dtype,
+                                base,
+                                arena + out.start,
+                                elements as usize,
+                                stream.raw,
+                            )?
+                        };
                         done += len;
                     }
                 }
-            }
-            _ => {
-                for p in pieces {
-                    let t = &plan.tensors[p.tensor];
-                    // SAFETY: the source is inside the pinned slot, valid until this slot's event
-                    // (recorded below) has fired; the destination is inside t's planned arena
-                    // range.
-                    unsafe {
-                        result::memcpy_htod_async(
-                            arena + t.arena_offset + p.tensor_offset,
-                            data.as_ptr().add(p.extent_offset as usize),
-                            p.len as usize,
-                            stream.raw,
-                        )?
-                    };
+                (_, _) if t.converts() => {
+                    return Err(Error::internal("conversions planned without a device converter"));
+                }
+                _ => {
+                    // SAFETY: the source is inside the delivered bytes (checked by `pieces`),
+                    // valid until this delivery's fence fired; the destination is inside t's
+                    // arena range (checked above).
+                    unsafe { driver::memcpy_htod_async(arena + dst.start, src, p.len as usize, stream.raw)? };
                 }
             }
         }
-        self.slot_events[slot].record(stream)?;
-        if let (Some((_, _, copies)), Some(start)) = (&mut self.timing, timed.take()) {
-            let mut end = Event::new(&self.dev, true)?;
+        event.record(stream)?;
+        if let (Some((_, _, copies)), Some(start)) = (&mut self.timing, timed) {
+            let end = Event::new(&self.dev, true)?;
             end.record(stream)?;
-            copies.push(TimedCopy { slot, stream: si, bytes: extent.len, start, end });
+            copies.push(TimedCopy { slot, stream: si, bytes, start, end });
         }
-        Ok(())
-    }
-
-    fn release(&mut self, slot: usize) -> Result<()> {
-        self.slot_events[slot].synchronize()
+        Ok(Fence::new(move || event.synchronize()))
     }
 
     fn finish(&mut self) -> Result<()> {
@@ -224,7 +227,7 @@ impl Sink for CudaSink<'_> {
 impl Drop for CudaSink<'_> {
     fn drop(&mut self) {
         // Streams synchronize in their own Drop; do it first here so the scratch region and the
-        // staging slots are idle before anything is freed.
+        // staged bytes are idle before anything is freed.
         let _ = self.finish();
     }
 }

@@ -1,0 +1,167 @@
+//! The load plan: per selected tensor, its stored and loaded dtype and where its loaded bytes go;
+//! and ([`schedule`]) the reads that bring them there under a stage's constraints.
+//!
+//! The plan is a plain value: tests inspect it, the pipeline walks it. Destinations are offsets
+//! into one region (today the arena of a load); every stored -> loaded offset goes through
+//! [`PlannedTensor::dst_range`].
+
+pub mod schedule;
+
+use std::path::PathBuf;
+
+pub use schedule::{Piece, ReadExtent, Schedule, ScheduleOptions};
+
+use crate::error::{Error, Result};
+use crate::format::Dtype;
+use crate::source::Checkpoint;
+
+/// Alignment of every tensor in the arena.
+pub const ARENA_ALIGN: u64 = 256;
+
+/// One input file of the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedFile {
+    /// Path.
+    pub path: PathBuf,
+    /// Index of the file in [`Checkpoint::files`] (its open descriptor is read).
+    pub source: usize,
+    /// Length when its header was read.
+    pub file_len: u64,
+}
+
+/// One selected tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedTensor {
+    /// Name.
+    pub name: String,
+    /// Index into [`Plan::files`].
+    pub file: usize,
+    /// Dtype as stored in the file.
+    pub stored_dtype: Dtype,
+    /// Dtype as loaded (differs when converted), as [`crate::TensorRef::dtype`] reports it.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Absolute offset of its bytes in the file.
+    pub file_offset: u64,
+    /// Its byte length in the file.
+    pub stored_len: u64,
+    /// Offset of its loaded bytes in the destination region (a multiple of [`ARENA_ALIGN`]).
+    pub dst_offset: u64,
+    /// Its byte length as loaded (after conversion).
+    pub len: u64,
+}
+
+impl PlannedTensor {
+    /// Whether this tensor is converted while loading.
+    pub fn converts(&self) -> bool {
+        self.stored_dtype != self.dtype
+    }
+
+    /// Where the stored bytes `stored_offset..stored_offset + stored_len` of this tensor land,
+    /// as a range of the destination region: whole elements of the stored dtype become as many
+    /// of the loaded one (the same bytes when the dtype is kept, sub-byte dtypes included).
+    ///
+    /// ```
+    /// use weightstream::{plan::PlannedTensor, Dtype};
+    /// let t = PlannedTensor { name: "w".into(), file: 0, stored_dtype: Dtype::F32, dtype: Dtype::BF16,
+    ///     shape: vec![1024], file_offset: 8, stored_len: 4096, dst_offset: 512, len: 2048 };
+    /// assert_eq!(t.dst_range(1024, 2048), 512 + 512..512 + 1536);
+    /// ```
+    pub fn dst_range(&self, stored_offset: u64, stored_len: u64) -> std::ops::Range<u64> {
+        let (sb, db) = (self.stored_dtype.bits(), self.dtype.bits());
+        if sb == db {
+            return self.dst_offset + stored_offset..self.dst_offset + stored_offset + stored_len;
+        }
+        let at = self.dst_offset + stored_offset * 8 / sb * db / 8;
+        at..at + stored_len * 8 / sb * db / 8
+    }
+}
+
+/// The plan of one load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Input files (only those with a selected tensor are read).
+    pub files: Vec<PlannedFile>,
+    /// Selected tensors, in file order.
+    pub tensors: Vec<PlannedTensor>,
+    /// Bytes of the destination region (sum of `len` plus alignment padding).
+    pub dst_len: u64,
+}
+
+impl Plan {
+    /// Plan the load of the tensors of `ckpt` that `select` accepts, each converted to
+    /// `dtype(name, stored)`.
+    ///
+    /// ```
+    /// use weightstream::{format::{write_file, WriteTensor}, plan::Plan, Checkpoint, Dtype};
+    /// let dir = tempfile::tempdir()?;
+    /// let p = dir.path().join("m.safetensors");
+    /// write_file(&p, &[WriteTensor::new("a", Dtype::F32, vec![3], &[0; 12]),
+    ///                  WriteTensor::new("b", Dtype::F32, vec![1], &[0; 4])], &Default::default())?;
+    /// let plan = Plan::new(&Checkpoint::open(&p)?, &|_| true, &|_, d| d)?;
+    /// assert_eq!(plan.tensors[1].dst_offset, 256); // aligned in the arena
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn new(ckpt: &Checkpoint, select: &dyn Fn(&str) -> bool, dtype: &dyn Fn(&str, Dtype) -> Dtype) -> Result<Plan> {
+        let mut plan = Plan::default();
+        let mut region = 0u64;
+        for (source, f) in ckpt.files.iter().enumerate() {
+            let file_idx = plan.files.len();
+            let mut any = false;
+            for t in &f.header.tensors {
+                if !select(&t.name) {
+                    continue;
+                }
+                any = true;
+                let to = dtype(&t.name, t.dtype);
+                let len = to.bytes_for(t.elements()).ok_or_else(|| Error::UnsupportedConversion {
+                    file: f.path.clone(),
+                    tensor: t.name.clone(),
+                    from: t.dtype.name(),
+                    to: to.name(),
+                })?;
+                let overflow =
+                    || Error::ShapeOverflow { file: f.path.clone(), tensor: t.name.clone(), shape: t.shape.clone() };
+                let dst_offset = align_up(region, ARENA_ALIGN).ok_or_else(overflow)?;
+                region = dst_offset.checked_add(len).ok_or_else(overflow)?;
+                plan.tensors.push(PlannedTensor {
+                    name: t.name.clone(),
+                    file: file_idx,
+                    stored_dtype: t.dtype,
+                    dtype: to,
+                    shape: t.shape.clone(),
+                    file_offset: f.header.data_start + t.data_offsets.0,
+                    stored_len: t.byte_len(),
+                    dst_offset,
+                    len,
+                });
+            }
+            if any {
+                plan.files.push(PlannedFile { path: f.path.clone(), source, file_len: f.header.file_len });
+            }
+        }
+        plan.dst_len = region;
+        Ok(plan)
+    }
+
+    /// Bytes of tensor data as stored (what a load reads at least).
+    pub fn bytes_stored(&self) -> u64 {
+        self.tensors.iter().map(|t| t.stored_len).sum()
+    }
+
+    /// Bytes of tensor data as loaded (after conversion).
+    pub fn bytes_loaded(&self) -> u64 {
+        self.tensors.iter().map(|t| t.len).sum()
+    }
+
+    /// Whether any tensor is converted.
+    pub fn converts(&self) -> bool {
+        self.tensors.iter().any(PlannedTensor::converts)
+    }
+}
+
+/// `v` rounded up to a multiple of `align` (a power of two), or `None` on overflow.
+pub fn align_up(v: u64, align: u64) -> Option<u64> {
+    Some(v.checked_add(align - 1)? & !(align - 1))
+}

@@ -1,0 +1,113 @@
+//! Staging memory kept between loads, shared by the clones of a `Loader`: one host ring, one
+//! pinned ring per CUDA device, and the conversion kernels per device.
+//!
+//! The lock is held only to check a ring out or in, never during a load: clones load at the
+//! same time (a second concurrent load allocates a ring of its own, and the pool keeps one per
+//! device when both are back), and a load started from a progress callback does not deadlock.
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::Result;
+use crate::stage::StagingRing;
+
+#[derive(Default)]
+struct Pooled {
+    host: Option<StagingRing>,
+    /// The conversion kernels, loaded once per device (a module load can JIT-compile PTX).
+    /// Declared before the pinned rings so that they drop first: the rings' buffers hold the
+    /// device's context, which a module needs until it is unloaded.
+    #[cfg(feature = "cuda")]
+    converters: Vec<(usize, std::sync::Arc<crate::convert::cuda::DeviceConverter>)>,
+    #[cfg(feature = "cuda")]
+    pinned: Vec<(usize, StagingRing)>,
+}
+
+/// The staging pool of a loader and its clones.
+#[derive(Default)]
+pub(crate) struct StagingPool(Mutex<Pooled>);
+
+fn fits(r: &StagingRing, count: usize, size: usize) -> bool {
+    r.slot_count() == count && r.slot_size() == size
+}
+
+impl StagingPool {
+    fn lock(&self) -> MutexGuard<'_, Pooled> {
+        // A panic while the lock was held cannot leave a ring half-updated: take it anyway.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A host ring of `count` slots of `size` bytes: the pooled one if it fits, else a new one
+    /// (a pooled ring of another size is freed first).
+    pub(crate) fn host(&self, count: usize, size: usize) -> Result<StagingRing> {
+        let pooled = self.lock().host.take();
+        match pooled {
+            Some(r) if fits(&r, count, size) => Ok(r),
+            other => {
+                drop(other); // free the old ring before mapping the new one
+                StagingRing::host(count, size)
+            }
+        }
+    }
+
+    /// Return a host ring after a load (kept unless another is pooled already).
+    pub(crate) fn give_back_host(&self, ring: StagingRing) {
+        let mut p = self.lock();
+        if p.host.is_none() {
+            p.host = Some(ring);
+        }
+    }
+
+    /// A pinned ring for `dev`, as [`StagingPool::host`] does for host rings.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn pinned(
+        &self,
+        dev: &std::sync::Arc<crate::sink::cuda::CudaDevice>,
+        count: usize,
+        size: usize,
+    ) -> Result<StagingRing> {
+        let ordinal = dev.ordinal();
+        let pooled = {
+            let mut p = self.lock();
+            p.pinned.iter().position(|(o, _)| *o == ordinal).map(|i| p.pinned.swap_remove(i).1)
+        };
+        match pooled {
+            Some(r) if fits(&r, count, size) => Ok(r),
+            other => {
+                drop(other); // free the old ring before pinning the new one
+                crate::sink::cuda::pinned_ring(dev, count, size)
+            }
+        }
+    }
+
+    /// Return the pinned ring of device `ordinal` after a load.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn give_back_pinned(&self, ordinal: usize, ring: StagingRing) {
+        let mut p = self.lock();
+        if !p.pinned.iter().any(|(o, _)| *o == ordinal) {
+            p.pinned.push((ordinal, ring));
+        }
+    }
+
+    /// The conversion kernels loaded on `dev` (loaded on first use, outside the lock).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn converter(
+        &self,
+        dev: &std::sync::Arc<crate::sink::cuda::CudaDevice>,
+    ) -> Result<std::sync::Arc<crate::convert::cuda::DeviceConverter>> {
+        let ordinal = dev.ordinal();
+        let found = self.lock().converters.iter().find(|(o, _)| *o == ordinal).map(|(_, c)| c.clone());
+        if let Some(c) = found {
+            return Ok(c);
+        }
+        dev.bind()?;
+        let c = std::sync::Arc::new(crate::convert::cuda::DeviceConverter::load()?);
+        let mut p = self.lock();
+        match p.converters.iter().find(|(o, _)| *o == ordinal) {
+            Some((_, other)) => Ok(other.clone()),
+            None => {
+                p.converters.push((ordinal, c.clone()));
+                Ok(c)
+            }
+        }
+    }
+}
