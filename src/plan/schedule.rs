@@ -274,4 +274,54 @@ mod tests {
             assert_eq!(got, want, "case {case}");
         }
     }
+
+    #[test]
+    fn windows_cover_every_extent_once_within_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![1u8; 5 << 20];
+        let small = vec![2u8; 1000];
+        let mut map = serde_json::Map::new();
+        for f in ["a", "b"] {
+            let mut ts = Vec::new();
+            for i in 0..6 {
+                ts.push(WriteTensor::new(format!("{f}.s{i}"), Dtype::U8, vec![1000], &small));
+                ts.push(WriteTensor::new(format!("{f}.b{i}"), Dtype::U8, vec![5 << 20], &data));
+            }
+            let name = format!("{f}.safetensors");
+            write_file(dir.path().join(&name), &ts, &Default::default()).unwrap();
+            for t in &ts {
+                map.insert(t.name.clone(), name.clone().into());
+            }
+        }
+        let idx = dir.path().join("model.safetensors.index.json");
+        std::fs::write(&idx, serde_json::json!({ "weight_map": map }).to_string()).unwrap();
+        let ckpt = Checkpoint::open(&idx).unwrap();
+        // Two files, gaps where tensors are left out, big tensors split into 4 MiB extents.
+        let select = |n: &str| !n.ends_with("s1") && !n.ends_with("b3");
+        let plan = Plan::new(&ckpt, &select, &|_, d| d).unwrap();
+        let sched = Schedule::new(&plan, ScheduleOptions::coalesced(4 << 20));
+        assert!(plan.files.len() == 2 && sched.extents.len() > 10);
+        for max in [1 << 20, 8 << 20, 64 << 20] {
+            let ws = sched.windows(max, 4096, 256 << 10);
+            let mut next = 0;
+            for w in &ws {
+                assert_eq!(w.extents.start, next);
+                next = w.extents.end;
+                assert_eq!(w.start % 4096, 0);
+                for e in &sched.extents[w.extents.clone()] {
+                    assert_eq!(e.file, w.file);
+                    assert!(e.offset >= w.start && e.offset + e.len <= w.end);
+                }
+                assert!(w.end - w.start <= max || w.extents.len() == 1, "{w:?}");
+            }
+            assert_eq!(next, sched.extents.len());
+        }
+        assert!(sched.windows(64 << 20, 4096, 256 << 10).len() < sched.windows(1 << 20, 4096, 256 << 10).len());
+        // Left-out tensors are never inside a window: every window's bytes are selected ones or
+        // gaps the planner reads through.
+        for w in sched.windows(64 << 20, 4096, 256 << 10) {
+            let selected: u64 = sched.extents[w.extents.clone()].iter().map(|e| e.len).sum();
+            assert!(w.end - w.start <= selected + 4096 + w.extents.len() as u64 * (256 << 10), "{w:?}");
+        }
+    }
 }

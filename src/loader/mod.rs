@@ -1,6 +1,8 @@
 //! The `Loader` builder: options, the strategy chosen once per load from the device and the
 //! options, and a staging pool per device shared by clones.
 
+mod run;
+
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -8,21 +10,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::convert::workers::ReadConvertWorkers;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
-use crate::io::{open_engine, EngineOptions, Fault, FaultyEngine, IoKind, RawEngine, ReadQueue};
-use crate::model::{LoadStats, LoadedModel, Storage, TensorMeta};
-use crate::pipeline::{self, Observer};
-use crate::plan::{Plan, Schedule, ScheduleOptions};
+use crate::io::{EngineOptions, Fault, IoKind};
+use crate::model::{LoadStats, LoadedModel, TensorMeta};
+use crate::pipeline::Observer;
+use crate::plan::Plan;
 use crate::pool::StagingPool;
 use crate::progress::ProgressFn;
-use crate::sink::{Device, HostMemory, HostSink, NullSink, Sink};
+use crate::sink::Device;
 use crate::source::Checkpoint;
-use crate::stage::in_place::{InPlaceReader, InPlaceStage};
-use crate::stage::ring::{RingStage, DIRECT_ALIGN};
-use crate::stage::Stage;
+use crate::stage::ring::DIRECT_ALIGN;
 use crate::trace::TraceRecorder;
+use run::Strategy;
 
 /// Reads in flight at most (an io_uring of 4096 entries has 8192 completion slots).
 const MAX_IN_FLIGHT: usize = 4096;
@@ -40,27 +40,6 @@ pub const MIN_STAGING_SIZE: usize = 64 << 10;
 /// `v` rounded up to a multiple of `m`, or down where rounding up would overflow.
 fn round_to_multiple(v: usize, m: usize) -> usize {
     v.checked_next_multiple_of(m).unwrap_or(v / m * m)
-}
-
-/// How a load runs, chosen once from the device and the options.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Strategy {
-    /// Reads land in the host arena; `convert_on_workers`: read-and-convert workers.
-    InPlace { convert_on_workers: bool },
-    /// Reads fill the staging ring; the sink copies (or converts) out of it.
-    Ring,
-    /// The device copies from registered windows of the page cache.
-    ZeroCopy,
-}
-
-/// What a strategy run reports back.
-struct Outcome {
-    storage: Storage,
-    io: &'static str,
-    bytes_read: u64,
-    staging_bytes: u64,
-    pinned: bool,
-    device_scratch_bytes: u64,
 }
 
 /// Cancels a load from another thread: the load returns [`Error::Cancelled`] with everything it
@@ -449,183 +428,6 @@ impl Loader {
         let mut model = LoadedModel::new(device, tensors, out.storage, stats);
         model.trace = trace;
         Ok(model)
-    }
-
-    /// The cpu and null devices: in place into the arena, or through a ring of host slots.
-    fn load_host(
-        &self,
-        device: Device,
-        strategy: Strategy,
-        plan: &Plan,
-        fds: Vec<RawFd>,
-        obs: &mut Observer<'_>,
-    ) -> Result<Outcome> {
-        let mut arena = match device {
-            Device::Cpu => Some(HostMemory::new(plan.dst_len as usize)?),
-            _ => None,
-        };
-        let mut host_sink = arena.as_mut().map(HostSink::new);
-        let mut null_sink = NullSink;
-        let sink: &mut dyn Sink = match &mut host_sink {
-            Some(s) => s,
-            None => &mut null_sink,
-        };
-        let (io, bytes_read, staging_bytes) = match strategy {
-            Strategy::InPlace { convert_on_workers } => {
-                let sched = Schedule::new(plan, ScheduleOptions::per_tensor(self.read_size as u64));
-                let region = sink.host_region().ok_or_else(|| Error::internal("in-place load without host memory"))?;
-                let (reader, io) = if convert_on_workers {
-                    (
-                        InPlaceReader::Workers(
-                            ReadConvertWorkers::new(self.threads, self.read_size, self.fault),
-                            self.read_size,
-                        ),
-                        "pread",
-                    )
-                } else {
-                    let depth = self.queue_depth.max(self.threads * 2).min(MAX_IN_FLIGHT);
-                    let queue = ReadQueue::new(self.engine(depth)?, depth);
-                    let io = queue.engine_name();
-                    (InPlaceReader::Engine(queue), io)
-                };
-                let mut stage = InPlaceStage::new(plan, &sched, fds, region, reader, self.trace);
-                let bytes = pipeline::run(plan, &sched, &mut stage, sink, obs)?;
-                (io, bytes, stage.staging_bytes())
-            }
-            Strategy::Ring => {
-                let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len()));
-                let mut ring = self.pool.host(self.staging_count, self.staging_size)?;
-                let queue = ReadQueue::new(self.engine(self.staged_depth())?, self.staged_depth());
-                let mut stage = RingStage::new(
-                    &sched,
-                    fds,
-                    &mut ring,
-                    queue,
-                    self.direct,
-                    self.staged_read_size() as u64,
-                    self.trace,
-                );
-                let io = stage.engine_name();
-                let run = pipeline::run(plan, &sched, &mut stage, sink, obs);
-                let staging = stage.staging_bytes();
-                drop(stage);
-                self.pool.give_back_host(ring);
-                (io, run?, staging)
-            }
-            Strategy::ZeroCopy => return Err(Error::usage(format!("--zero-copy needs a CUDA device, not {device}"))),
-        };
-        let storage = arena.map_or(Storage::Null, Storage::Host);
-        Ok(Outcome { storage, io, bytes_read, staging_bytes, pinned: false, device_scratch_bytes: 0 })
-    }
-
-    /// A CUDA device: through the pinned ring, or zero-copy from the page cache.
-    #[cfg(feature = "cuda")]
-    fn load_cuda(
-        &self,
-        ordinal: usize,
-        strategy: Strategy,
-        plan: &Plan,
-        fds: Vec<RawFd>,
-        obs: &mut Observer<'_>,
-    ) -> Result<Outcome> {
-        use crate::sink::cuda::{CudaDevice, CudaSink, DeviceArena};
-        use crate::stage::mapped::{MappedStage, WINDOW_BYTES};
-        let dev = CudaDevice::open(ordinal)?;
-        let arena = DeviceArena::alloc(&dev, plan.dst_len as usize)?;
-        let converter = match plan.converts() {
-            true => Some(self.pool.converter(&dev)?),
-            false => None,
-        };
-        let (io, bytes_read, staging_bytes, scratch) = match strategy {
-            Strategy::ZeroCopy => {
-                let window = (WINDOW_BYTES as usize).min(self.staging_size);
-                let sched = Schedule::new(plan, ScheduleOptions::coalesced(window as u64));
-                let mut sink =
-                    CudaSink::new(&dev, &arena, self.streams, plan.converts(), window, self.trace, converter)?;
-                // Registration threads: as many as readers would be, at most one per window.
-                let registrars = self.threads;
-                let bytes = std::thread::scope(|scope| {
-                    let mut stage =
-                        MappedStage::new(scope, &dev, plan, &sched, &fds, registrars, self.fault, self.trace)?;
-                    pipeline::run(plan, &sched, &mut stage, &mut sink, obs)
-                })?;
-                if let Some(t) = obs.trace.as_deref_mut() {
-                    sink.write_trace(t)?;
-                }
-                ("zero-copy", bytes, 0, sink.scratch_bytes())
-            }
-            _ => {
-                let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len()));
-                let mut ring = self.pool.pinned(&dev, self.staging_count, self.staging_size)?;
-                let mut sink = CudaSink::new(
-                    &dev,
-                    &arena,
-                    self.streams,
-                    plan.converts(),
-                    self.staging_size,
-                    self.trace,
-                    converter,
-                )?;
-                let queue = ReadQueue::new(self.engine(self.staged_depth())?, self.staged_depth());
-                let mut stage = RingStage::new(
-                    &sched,
-                    fds,
-                    &mut ring,
-                    queue,
-                    self.direct,
-                    self.staged_read_size() as u64,
-                    self.trace,
-                );
-                let io = stage.engine_name();
-                let run = pipeline::run(plan, &sched, &mut stage, &mut sink, obs);
-                let staging = stage.staging_bytes();
-                drop(stage);
-                if let (Some(t), Ok(_)) = (obs.trace.as_deref_mut(), &run) {
-                    sink.write_trace(t)?;
-                }
-                let scratch = sink.scratch_bytes();
-                drop(sink);
-                self.pool.give_back_pinned(ordinal, ring);
-                (io, run?, staging, scratch)
-            }
-        };
-        Ok(Outcome {
-            storage: Storage::Cuda(arena),
-            io,
-            bytes_read,
-            staging_bytes,
-            pinned: strategy != Strategy::ZeroCopy,
-            device_scratch_bytes: scratch,
-        })
-    }
-
-    fn engine(&self, depth: usize) -> Result<Box<dyn RawEngine>> {
-        let opts = EngineOptions { kind: self.io, queue_depth: depth.max(64), threads: self.threads };
-        let engine = open_engine(&opts, self.direct)
-            .map_err(|e| Error::usage(format!("cannot start the {:?} read engine: {e}", self.io)))?;
-        Ok(match self.fault {
-            Some(f) => Box::new(FaultyEngine::new(engine, f)),
-            None => engine,
-        })
-    }
-
-    /// Largest extent through a slot: the slot, less room for O_DIRECT's alignment.
-    fn ring_extent_len(&self) -> u64 {
-        self.staging_size as u64 - if self.direct { 2 * DIRECT_ALIGN } else { 0 }
-    }
-
-    /// Read size on the staged path: as asked, but at least 1/1024 of a slot, so that one slot
-    /// never needs more reads than the engine can hold.
-    fn staged_read_size(&self) -> usize {
-        let min = (self.staging_size / 1024).div_ceil(DIRECT_ALIGN as usize) * DIRECT_ALIGN as usize;
-        self.read_size.max(min)
-    }
-
-    /// Reads in flight at most on the staged path: every slot's reads (one more per slot for
-    /// O_DIRECT's alignment), bounded by what an io_uring can hold.
-    fn staged_depth(&self) -> usize {
-        let per_slot = self.staging_size.div_ceil(self.staged_read_size()) + 1;
-        self.staging_count.saturating_mul(per_slot).min(MAX_IN_FLIGHT)
     }
 }
 
