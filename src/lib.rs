@@ -19,6 +19,8 @@
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod bench;
+mod bench_baselines;
 pub mod convert;
 mod error;
 pub mod format;
@@ -26,6 +28,8 @@ pub mod io;
 mod loader;
 mod model;
 mod pipeline;
+#[cfg(test)]
+mod pipeline_tests;
 pub mod plan;
 mod pool;
 pub mod progress;

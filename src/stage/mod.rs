@@ -35,16 +35,15 @@ pub(crate) enum LandedBytes {
     InPlace,
 }
 
-impl LandedBytes {
-    /// The bytes as a sink sees them.
-    ///
-    /// # Safety
-    /// For `Host`, `ptr` must be valid for reads of `len` initialised bytes, unchanged, for
-    /// the lifetime `'a`.
-    pub(crate) unsafe fn staged<'a>(self) -> Staged<'a> {
-        match self {
+impl Landed {
+    /// The bytes as a sink sees them, for one delivery: the caller hands the unit back
+    /// (`Stage::recycle`) only after the sink returned from `deliver`.
+    pub(crate) fn staged(&self) -> Staged<'_> {
+        match self.bytes {
             LandedBytes::Host { ptr, len, file_offset } => {
-                // SAFETY: by this function's contract.
+                // SAFETY: stages make `Host` landed bytes only over `len` initialised bytes of
+                // their own memory (a ring slot whose reads all completed), which they neither
+                // write nor free before the unit is recycled, after this borrow ended.
                 let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
                 Staged::Host { bytes, file_offset }
             }

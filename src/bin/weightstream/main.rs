@@ -32,6 +32,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `bench` runs its mmap baseline in a child process of this executable.
+    if let Some(code) = weightstream::bench::child_main() {
+        return code;
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
