@@ -3,10 +3,10 @@
 # Run on the GPU machine from the project root with the binaries built by
 # ../shared/gpu/build-for-device.sh in .gpu/bin and the loader wheels in .whl (optional).
 #   usage: scripts/gpu_bench.sh OUTDIR [part...]
-#   parts: tests demo compare sweep convert sanitize mapped (mapped: the experimental --zero-copy)
+#   parts: tests demo compare sweep convert sanitize zero-copy (the experimental --zero-copy)
 set -uo pipefail
 out=${1:?outdir}; shift
-parts=${*:-tests demo compare sweep convert sanitize mapped}
+parts=${*:-tests demo compare sweep convert sanitize zero-copy}
 B=.gpu/bin
 W=$B/weightstream
 export WEIGHTSTREAM_PYTHON=python3 PYTHONUNBUFFERED=1
@@ -63,17 +63,17 @@ convert)
   mk f32_2g.safetensors float32 2
   for d in keep bf16 f16; do echo "== --dtype $d"; timeout 60 $W bench $data/f32_2g.safetensors --device cuda --strategy pipeline --runs 5 --dtype $d --staging 128M --staging-buffers 8 --threads 16 | tail -1; done 2>&1 | tee "$out/convert.log"
   timeout 120 $B/convert-bench-test --bench 2>&1 | grep -E "time:|thrpt:|^[a-z]" | tee -a "$out/convert.log" ;;
-mapped)
+zero-copy)
   mk bf16_4g.safetensors bfloat16 4
-  { echo "== pipeline vs pipeline-mapped (--zero-copy) vs torch pinned H2D, same run"
+  { echo "== pipeline vs pipeline-zero-copy (--zero-copy) vs torch pinned H2D, same run"
     timeout 300 python3 scripts/compare_loaders.py $data/bf16_4g.safetensors --weightstream $W --runs 5 \
-      --ws-strategy pipeline --ws-strategy pipeline-mapped --ws-strategy mmap-copy --json-out "$out/mapped.json"
+      --ws-strategy pipeline --ws-strategy pipeline-zero-copy --ws-strategy mmap-copy --json-out "$out/zero_copy.json"
     echo "== peak host RSS, --zero-copy"
     timeout 60 $W load $data/bf16_4g.safetensors --device cuda --zero-copy --json --quiet | python3 -c 'import json,sys; print(json.load(sys.stdin)["peak_host_rss_bytes"])'
     echo "== trace of a --zero-copy load (register spans)"
-    timeout 60 $W load $data/bf16_4g.safetensors --device cuda --zero-copy --trace "$out/trace_mapped.json" --quiet
-    python3 -c "import json,sys; ev=json.load(open(sys.argv[1]))['traceEvents']; r=[e for e in ev if e.get('name')=='register']; print(len(r), 'registrations,', round(sum(e['dur'] for e in r)/1e3,1), 'ms in all')" "$out/trace_mapped.json"
-  } 2>&1 | tee "$out/mapped.log" ;;
+    timeout 60 $W load $data/bf16_4g.safetensors --device cuda --zero-copy --trace "$out/trace_zero_copy.json" --quiet
+    python3 -c "import json,sys; ev=json.load(open(sys.argv[1]))['traceEvents']; r=[e for e in ev if e.get('name')=='register']; print(len(r), 'registrations,', round(sum(e['dur'] for e in r)/1e3,1), 'ms in all')" "$out/trace_zero_copy.json"
+  } 2>&1 | tee "$out/zero_copy.log" ;;
 sanitize)
   timeout 240 compute-sanitizer --tool memcheck $B/cuda_load-test --test-threads 1 every_tensor 2>&1 | tail -8 | tee "$out/sanitizer.log" ;;
 esac; done

@@ -114,7 +114,7 @@ impl Loader {
         obs: &mut Observer<'_>,
     ) -> Result<Outcome> {
         use crate::sink::cuda::{CudaDevice, CudaSink, DeviceArena};
-        use crate::stage::mapped::{MappedStage, WINDOW_BYTES};
+        use crate::stage::zero_copy::{ZeroCopyStage, WINDOW_BYTES};
         let dev = CudaDevice::open(ordinal)?;
         let arena = DeviceArena::alloc(&dev, plan.dst_len as usize)?;
         let converter = match plan.converts() {
@@ -131,7 +131,7 @@ impl Loader {
                 let registrars = self.threads;
                 let bytes = std::thread::scope(|scope| {
                     let mut stage =
-                        MappedStage::new(scope, &dev, plan, &sched, &fds, registrars, self.fault, self.trace)?;
+                        ZeroCopyStage::new(scope, &dev, plan, &sched, &fds, registrars, self.fault, self.trace)?;
                     pipeline::run(plan, &sched, &mut stage, &mut sink, obs)
                 })?;
                 if let Some(t) = obs.trace.as_deref_mut() {

@@ -4,16 +4,16 @@
 //!   after the fence of its last delivery fired.
 //! - [`in_place`]: reads land straight in the sink's host memory (converting on the reading
 //!   core where asked).
-//! - `mapped` (CUDA): windows of the file's page cache, mapped and page-locked in place, that
+//! - `zero_copy` (CUDA): windows of the file's page cache, mapped and page-locked in place, that
 //!   the device copies from (zero-copy).
 //!
 //! A stage reports raw failures as a [`StageError`] (which extent, which file offset); the
 //! pipeline turns them into errors naming the file and tensor.
 
 pub(crate) mod in_place;
-#[cfg(feature = "cuda")]
-pub(crate) mod mapped;
 pub mod ring;
+#[cfg(feature = "cuda")]
+pub(crate) mod zero_copy;
 
 use std::io;
 use std::ops::Range;

@@ -74,7 +74,7 @@ impl CudaDevice {
     }
 
     /// Whether the device can DMA from read-only page-locked memory (a file's page cache mapped
-    /// read-only), which [`super::mapped`] needs.
+    /// read-only), which the zero-copy stage needs.
     pub fn supports_read_only_register(&self) -> Result<bool> {
         r::supports_read_only_register(self.dev)
     }

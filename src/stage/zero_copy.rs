@@ -1,4 +1,4 @@
-//! The mapped stage (zero-copy, experimental): DMA straight out of the page cache, with no copy
+//! The zero-copy stage (experimental): DMA straight out of the page cache, with no copy
 //! by the CPU.
 //!
 //! The staged pipeline copies every byte from the page cache into a pinned buffer first; on an
@@ -52,7 +52,7 @@ struct Registrar<'a> {
 ///
 /// Registrar threads are scoped: the stage is built inside `std::thread::scope` and stopped
 /// (its channels closed) before the scope ends, so they borrow the plan and descriptors.
-pub(crate) struct MappedStage<'a> {
+pub(crate) struct ZeroCopyStage<'a> {
     wins: Arc<Vec<Window>>,
     next_window: Arc<AtomicUsize>,
     permits: Option<SyncSender<()>>,
@@ -67,7 +67,7 @@ pub(crate) struct MappedStage<'a> {
     _borrows: std::marker::PhantomData<&'a ()>,
 }
 
-impl<'a> MappedStage<'a> {
+impl<'a> ZeroCopyStage<'a> {
     /// Start `registrars` threads (1 to [`WINDOWS_PINNED`]) in `scope` that map and register the
     /// windows of `sched` for `dev`. The descriptors must stay open until `stop` returned.
     #[allow(clippy::too_many_arguments)]
@@ -137,7 +137,7 @@ impl<'a> MappedStage<'a> {
                 }
             });
         }
-        Ok(MappedStage {
+        Ok(ZeroCopyStage {
             wins,
             next_window,
             permits: Some(permit_tx),
@@ -165,7 +165,7 @@ impl<'a> MappedStage<'a> {
     }
 }
 
-impl Stage for MappedStage<'_> {
+impl Stage for ZeroCopyStage<'_> {
     fn fill(&mut self) -> Result<(), StageError> {
         Ok(()) // the registrars run ahead on their own, bounded by the permits
     }
@@ -235,7 +235,7 @@ impl Stage for MappedStage<'_> {
     }
 }
 
-impl Drop for MappedStage<'_> {
+impl Drop for ZeroCopyStage<'_> {
     fn drop(&mut self) {
         self.stop();
     }
