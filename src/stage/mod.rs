@@ -2,12 +2,12 @@
 //!
 //! - [`ring`]: reads fill the slots of a [`StagingRing`]; a slot goes back to the readers only
 //!   after the fence of its last delivery fired.
-//! - [`in_place`]: reads land straight in the sink's host memory (converting on the reading
+//! - `in_place`: reads land straight in the sink's host memory (converting on the reading
 //!   core where asked).
 //! - `zero_copy` (CUDA): windows of the file's page cache, mapped and page-locked in place, that
 //!   the device copies from (zero-copy).
 //!
-//! A stage reports raw failures as a [`StageError`] (which extent, which file offset); the
+//! A stage reports raw failures as a `StageError` (which extent, which file offset); the
 //! pipeline turns them into errors naming the file and tensor.
 
 pub(crate) mod in_place;

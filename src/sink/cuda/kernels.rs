@@ -121,7 +121,7 @@ impl DeviceConverter {
     /// Enqueues on `stream` the conversion of `elements` elements of `from` at `src` into `to` at
     /// `dst` (a device-to-device copy when `from == to`). Returns once the work is enqueued.
     ///
-    /// Errors: [`Error::Conversion`] for a pair that is not [`super::supported`], [`Error::Cuda`]
+    /// Errors: [`Error::Conversion`] for a pair that is not [`crate::convert::supported`], [`Error::Cuda`]
     /// when the launch fails.
     ///
     /// # Safety
