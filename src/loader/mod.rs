@@ -92,8 +92,9 @@ pub struct Loader {
     overrides: Vec<(String, Dtype)>,
     io: IoKind,
     direct: bool,
-    staging_size: usize,
-    staging_count: usize,
+    /// Asked for, or `None`: the measured default of the target ([`Loader::ring_dims`]).
+    staging_size: Option<usize>,
+    staging_count: Option<usize>,
     queue_depth: usize,
     threads: usize,
     read_size: usize,
@@ -137,8 +138,8 @@ impl Loader {
             overrides: Vec::new(),
             io: IoKind::Auto,
             direct: false,
-            staging_size: 16 << 20,
-            staging_count: 8,
+            staging_size: None,
+            staging_count: None,
             queue_depth: eo.queue_depth,
             threads: eo.threads,
             read_size: 2 << 20,
@@ -193,14 +194,14 @@ impl Loader {
     /// Size of one staging buffer, rounded down to a multiple of 4 KiB (O_DIRECT's alignment).
     /// A load fails with [`Error::Usage`] when it is below [`MIN_STAGING_SIZE`].
     pub fn staging_size(mut self, bytes: usize) -> Self {
-        self.staging_size = bytes / DIRECT_ALIGN as usize * DIRECT_ALIGN as usize;
+        self.staging_size = Some(bytes / DIRECT_ALIGN as usize * DIRECT_ALIGN as usize);
         self
     }
 
     /// Number of staging buffers. A load fails with [`Error::Usage`] when it is 0 or more than
     /// [`MAX_STAGING_COUNT`].
     pub fn staging_count(mut self, count: usize) -> Self {
-        self.staging_count = count;
+        self.staging_count = Some(count);
         self
     }
 
@@ -270,9 +271,10 @@ impl Loader {
         self
     }
 
-    /// Bytes of staging memory this loader holds once it has loaded (the ring).
+    /// Bytes of the staging ring of a load to this loader's device ([`Loader::ring_dims`]).
     pub fn staging_bytes(&self) -> usize {
-        self.staging_size.saturating_mul(self.staging_count)
+        let (count, size) = self.ring_dims(self.resolved_device());
+        size.saturating_mul(count)
     }
 
     /// Load the checkpoint at `path` (a file, an index, a directory, or a Hugging Face cache
@@ -325,6 +327,26 @@ impl Loader {
         }
     }
 
+    /// The staging ring a load to `device` uses: `(buffers, bytes each)`, as set, else measured
+    /// defaults (BENCHMARKS.md, "Ring size per target"): 8 × 16 MiB for CUDA and for O_DIRECT
+    /// (reads from a disk want many bytes in flight: a 32 MiB ring took 1.6x as long), 8 × 4 MiB
+    /// for buffered host loads (out of the page cache a 32 MiB ring was as fast as 128 MiB, with
+    /// 96 MiB less resident memory).
+    ///
+    /// ```
+    /// use weightstream::{Device, Loader};
+    /// assert_eq!(Loader::new().ring_dims(Device::Null), (8, 4 << 20));
+    /// assert_eq!(Loader::new().direct(true).ring_dims(Device::Null), (8, 16 << 20));
+    /// assert_eq!(Loader::new().staging_count(2).ring_dims(Device::Cuda(0)), (2, 16 << 20));
+    /// ```
+    pub fn ring_dims(&self, device: Device) -> (usize, usize) {
+        let default_size = match device {
+            Device::Cpu | Device::Null if !self.direct => 4 << 20,
+            _ => 16 << 20,
+        };
+        (self.staging_count.unwrap_or(8), self.staging_size.unwrap_or(default_size))
+    }
+
     /// The options that no load can honour, whatever the checkpoint.
     fn check_options(&self, device: Device) -> Result<()> {
         if let Some(to) = self.dtype {
@@ -332,12 +354,13 @@ impl Loader {
                 return Err(Error::usage(format!("--dtype {to}: only F32, F16 and BF16 are targets")));
             }
         }
-        if !(1..=MAX_STAGING_COUNT).contains(&self.staging_count) {
-            let n = self.staging_count;
+        let (count, size) = self.ring_dims(device);
+        if !(1..=MAX_STAGING_COUNT).contains(&count) {
+            let n = count;
             return Err(Error::usage(format!("{n} staging buffers: between 1 and {MAX_STAGING_COUNT}")));
         }
-        if self.staging_size < MIN_STAGING_SIZE {
-            let n = self.staging_size;
+        if size < MIN_STAGING_SIZE {
+            let n = size;
             return Err(Error::usage(format!("staging buffers of {n} bytes: at least {MIN_STAGING_SIZE}")));
         }
         if self.zero_copy && !matches!(device, Device::Cuda(_)) {

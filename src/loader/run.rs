@@ -78,18 +78,13 @@ impl Loader {
                 (io, bytes, stage.staging_bytes())
             }
             Strategy::Ring => {
-                let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len()));
-                let mut ring = self.pool.host(self.staging_count, self.staging_size)?;
-                let queue = ReadQueue::new(self.engine(self.staged_depth())?, self.staged_depth());
-                let mut stage = RingStage::new(
-                    &sched,
-                    fds,
-                    &mut ring,
-                    queue,
-                    self.direct,
-                    self.staged_read_size() as u64,
-                    self.trace,
-                );
+                let (count, size) = self.ring_dims(device);
+                let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len(size)));
+                let mut ring = self.pool.host(count, size)?;
+                let depth = self.staged_depth(count, size);
+                let queue = ReadQueue::new(self.engine(depth)?, depth);
+                let read_size = self.staged_read_size(size) as u64;
+                let mut stage = RingStage::new(&sched, fds, &mut ring, queue, self.direct, read_size, self.trace);
                 let io = stage.engine_name();
                 let run = pipeline::run(plan, &sched, &mut stage, sink, obs);
                 let staging = stage.staging_bytes();
@@ -117,13 +112,14 @@ impl Loader {
         use crate::stage::zero_copy::{ZeroCopyStage, WINDOW_BYTES};
         let dev = CudaDevice::open(ordinal)?;
         let arena = DeviceArena::alloc(&dev, plan.dst_len as usize)?;
+        let (count, size) = self.ring_dims(Device::Cuda(ordinal));
         let converter = match plan.converts() {
             true => Some(self.pool.converter(&dev)?),
             false => None,
         };
         let (io, bytes_read, staging_bytes, scratch) = match strategy {
             Strategy::ZeroCopy => {
-                let window = (WINDOW_BYTES as usize).min(self.staging_size);
+                let window = (WINDOW_BYTES as usize).min(size);
                 let sched = Schedule::new(plan, ScheduleOptions::coalesced(window as u64));
                 let mut sink =
                     CudaSink::new(&dev, &arena, self.streams, plan.converts(), window, self.trace, converter)?;
@@ -140,27 +136,13 @@ impl Loader {
                 ("zero-copy", bytes, 0, sink.scratch_bytes())
             }
             _ => {
-                let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len()));
-                let mut ring = self.pool.pinned(&dev, self.staging_count, self.staging_size)?;
-                let mut sink = CudaSink::new(
-                    &dev,
-                    &arena,
-                    self.streams,
-                    plan.converts(),
-                    self.staging_size,
-                    self.trace,
-                    converter,
-                )?;
-                let queue = ReadQueue::new(self.engine(self.staged_depth())?, self.staged_depth());
-                let mut stage = RingStage::new(
-                    &sched,
-                    fds,
-                    &mut ring,
-                    queue,
-                    self.direct,
-                    self.staged_read_size() as u64,
-                    self.trace,
-                );
+                let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len(size)));
+                let mut ring = self.pool.pinned(&dev, count, size)?;
+                let mut sink = CudaSink::new(&dev, &arena, self.streams, plan.converts(), size, self.trace, converter)?;
+                let depth = self.staged_depth(count, size);
+                let queue = ReadQueue::new(self.engine(depth)?, depth);
+                let read_size = self.staged_read_size(size) as u64;
+                let mut stage = RingStage::new(&sched, fds, &mut ring, queue, self.direct, read_size, self.trace);
                 let io = stage.engine_name();
                 let run = pipeline::run(plan, &sched, &mut stage, &mut sink, obs);
                 let staging = stage.staging_bytes();
@@ -195,21 +177,21 @@ impl Loader {
     }
 
     /// Largest extent through a slot: the slot, less room for O_DIRECT's alignment.
-    fn ring_extent_len(&self) -> u64 {
-        self.staging_size as u64 - if self.direct { 2 * DIRECT_ALIGN } else { 0 }
+    fn ring_extent_len(&self, slot_size: usize) -> u64 {
+        slot_size as u64 - if self.direct { 2 * DIRECT_ALIGN } else { 0 }
     }
 
     /// Read size on the staged path: as asked, but at least 1/1024 of a slot, so that one slot
     /// never needs more reads than the engine can hold.
-    fn staged_read_size(&self) -> usize {
-        let min = (self.staging_size / 1024).div_ceil(DIRECT_ALIGN as usize) * DIRECT_ALIGN as usize;
+    fn staged_read_size(&self, slot_size: usize) -> usize {
+        let min = (slot_size / 1024).div_ceil(DIRECT_ALIGN as usize) * DIRECT_ALIGN as usize;
         self.read_size.max(min)
     }
 
     /// Reads in flight at most on the staged path: every slot's reads (one more per slot for
     /// O_DIRECT's alignment), bounded by what an io_uring can hold.
-    fn staged_depth(&self) -> usize {
-        let per_slot = self.staging_size.div_ceil(self.staged_read_size()) + 1;
-        self.staging_count.saturating_mul(per_slot).min(MAX_IN_FLIGHT)
+    fn staged_depth(&self, count: usize, slot_size: usize) -> usize {
+        let per_slot = slot_size.div_ceil(self.staged_read_size(slot_size)) + 1;
+        count.saturating_mul(per_slot).min(MAX_IN_FLIGHT)
     }
 }

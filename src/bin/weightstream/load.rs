@@ -26,12 +26,13 @@ pub struct LoaderArgs {
     /// Open files with O_DIRECT (bypass the page cache).
     #[arg(long)]
     pub direct: bool,
-    /// Total size of the staging ring (e.g. 64M, 1G).
-    #[arg(long, default_value = "128M", value_parser = parse_size)]
-    pub staging: u64,
-    /// Number of staging buffers the ring is split into.
-    #[arg(long, default_value_t = 8)]
-    pub staging_buffers: usize,
+    /// Total size of the staging ring (e.g. 64M, 1G). Default: 128M for cuda and --direct,
+    /// 32M for buffered host loads (measured, BENCHMARKS.md).
+    #[arg(long, value_parser = parse_size)]
+    pub staging: Option<u64>,
+    /// Number of staging buffers the ring is split into (default 8, at most 1024).
+    #[arg(long)]
+    pub staging_buffers: Option<usize>,
     /// Reader threads (default: CPU count, 2..16).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -53,12 +54,18 @@ impl LoaderArgs {
             .device(self.device)
             .io(self.io)
             .direct(self.direct)
-            .staging_count(self.staging_buffers)
-            .staging_size((self.staging / self.staging_buffers.max(1) as u64) as usize)
             .streams(self.streams)
             .zero_copy(self.zero_copy);
         if let Some(d) = parse_dtype(&self.dtype) {
             l = l.dtype(d);
+        }
+        if let Some(n) = self.staging_buffers {
+            l = l.staging_count(n);
+        }
+        if let Some(total) = self.staging {
+            // The total is honoured: each buffer gets its share, rounded down to 4 KiB.
+            let n = self.staging_buffers.unwrap_or(8).max(1) as u64;
+            l = l.staging_size(usize::try_from(total / n).unwrap_or(usize::MAX));
         }
         for g in &self.only {
             l = l.only(g.clone());
