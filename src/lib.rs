@@ -30,6 +30,7 @@ pub mod progress;
 pub mod source;
 pub mod stage;
 pub mod target;
+pub mod text;
 pub mod trace;
 
 pub use error::{Error, Result};
