@@ -279,23 +279,28 @@ pub fn run(args: Args) -> Result<()> {
             "path": args.path, "device": device.to_string(), "cold": args.cold,
             "bytes": ckpt.total_bytes(), "results": out,
         });
-        println!("{doc}");
+        outln!("{doc}")?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{} on {} ({:.1} MiB, {}, {} runs each, medians)",
         args.path.display(),
         device,
         ckpt.total_bytes() as f64 / 1048576.0,
         if args.cold { "cold cache" } else { "warm cache" },
         args.runs
-    );
-    println!(
+    )?;
+    outln!(
         "{:<18} {:>9} {:>9} {:>9} {:>9} {:>12}",
-        "strategy", "min s", "median s", "max s", "GB/s", "vs fastest baseline"
-    );
+        "strategy",
+        "min s",
+        "median s",
+        "max s",
+        "GB/s",
+        "vs fastest baseline"
+    )?;
     for o in &out {
-        println!(
+        outln!(
             "{:<18} {:>9.4} {:>9.4} {:>9.4} {:>9.2} {:>12}",
             o["strategy"].as_str().unwrap_or(""),
             o["min_s"].as_f64().unwrap_or(0.0),
@@ -303,12 +308,12 @@ pub fn run(args: Args) -> Result<()> {
             o["max_s"].as_f64().unwrap_or(0.0),
             o["gbps"].as_f64().unwrap_or(0.0),
             o["speedup_vs_fastest_baseline"].as_f64().map(|r| format!("{r:.2}x")).unwrap_or_else(|| "-".into()),
-        );
+        )?;
     }
     for r in &rows {
         if let Some(res) = r.resident_after_evict {
             if res > 0.01 {
-                println!("warning: {}: {:.0}% of the file stayed in the page cache after eviction (runs were not fully cold)", r.name, res * 100.0);
+                outln!("warning: {}: {:.0}% of the file stayed in the page cache after eviction (runs were not fully cold)", r.name, res * 100.0)?;
             }
         }
     }
