@@ -21,7 +21,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// An operating-system error while opening, sizing or reading a file.
-    #[error("{}: {source}{}", file.display(), tensor_suffix(tensor))]
+    #[error("{}: {}{}", shown_path(file), shown_message(&source.to_string()), tensor_suffix(tensor))]
     Io {
         /// The file.
         file: PathBuf,
@@ -33,7 +33,7 @@ pub enum Error {
     },
     /// The file ended before a read that the header promised could be completed: it was
     /// truncated after its header was read, or is shorter than its header says.
-    #[error("{}: file ended at byte {at} while reading {}{}", file.display(), what, tensor_suffix(tensor))]
+    #[error("{}: file ended at byte {at} while reading {}{}", shown_path(file), what, tensor_suffix(tensor))]
     UnexpectedEof {
         /// The file.
         file: PathBuf,
@@ -45,7 +45,7 @@ pub enum Error {
         at: u64,
     },
     /// The file is shorter than the 8-byte header length prefix.
-    #[error("{}: file is {len} bytes, too small to hold the 8-byte header length", file.display())]
+    #[error("{}: file is {len} bytes, too small to hold the 8-byte header length", shown_path(file))]
     FileTooSmall {
         /// The file.
         file: PathBuf,
@@ -53,7 +53,7 @@ pub enum Error {
         len: u64,
     },
     /// The header length exceeds the 100 MB limit of the format.
-    #[error("{}: header length {len} exceeds the limit of {limit} bytes", file.display())]
+    #[error("{}: header length {len} exceeds the limit of {limit} bytes", shown_path(file))]
     HeaderTooLarge {
         /// The file.
         file: PathBuf,
@@ -63,7 +63,7 @@ pub enum Error {
         limit: u64,
     },
     /// The header length runs past the end of the file.
-    #[error("{}: header length {len} runs past the end of the file ({file_len} bytes)", file.display())]
+    #[error("{}: header length {len} runs past the end of the file ({file_len} bytes)", shown_path(file))]
     HeaderPastEnd {
         /// The file.
         file: PathBuf,
@@ -73,7 +73,7 @@ pub enum Error {
         file_len: u64,
     },
     /// The header is not valid UTF-8.
-    #[error("{}: header is not valid UTF-8 (at byte {valid_up_to})", file.display())]
+    #[error("{}: header is not valid UTF-8 (at byte {valid_up_to})", shown_path(file))]
     HeaderNotUtf8 {
         /// The file.
         file: PathBuf,
@@ -81,14 +81,14 @@ pub enum Error {
         valid_up_to: usize,
     },
     /// The header does not start with `{`.
-    #[error("{}: header does not start with '{{'", file.display())]
+    #[error("{}: header does not start with '{{'", shown_path(file))]
     HeaderStart {
         /// The file.
         file: PathBuf,
     },
     /// The header is not the JSON the format requires (syntax, types, unknown dtype, a negative
     /// or fractional dimension, a missing field...).
-    #[error("{}: invalid header JSON: {message}", file.display())]
+    #[error("{}: invalid header JSON: {}", shown_path(file), shown_message(message))]
     HeaderJson {
         /// The file.
         file: PathBuf,
@@ -96,7 +96,7 @@ pub enum Error {
         message: String,
     },
     /// `__metadata__` is not a map of string to string.
-    #[error("{}: __metadata__ must map strings to strings: {message}", file.display())]
+    #[error("{}: __metadata__ must map strings to strings: {}", shown_path(file), shown_message(message))]
     BadMetadata {
         /// The file.
         file: PathBuf,
@@ -104,7 +104,7 @@ pub enum Error {
         message: String,
     },
     /// A tensor name appears twice in one header.
-    #[error("{}: tensor `{tensor}` appears twice in the header", file.display())]
+    #[error("{}: tensor `{}` appears twice in the header", shown_path(file), shown(tensor))]
     DuplicateTensor {
         /// The file.
         file: PathBuf,
@@ -112,7 +112,7 @@ pub enum Error {
         tensor: String,
     },
     /// The product of a tensor's dimensions (or its size in bits) overflows.
-    #[error("{}: tensor `{tensor}`: shape {shape:?} overflows", file.display())]
+    #[error("{}: tensor `{}`: shape {shape:?} overflows", shown_path(file), shown(tensor))]
     ShapeOverflow {
         /// The file.
         file: PathBuf,
@@ -122,7 +122,7 @@ pub enum Error {
         shape: Vec<u64>,
     },
     /// `data_offsets` has begin > end.
-    #[error("{}: tensor `{tensor}`: data_offsets [{begin}, {end}] has begin > end", file.display())]
+    #[error("{}: tensor `{}`: data_offsets [{begin}, {end}] has begin > end", shown_path(file), shown(tensor))]
     OffsetsReversed {
         /// The file.
         file: PathBuf,
@@ -134,7 +134,11 @@ pub enum Error {
         end: u64,
     },
     /// A sub-byte dtype whose elements do not fill whole bytes.
-    #[error("{}: tensor `{tensor}`: {elements} elements of {dtype} do not fill whole bytes", file.display())]
+    #[error(
+        "{}: tensor `{}`: {elements} elements of {dtype} do not fill whole bytes",
+        shown_path(file),
+        shown(tensor)
+    )]
     MisalignedSlice {
         /// The file.
         file: PathBuf,
@@ -146,7 +150,11 @@ pub enum Error {
         elements: u64,
     },
     /// `end - begin` differs from what the dtype and shape require.
-    #[error("{}: tensor `{tensor}`: data_offsets span {actual} bytes but {dtype} {shape:?} needs {expected}", file.display())]
+    #[error(
+        "{}: tensor `{}`: data_offsets span {actual} bytes but {dtype} {shape:?} needs {expected}",
+        shown_path(file),
+        shown(tensor)
+    )]
     SizeMismatch {
         /// The file.
         file: PathBuf,
@@ -162,7 +170,11 @@ pub enum Error {
         actual: u64,
     },
     /// Sorted by offset, the tensors leave a hole or overlap.
-    #[error("{}: tensor `{tensor}`: starts at {begin} but the previous tensor ends at {expected} (hole or overlap)", file.display())]
+    #[error(
+        "{}: tensor `{}`: starts at {begin} but the previous tensor ends at {expected} (hole or overlap)",
+        shown_path(file),
+        shown(tensor)
+    )]
     NotContiguous {
         /// The file.
         file: PathBuf,
@@ -174,7 +186,7 @@ pub enum Error {
         expected: u64,
     },
     /// The tensors' data does not end exactly at the end of the file.
-    #[error("{}: tensor data ends at byte {data_end} but the file has {file_len} bytes", file.display())]
+    #[error("{}: tensor data ends at byte {data_end} but the file has {file_len} bytes", shown_path(file))]
     DataLengthMismatch {
         /// The file.
         file: PathBuf,
@@ -184,7 +196,7 @@ pub enum Error {
         file_len: u64,
     },
     /// The model index (`model.safetensors.index.json`) is malformed or unsafe.
-    #[error("{}: {message}{}", file.display(), tensor_suffix(tensor))]
+    #[error("{}: {}{}", shown_path(file), shown_message(message), tensor_suffix(tensor))]
     BadIndex {
         /// The index file.
         file: PathBuf,
@@ -194,7 +206,7 @@ pub enum Error {
         message: String,
     },
     /// A tensor is present in two files of one model.
-    #[error("{}: tensor `{tensor}` is also in {}", file.display(), other.display())]
+    #[error("{}: tensor `{}` is also in {}", shown_path(file), shown(tensor), shown_path(other))]
     TensorInTwoFiles {
         /// One file.
         file: PathBuf,
@@ -205,7 +217,7 @@ pub enum Error {
     },
     /// A path is neither a safetensors file, an index, a directory of them nor a Hugging Face
     /// cache folder.
-    #[error("{}: {message}", file.display())]
+    #[error("{}: {}", shown_path(file), shown_message(message))]
     BadSource {
         /// The path.
         file: PathBuf,
@@ -215,14 +227,14 @@ pub enum Error {
     /// An option or argument that cannot be honoured (a bad glob, size or device string, or a
     /// combination of options that this load cannot do as asked): a usage error, never a silent
     /// downgrade.
-    #[error("{what}")]
+    #[error("{}", shown_message(what))]
     Usage {
         /// What is wrong.
         what: String,
     },
     /// A broken internal invariant (a bug in weightstream, not in the input): reported instead of
     /// a panic, with everything allocated released.
-    #[error("internal error: {what}")]
+    #[error("internal error: {}", shown_message(what))]
     Internal {
         /// What went wrong.
         what: String,
@@ -242,7 +254,7 @@ pub enum Error {
     #[error("this build of weightstream has no CUDA support (feature `cuda`)")]
     CudaNotBuilt,
     /// A CUDA driver call failed.
-    #[error("CUDA error in {call}: {message}{}", file_suffix(file))]
+    #[error("CUDA error in {call}: {}{}", shown_message(message), file_suffix(file))]
     Cuda {
         /// The driver call.
         call: &'static str,
@@ -274,7 +286,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A conversion that this build cannot do.
-    #[error("{}: tensor `{tensor}`: cannot convert {from} to {to}", file.display())]
+    #[error("{}: tensor `{}`: cannot convert {from} to {to}", shown_path(file), shown(tensor))]
     UnsupportedConversion {
         /// The file.
         file: PathBuf,
@@ -307,6 +319,49 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The header declares more tensors than [`crate::format::MAX_TENSORS`]. Checked as the
+    /// header is parsed, before the tensor past the limit is built.
+    #[error("{}: header declares more than {limit} tensors", shown_path(file))]
+    TooManyTensors {
+        /// The file.
+        file: PathBuf,
+        /// The limit.
+        limit: usize,
+    },
+    /// A tensor's shape has more dimensions than [`crate::format::MAX_RANK`]. Checked before
+    /// the shape is stored: the dimensions past the limit are skipped unread.
+    #[error("{}: tensor `{}`: shape has more than {limit} dimensions", shown_path(file), shown(tensor))]
+    RankTooLarge {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// `__metadata__` has more keys than [`crate::format::MAX_METADATA_KEYS`].
+    #[error("{}: __metadata__ has more than {limit} keys", shown_path(file))]
+    TooManyMetadataKeys {
+        /// The file.
+        file: PathBuf,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// A tensor name as an error shows it: control characters escaped, cut to a readable length.
+fn shown(tensor: &str) -> std::borrow::Cow<'_, str> {
+    crate::text::for_display(tensor)
+}
+
+/// A path as an error shows it (see [`shown`]).
+fn shown_path(path: &std::path::Path) -> String {
+    crate::text::path_for_display(path)
+}
+
+/// A message that may quote the file (a parser's message, an OS error) as an error shows it.
+fn shown_message(message: &str) -> std::borrow::Cow<'_, str> {
+    crate::text::for_display_within(message, crate::text::MAX_SHOWN_MESSAGE_BYTES)
 }
 
 /// The kind of an [`Error`]: what failed, independent of the variant's details.
@@ -331,14 +386,14 @@ pub enum ErrorKind {
 
 fn tensor_suffix(t: &Option<String>) -> String {
     match t {
-        Some(t) => format!(" (tensor `{t}`)"),
+        Some(t) => format!(" (tensor `{}`)", shown(t)),
         None => String::new(),
     }
 }
 
 fn file_suffix(f: &Option<PathBuf>) -> String {
     match f {
-        Some(f) => format!(" (while loading {})", f.display()),
+        Some(f) => format!(" (while loading {})", shown_path(f)),
         None => String::new(),
     }
 }
@@ -367,7 +422,10 @@ impl Error {
             | BadIndex { file, .. }
             | TensorInTwoFiles { file, .. }
             | BadSource { file, .. }
-            | UnsupportedConversion { file, .. } => Some(file),
+            | UnsupportedConversion { file, .. }
+            | TooManyTensors { file, .. }
+            | RankTooLarge { file, .. }
+            | TooManyMetadataKeys { file, .. } => Some(file),
             Cuda { file, .. } => file.as_deref(),
             _ => None,
         }
@@ -411,7 +469,10 @@ impl Error {
             | MisalignedSlice { .. }
             | SizeMismatch { .. }
             | NotContiguous { .. }
-            | DataLengthMismatch { .. } => ErrorKind::Format,
+            | DataLengthMismatch { .. }
+            | TooManyTensors { .. }
+            | RankTooLarge { .. }
+            | TooManyMetadataKeys { .. } => ErrorKind::Format,
             BadIndex { .. } | TensorInTwoFiles { .. } | BadSource { .. } => ErrorKind::Source,
             NoCudaDriver | NoCudaDevice { .. } | CudaNotBuilt | Cuda { .. } | DeviceOutOfMemory { .. } => {
                 ErrorKind::Device

@@ -36,6 +36,7 @@ pub mod progress;
 pub mod sink;
 pub mod source;
 pub mod stage;
+pub mod text;
 pub mod trace;
 
 pub use error::{Error, ErrorKind, Result};

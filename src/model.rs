@@ -298,6 +298,59 @@ impl<'a> TensorRef<'a> {
             ))),
         }
     }
+
+    /// Hand its bytes to `f` in order, in pieces of at most `max_chunk` bytes, wherever it
+    /// lives: host memory is lent in place (no copy); device memory is copied back one piece at
+    /// a time into a host buffer of at most `max_chunk` bytes, so that hashing or comparing a
+    /// tensor of any size needs no more host memory than that. `f` is called zero times for an
+    /// empty tensor.
+    ///
+    /// ```
+    /// use sha2::{Digest, Sha256};
+    /// use weightstream::{format::{write_file, WriteTensor}, Device, Dtype, Loader};
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("m.safetensors");
+    /// let bytes: Vec<u8> = (0..100).collect();
+    /// write_file(&path, &[WriteTensor::new("w", Dtype::U8, vec![100], &bytes)], &Default::default())?;
+    /// let model = Loader::new().device(Device::Cpu).load(&path)?;
+    /// let mut hash = Sha256::new();
+    /// let mut pieces = 0;
+    /// model.tensor("w").ok_or("missing")?.for_each_chunk(32, |piece| {
+    ///     hash.update(piece);
+    ///     pieces += 1;
+    /// })?;
+    /// assert_eq!(pieces, 4); // 32 + 32 + 32 + 4 bytes
+    /// assert_eq!(hash.finalize(), Sha256::digest(&bytes));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn for_each_chunk(&self, max_chunk: usize, mut f: impl FnMut(&[u8])) -> Result<()> {
+        if max_chunk == 0 {
+            return Err(Error::usage("for_each_chunk: max_chunk must be at least 1 byte"));
+        }
+        match &self.model.storage {
+            Storage::Host(_) => {
+                for piece in self.host_bytes().unwrap_or_default().chunks(max_chunk) {
+                    f(piece);
+                }
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(a) => {
+                let mut done = 0u64;
+                while done < self.meta.len {
+                    let len = (self.meta.len - done).min(max_chunk as u64) as usize;
+                    let piece = a.copy_to_host(self.meta.offset + done, len)?;
+                    f(&piece);
+                    done += len as u64;
+                }
+                Ok(())
+            }
+            Storage::Null => Err(Error::usage(format!(
+                "tensor `{}` was loaded to the null device: its bytes were dropped",
+                self.meta.name
+            ))),
+        }
+    }
 }
 
 /// Peak resident set size of this process so far (`VmHWM`), in bytes, where Linux reports it.

@@ -141,7 +141,7 @@ fn check_sharded(ckpt: &Checkpoint, dir: &Path, manifest: &Value) {
     let index = ckpt.index.as_ref().expect("the index was used");
     let listed: BTreeSet<String> = index.weight_map.keys().cloned().collect();
     assert_eq!(listed, all);
-    assert_eq!(index.metadata["total_size"].as_u64(), sharded["total_size"].as_u64());
+    assert_eq!(index.total_size, sharded["total_size"].as_u64());
     for (tensor, shard) in &index.weight_map {
         let owner = ckpt.files.iter().find(|f| f.header.tensors.iter().any(|t| &t.name == tensor)).unwrap();
         assert_eq!(&owner.path, shard, "{tensor}");

@@ -20,6 +20,29 @@ use crate::error::{Error, Result};
 /// The largest header the format allows (the reference crate's `MAX_HEADER_SIZE`).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
 
+/// The most tensors one file's header may declare ([`Error::TooManyTensors`]).
+///
+/// The largest real checkpoints have tens of thousands of tensors in all, a few thousand per
+/// file; this is far above them and above the 400,000 of `benches/header_parse.rs`, while it
+/// caps what a header of tiny entries makes the parser and loader build (each tensor costs a
+/// few hundred bytes of bookkeeping, a header entry can be 50 bytes).
+pub const MAX_TENSORS: usize = 1_000_000;
+
+/// The most dimensions one tensor's shape may have ([`Error::RankTooLarge`]).
+///
+/// Real weights have at most 5 or 6 dimensions (a 3-D convolution's); 16 leaves room for any
+/// layout trick. Each dimension costs 8 bytes of `u64` for 2 bytes of `1,` in the JSON: with a
+/// million tensors of 32 dimensions a 100 MB header took 382 MiB to inspect, more than 3x its
+/// size plus 64 MiB; at 16 the same bomb fits.
+pub const MAX_RANK: usize = 16;
+
+/// The most keys `__metadata__` may have ([`Error::TooManyMetadataKeys`]).
+///
+/// Real files carry a handful (`format`, a config or two); each key costs about 100 bytes of
+/// map bookkeeping for as little as 6 bytes of JSON (`"k":"",`). The values' total size needs no
+/// limit of its own: strings are stored at no more than their size in the header.
+pub const MAX_METADATA_KEYS: usize = 65_536;
+
 /// One tensor of a header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {
@@ -144,31 +167,39 @@ pub fn parse_header(path: impl Into<PathBuf>, header: &[u8], file_len: u64) -> R
         return Err(Error::HeaderStart { file: path });
     }
     let mut de = serde_json::Deserializer::from_slice(header);
-    let raw = match de.deserialize_map(HeaderVisitor) {
+    let mut violation = None;
+    let capacity = tensor_count_hint(header);
+    let raw = match de.deserialize_map(HeaderVisitor { violation: &mut violation, capacity }) {
         Ok(r) => r,
         Err(e) => {
+            if let Some(v) = violation {
+                return Err(v.into_error(path));
+            }
             return Err(match e.classify() {
                 serde_json::error::Category::Data if e.to_string().starts_with(METADATA_ERR) => {
                     Error::BadMetadata { file: path, message: e.to_string() }
                 }
                 _ => Error::HeaderJson { file: path, message: e.to_string() },
-            })
+            });
         }
     };
     de.end().map_err(|e| Error::HeaderJson { file: path.clone(), message: e.to_string() })?;
     let RawHeader { mut tensors, metadata } = raw;
+    debug_assert!(tensors.len() <= MAX_TENSORS);
 
-    // Unique names.
-    {
-        let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-        names.sort_unstable();
-        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(Error::DuplicateTensor { file: path, tensor: w[0].to_string() });
-        }
+    // Unique names, then file order (by offsets; equal offsets keep header order), both by
+    // sorting 4-byte indices rather than the tensors, so that the checks allocate no more than
+    // that (a stable sort of the tensors would allocate half their size again).
+    // `as u32` keeps every index: there are at most MAX_TENSORS < 2^32 tensors.
+    let mut order: Vec<u32> = (0..tensors.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
+    if let Some(w) = order.windows(2).find(|w| tensors[w[0] as usize].name == tensors[w[1] as usize].name) {
+        return Err(Error::DuplicateTensor { file: path, tensor: tensors[w[0] as usize].name.clone() });
     }
+    order.sort_unstable_by_key(|&i| (tensors[i as usize].data_offsets, i));
+    permute(&mut tensors, order);
 
-    // File order; then each tensor must start where the previous ended.
-    tensors.sort_by_key(|t| t.data_offsets);
+    // Each tensor must start where the previous ended.
     let mut expected = 0u64;
     for t in &tensors {
         let (begin, end) = t.data_offsets;
@@ -207,14 +238,69 @@ pub fn parse_header(path: impl Into<PathBuf>, header: &[u8], file_len: u64) -> R
 
 const METADATA_ERR: &str = "__metadata__: ";
 
+/// Reorder `items` in place so that the item at `order[k]` moves to `k`. `order` must be a
+/// permutation of `0..items.len()`; it is used up as the record of what has moved.
+fn permute<T>(items: &mut [T], mut order: Vec<u32>) {
+    const DONE: u32 = u32::MAX;
+    for start in 0..order.len() {
+        // Follow the cycle through `start`: each swap puts one item in its final place.
+        let mut k = start;
+        while order[k] != DONE {
+            let from = order[k] as usize;
+            order[k] = DONE;
+            if from == start {
+                break;
+            }
+            items.swap(k, from);
+            k = from;
+        }
+    }
+}
+
+/// How many tensors a header of `header` bytes can hold at most, from a cheap look at its bytes:
+/// the count of `"data_offsets"` (each tensor has that key), but no more than entries of the
+/// smallest size fit in it. Only a capacity hint: an escaped key makes it low, and the vector
+/// then grows as usual.
+fn tensor_count_hint(header: &[u8]) -> usize {
+    const KEY: &[u8] = b"\"data_offsets\"";
+    // `"":{"dtype":"U8","shape":[],"data_offsets":[0,0]}` and a comma.
+    const SMALLEST_ENTRY: usize = 49;
+    let count = header.windows(KEY.len()).filter(|w| w[0] == b'"' && *w == KEY).count();
+    count.min(header.len() / SMALLEST_ENTRY).min(MAX_TENSORS)
+}
+
+/// A limit of the header that a visitor found exceeded; the parser turns it into its `Error`
+/// (serde's errors inside a visitor can only carry a message).
+enum LimitExceeded {
+    Tensors,
+    Rank { tensor: String },
+    MetadataKeys,
+}
+
+impl LimitExceeded {
+    fn into_error(self, file: PathBuf) -> Error {
+        match self {
+            LimitExceeded::Tensors => Error::TooManyTensors { file, limit: MAX_TENSORS },
+            LimitExceeded::Rank { tensor } => Error::RankTooLarge { file, tensor, limit: MAX_RANK },
+            LimitExceeded::MetadataKeys => Error::TooManyMetadataKeys { file, limit: MAX_METADATA_KEYS },
+        }
+    }
+}
+
 struct RawHeader {
     tensors: Vec<TensorInfo>,
     metadata: Option<BTreeMap<String, String>>,
 }
 
-struct HeaderVisitor;
+/// Visits the header object: tensors and `__metadata__`, each limit checked before what it
+/// bounds is built. A limit hit is recorded in `violation` and ends the parse with an error.
+struct HeaderVisitor<'v> {
+    violation: &'v mut Option<LimitExceeded>,
+    /// How many tensors to make room for at first.
+    capacity: usize,
+}
 
-impl<'de> Visitor<'de> for HeaderVisitor {
+impl<'de> Visitor<'de> for HeaderVisitor<'_> {
     type Value = RawHeader;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -222,29 +308,88 @@ impl<'de> Visitor<'de> for HeaderVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawHeader, A::Error> {
-        let mut tensors = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        let mut tensors = Vec::with_capacity(map.size_hint().unwrap_or(self.capacity).min(MAX_TENSORS));
         let mut metadata = None;
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             if key == "__metadata__" {
                 if metadata.is_some() {
                     return Err(de::Error::custom(format!("{METADATA_ERR}appears twice")));
                 }
-                metadata = map
-                    .next_value::<Option<BTreeMap<String, String>>>()
-                    .map_err(|e| de::Error::custom(format!("{METADATA_ERR}{e}")))?
-                    .or(Some(BTreeMap::new()));
+                let seed = MetadataSeed { violation: &mut *self.violation };
+                metadata =
+                    Some(map.next_value_seed(seed).map_err(|e| de::Error::custom(format!("{METADATA_ERR}{e}")))?);
             } else {
-                let raw: RawTensor =
-                    map.next_value_seed(TensorSeed).map_err(|e| de::Error::custom(format!("tensor `{key}`: {e}")))?;
+                if tensors.len() == MAX_TENSORS {
+                    *self.violation = Some(LimitExceeded::Tensors);
+                    return Err(de::Error::custom("too many tensors"));
+                }
+                let raw: RawTensor = map
+                    .next_value_seed(TensorSeed)
+                    .map_err(|e| de::Error::custom(format!("tensor `{}`: {e}", crate::text::for_display(&key))))?;
+                let shape = match raw.shape {
+                    Shape::Dims(dims) => dims,
+                    Shape::TooManyDims => {
+                        *self.violation = Some(LimitExceeded::Rank { tensor: key.into_owned() });
+                        return Err(de::Error::custom("rank too large"));
+                    }
+                };
                 tensors.push(TensorInfo {
                     name: key.into_owned(),
                     dtype: raw.dtype,
-                    shape: raw.shape,
+                    shape,
                     data_offsets: raw.data_offsets,
                 });
             }
         }
         Ok(RawHeader { tensors, metadata })
+    }
+}
+
+/// `__metadata__`: `null` (as no metadata) or a map of string to string of at most
+/// [`MAX_METADATA_KEYS`] keys.
+struct MetadataSeed<'v> {
+    violation: &'v mut Option<LimitExceeded>,
+}
+
+impl<'de> DeserializeSeed<'de> for MetadataSeed<'_> {
+    type Value = BTreeMap<String, String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MetadataSeed<'_> {
+    type Value = BTreeMap<String, String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a map of string to string")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(BTreeMap::new())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(BTreeMap::new())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut metadata = BTreeMap::new();
+        let mut keys = 0usize;
+        while let Some(key) = map.next_key::<String>()? {
+            keys += 1;
+            if keys > MAX_METADATA_KEYS {
+                *self.violation = Some(LimitExceeded::MetadataKeys);
+                return Err(de::Error::custom("too many keys"));
+            }
+            let value = map.next_value::<String>()?;
+            metadata.insert(key, value);
+        }
+        Ok(metadata)
     }
 }
 
@@ -261,11 +406,70 @@ impl<'de> DeserializeSeed<'de> for TensorSeed {
 struct RawTensor {
     #[serde(deserialize_with = "de_dtype")]
     dtype: Dtype,
-    shape: Vec<u64>,
+    shape: Shape,
     data_offsets: (u64, u64),
+}
+
+/// A tensor's shape as declared: its dimensions, or the news that there are more than
+/// [`MAX_RANK`] of them (the rest skipped unread, so a rank of 50 million costs no memory).
+enum Shape {
+    Dims(Vec<u64>),
+    TooManyDims,
+}
+
+impl<'de> Deserialize<'de> for Shape {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Shape, D::Error> {
+        d.deserialize_seq(ShapeVisitor)
+    }
+}
+
+struct ShapeVisitor;
+
+impl<'de> Visitor<'de> for ShapeVisitor {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a sequence")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        let mut dims = [0u64; MAX_RANK];
+        let mut rank = 0;
+        while let Some(d) = seq.next_element::<u64>()? {
+            if rank == MAX_RANK {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                return Ok(Shape::TooManyDims);
+            }
+            dims[rank] = d;
+            rank += 1;
+        }
+        Ok(Shape::Dims(dims[..rank].to_vec()))
+    }
 }
 
 fn de_dtype<'de, D: Deserializer<'de>>(d: D) -> Result<Dtype, D::Error> {
     let s = <Cow<'de, str>>::deserialize(d)?;
     s.parse().map_err(de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permute_moves_each_item_to_its_place() {
+        for order in [vec![], vec![0], vec![1, 0], vec![2, 0, 1], vec![1, 2, 0, 4, 3], vec![3, 0, 4, 1, 2, 5]] {
+            let mut items: Vec<u32> = (0..order.len() as u32).map(|i| i * 10).collect();
+            let want: Vec<u32> = order.iter().map(|&i| i * 10).collect();
+            permute(&mut items, order);
+            assert_eq!(items, want);
+        }
+    }
+
+    #[test]
+    fn tensor_count_hint_counts_keys_within_what_fits() {
+        assert_eq!(tensor_count_hint(br#"{"a":{"dtype":"U8","shape":[],"data_offsets":[0,0]}}"#), 1);
+        assert_eq!(tensor_count_hint(br#"{"__metadata__":{"x":"\"data_offsets\""}}"#), 0);
+        assert_eq!(tensor_count_hint(b"{}"), 0);
+    }
 }

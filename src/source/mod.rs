@@ -134,7 +134,7 @@ pub fn resolve(path: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
     if meta.is_file() {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.ends_with(".json") {
-            let index = read_index(path)?;
+            let index = ShardIndex::read(path)?;
             return Ok((index.shards.clone(), Some(index)));
         }
         return Ok((vec![path.to_path_buf()], None));
@@ -173,7 +173,7 @@ fn resolve_dir(path: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
         }),
         0 => Ok((shards, None)),
         1 => {
-            let index = read_index(&indexes[0])?;
+            let index = ShardIndex::read(&indexes[0])?;
             Ok((index.shards.clone(), Some(index)))
         }
         _ => {
@@ -181,7 +181,7 @@ fn resolve_dir(path: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
             let conventional = indexes.iter().find(|p| p.ends_with("model.safetensors.index.json"));
             match conventional {
                 Some(p) => {
-                    let index = read_index(p)?;
+                    let index = ShardIndex::read(p)?;
                     Ok((index.shards.clone(), Some(index)))
                 }
                 None => Err(Error::BadSource {
@@ -218,11 +218,4 @@ fn hf_cache_snapshot(dir: &Path) -> Result<Option<PathBuf>> {
         return Err(bad(format!("snapshot {} does not exist", snap.display())));
     }
     Ok(Some(snap))
-}
-
-/// Read the index at `path`, after checking that it is a regular file (a FIFO would block the
-/// read forever).
-fn read_index(path: &Path) -> Result<ShardIndex> {
-    drop(open_regular(path)?);
-    ShardIndex::read(path)
 }

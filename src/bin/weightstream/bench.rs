@@ -67,23 +67,28 @@ pub fn run(args: Args) -> Result<()> {
             "path": args.path, "device": report.device.to_string(), "cold": args.cold,
             "bytes": report.bytes, "results": results,
         });
-        println!("{doc}");
+        outln!("{doc}")?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{} on {} ({:.1} MiB, {}, {} runs each, medians)",
         args.path.display(),
         report.device,
         report.bytes as f64 / 1048576.0,
         if args.cold { "cold cache" } else { "warm cache" },
         args.runs
-    );
-    println!(
+    )?;
+    outln!(
         "{:<18} {:>9} {:>9} {:>9} {:>9} {:>12}",
-        "strategy", "min s", "median s", "max s", "GB/s", "vs fastest baseline"
-    );
+        "strategy",
+        "min s",
+        "median s",
+        "max s",
+        "GB/s",
+        "vs fastest baseline"
+    )?;
     for r in &report.rows {
-        println!(
+        outln!(
             "{:<18} {:>9.4} {:>9.4} {:>9.4} {:>9.2} {:>12}",
             r.strategy.name(),
             r.min(),
@@ -91,15 +96,15 @@ pub fn run(args: Args) -> Result<()> {
             r.max(),
             r.gbps(),
             ratio(r).map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into()),
-        );
+        )?;
     }
     for r in &report.rows {
         if let Some(res) = r.resident_after_evict.filter(|&res| res > 0.01) {
-            println!(
+            outln!(
                 "warning: {}: {:.0}% of the file stayed in the page cache after eviction (runs were not fully cold)",
                 r.strategy.name(),
                 res * 100.0
-            );
+            )?;
         }
     }
     Ok(())

@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use weightstream::text::escape_controls;
 use weightstream::Checkpoint;
 
 /// Arguments of `inspect`.
@@ -18,14 +19,16 @@ pub struct Args {
     pub json: bool,
 }
 
-/// The JSON report: `{"files":[..],"metadata":{..},"total_bytes":N,"tensors":[..]}`.
+/// The JSON report: `{"files":[..],"metadata":{..},"total_bytes":N,"tensors":[..]}`. The
+/// tensors are written straight from the checkpoint's headers, one at a time: nothing is built
+/// per tensor.
 #[derive(Serialize)]
 struct Report<'a> {
     files: Vec<FileEntry<'a>>,
     /// The files' `__metadata__` maps merged (a later file's value wins on a shared key).
     metadata: BTreeMap<&'a str, &'a str>,
     total_bytes: u64,
-    tensors: Vec<TensorEntry<'a>>,
+    tensors: Tensors<'a>,
 }
 
 #[derive(Serialize)]
@@ -47,22 +50,37 @@ struct TensorEntry<'a> {
     data_offsets: [u64; 2],
 }
 
+/// Every tensor of a checkpoint, in file order, serialized as a sequence of [`TensorEntry`].
+struct Tensors<'a>(&'a Checkpoint);
+
+impl<'a> Tensors<'a> {
+    fn iter(&self) -> impl Iterator<Item = TensorEntry<'a>> + 'a {
+        self.0.files.iter().flat_map(|f| {
+            f.header.tensors.iter().map(move |t| TensorEntry {
+                name: &t.name,
+                dtype: t.dtype.name(),
+                shape: &t.shape,
+                file: &f.path,
+                data_offsets: [t.data_offsets.0, t.data_offsets.1],
+            })
+        })
+    }
+}
+
+impl Serialize for Tensors<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
 impl<'a> Report<'a> {
     fn new(ckpt: &'a Checkpoint) -> Self {
         let mut metadata = BTreeMap::new();
-        let mut tensors = Vec::with_capacity(ckpt.tensor_count());
         let files = ckpt
             .files
             .iter()
             .map(|f| {
                 metadata.extend(f.header.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-                tensors.extend(f.header.tensors.iter().map(|t| TensorEntry {
-                    name: &t.name,
-                    dtype: t.dtype.name(),
-                    shape: &t.shape,
-                    file: &f.path,
-                    data_offsets: [t.data_offsets.0, t.data_offsets.1],
-                }));
                 FileEntry {
                     path: &f.path,
                     header_bytes: f.header.header_len,
@@ -71,7 +89,7 @@ impl<'a> Report<'a> {
                 }
             })
             .collect();
-        Report { files, metadata, total_bytes: ckpt.total_bytes(), tensors }
+        Report { files, metadata, total_bytes: ckpt.total_bytes(), tensors: Tensors(ckpt) }
     }
 }
 
@@ -86,7 +104,7 @@ pub fn run(args: Args) -> weightstream::Result<()> {
         Ok(()) => Ok(()),
         // The reader went away (`| head`): stop quietly, as other command-line tools do.
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        Err(source) => Err(weightstream::Error::Io { file: PathBuf::from("<stdout>"), tensor: None, source }),
+        Err(source) => Err(crate::out::stdout_error(source)),
     }
 }
 
@@ -96,20 +114,21 @@ fn write_json(out: &mut impl Write, report: &Report<'_>) -> io::Result<()> {
 }
 
 fn write_table(out: &mut impl Write, report: &Report<'_>) -> io::Result<()> {
+    let tensor_count = report.files.iter().map(|f| f.tensors).sum::<usize>();
     writeln!(
         out,
         "{} file{}, {} tensor{}, {}",
         report.files.len(),
         plural(report.files.len()),
-        report.tensors.len(),
-        plural(report.tensors.len()),
+        tensor_count,
+        plural(tensor_count),
         human_bytes(report.total_bytes)
     )?;
     for f in &report.files {
         writeln!(
             out,
             "  {}  header {} B, {} tensor{}, {}",
-            f.path.display(),
+            escape_controls(&f.path.to_string_lossy()),
             f.header_bytes,
             f.tensors,
             plural(f.tensors),
@@ -119,31 +138,65 @@ fn write_table(out: &mut impl Write, report: &Report<'_>) -> io::Result<()> {
     if !report.metadata.is_empty() {
         writeln!(out, "metadata:")?;
         for (k, v) in &report.metadata {
-            writeln!(out, "  {k}: {}", one_line(v))?;
+            writeln!(out, "  {}: {}", escape_controls(k), escape_controls(v))?;
         }
     }
-    if report.tensors.is_empty() {
+    if tensor_count == 0 {
         return Ok(());
     }
-    let shapes: Vec<String> = report.tensors.iter().map(|t| format!("{:?}", t.shape)).collect();
-    let name_w = report.tensors.iter().map(|t| t.name.chars().count()).max().unwrap_or(0).max(4);
-    let dtype_w = report.tensors.iter().map(|t| t.dtype.len()).max().unwrap_or(0).max(5);
-    let shape_w = shapes.iter().map(String::len).max().unwrap_or(0).max(5);
+    // Column widths from a first pass; no `format!` width (those panic above 65,535), and no
+    // string kept per tensor.
+    let mut shape = String::new();
+    let (mut name_w, mut dtype_w, mut shape_w) = (4, 5, 5);
+    for t in report.tensors.iter() {
+        name_w = name_w.max(escape_controls(t.name).chars().count());
+        dtype_w = dtype_w.max(t.dtype.len());
+        render_shape(&mut shape, t.shape);
+        shape_w = shape_w.max(shape.len());
+    }
     let several_files = report.files.len() > 1;
     writeln!(out)?;
-    write!(out, "{:<name_w$}  {:<dtype_w$}  {:<shape_w$}  {:>12}", "name", "dtype", "shape", "bytes")?;
+    write_padded(out, "name", name_w)?;
+    write_padded(out, "dtype", dtype_w)?;
+    write_padded(out, "shape", shape_w)?;
+    write!(out, "{:>12}", "bytes")?;
     if several_files {
         write!(out, "  file")?;
     }
     writeln!(out)?;
-    for (t, shape) in report.tensors.iter().zip(&shapes) {
+    for t in report.tensors.iter() {
         let bytes = t.data_offsets[1] - t.data_offsets[0];
-        write!(out, "{:<name_w$}  {:<dtype_w$}  {:<shape_w$}  {:>12}", one_line(t.name), t.dtype, shape, bytes)?;
+        write_padded(out, &escape_controls(t.name), name_w)?;
+        write_padded(out, t.dtype, dtype_w)?;
+        render_shape(&mut shape, t.shape);
+        write_padded(out, &shape, shape_w)?;
+        write!(out, "{bytes:>12}")?;
         if several_files {
             let file = t.file.file_name().map(Path::new).unwrap_or(t.file);
-            write!(out, "  {}", file.display())?;
+            write!(out, "  {}", escape_controls(&file.to_string_lossy()))?;
         }
         writeln!(out)?;
+    }
+    Ok(())
+}
+
+/// `shape` as `[2, 3]` into `buf` (cleared first).
+fn render_shape(buf: &mut String, shape: &[u64]) {
+    use std::fmt::Write as _;
+    buf.clear();
+    // Writing to a String cannot fail.
+    let _ = write!(buf, "{shape:?}");
+}
+
+/// `text` left-aligned in a column of `width` characters, then the two-space gap.
+fn write_padded(out: &mut impl Write, text: &str, width: usize) -> io::Result<()> {
+    const SPACES: &str = "                                                                ";
+    out.write_all(text.as_bytes())?;
+    let mut pad = width.saturating_sub(text.chars().count()) + 2;
+    while pad > 0 {
+        let n = pad.min(SPACES.len());
+        out.write_all(&SPACES.as_bytes()[..n])?;
+        pad -= n;
     }
     Ok(())
 }
@@ -153,15 +206,6 @@ fn plural(n: usize) -> &'static str {
         ""
     } else {
         "s"
-    }
-}
-
-/// `s` with control characters escaped, so that a hostile name cannot break the table.
-fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        s.chars().flat_map(char::escape_debug).collect::<String>().into()
-    } else {
-        s.into()
     }
 }
 

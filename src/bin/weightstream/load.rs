@@ -1,11 +1,13 @@
 //! `weightstream load PATH [options]`: load a checkpoint and report what landed where.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use weightstream::io::IoKind;
+use weightstream::text::escape_controls;
 use weightstream::{Device, Dtype, LoadedModel, Loader};
 
 /// Options shared by `load` and `bench`: how to build the loader.
@@ -140,10 +142,15 @@ pub fn progress_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-/// sha256 of a tensor's bytes read back from its device.
+/// The most host memory a checksum reads a device tensor back into at once.
+const CHECKSUM_PIECE_BYTES: usize = 8 << 20;
+
+/// sha256 of a tensor's bytes where they landed: hashed in place in host memory, read back from
+/// a device in pieces of [`CHECKSUM_PIECE_BYTES`].
 pub fn tensor_sha256(t: &weightstream::TensorRef<'_>) -> weightstream::Result<String> {
-    let bytes = t.to_host_vec()?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    let mut hash = Sha256::new();
+    t.for_each_chunk(CHECKSUM_PIECE_BYTES, |piece| hash.update(piece))?;
+    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Run `load`.
@@ -167,42 +174,79 @@ pub fn run(args: Args) -> weightstream::Result<()> {
     report(&model, args.checksum, args.json)
 }
 
+/// The `--json` report (DESIGN.md "CLI contract"); fields in alphabetical order, as they were
+/// printed when this was a `serde_json::Value`.
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    bytes_loaded: u64,
+    bytes_read: u64,
+    device: String,
+    direct: bool,
+    gbps: f64,
+    io: &'static str,
+    peak_host_rss_bytes: Option<u64>,
+    pinned: bool,
+    seconds: f64,
+    staging_bytes: u64,
+    tensors: Vec<JsonTensor<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonTensor<'a> {
+    dtype: &'static str,
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    shape: &'a [u64],
+}
+
 fn report(model: &LoadedModel, checksum: bool, json: bool) -> weightstream::Result<()> {
     let s = model.stats();
     let rss = weightstream::peak_host_rss_bytes();
-    let mut tensors = Vec::with_capacity(model.len());
-    for t in model.tensors() {
-        let mut o = serde_json::json!({"name": t.name(), "dtype": t.dtype().name(), "shape": t.shape()});
-        if checksum {
-            o["sha256"] = tensor_sha256(&t)?.into();
-        }
-        tensors.push(o);
-    }
+    // Every checksum before any output, so that a failed read-back prints only the error.
+    let sha256: Vec<String> =
+        if checksum { model.tensors().map(|t| tensor_sha256(&t)).collect::<Result<_, _>>()? } else { Vec::new() };
     if json {
-        let out = serde_json::json!({
-            "device": s.device.to_string(),
-            "io": s.io,
-            "direct": s.direct,
-            "bytes_read": s.bytes_read,
-            "bytes_loaded": s.bytes_loaded,
-            "seconds": s.seconds,
-            "gbps": s.gbps(),
-            "staging_bytes": s.staging_bytes,
-            "pinned": s.pinned,
-            "peak_host_rss_bytes": rss,
-            "tensors": tensors,
-        });
-        println!("{out}");
+        let report = JsonReport {
+            bytes_loaded: s.bytes_loaded,
+            bytes_read: s.bytes_read,
+            device: s.device.to_string(),
+            direct: s.direct,
+            gbps: s.gbps(),
+            io: s.io,
+            peak_host_rss_bytes: rss,
+            pinned: s.pinned,
+            seconds: s.seconds,
+            staging_bytes: s.staging_bytes,
+            tensors: model
+                .tensors()
+                .enumerate()
+                .map(|(i, t)| JsonTensor {
+                    dtype: t.dtype().name(),
+                    name: t.name(),
+                    sha256: sha256.get(i).cloned(),
+                    shape: t.shape(),
+                })
+                .collect(),
+        };
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        serde_json::to_writer(&mut out, &report)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out))
+            .and_then(|()| out.flush())
+            .map_err(crate::out::stdout_error)?;
     } else {
-        println!(
+        outln!(
             "loaded {} tensors: {s}, peak host RSS {} MiB",
             model.len(),
             rss.map(|r| (r >> 20).to_string()).unwrap_or_else(|| "?".into()),
-        );
+        )?;
         if checksum {
-            for t in &tensors {
-                println!("{}  {}", t["sha256"].as_str().unwrap_or(""), t["name"].as_str().unwrap_or(""));
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for (t, sha) in model.tensors().zip(&sha256) {
+                writeln!(out, "{sha}  {}", escape_controls(t.name())).map_err(crate::out::stdout_error)?;
             }
+            out.flush().map_err(crate::out::stdout_error)?;
         }
     }
     Ok(())
