@@ -1,7 +1,5 @@
 //! What a load returns: the tensors, where they live, and how the load went.
 
-use std::collections::HashMap;
-
 use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::sink::{Device, HostMemory};
@@ -81,7 +79,8 @@ pub(crate) struct TensorMeta {
 pub struct LoadedModel {
     pub(crate) device: Device,
     pub(crate) tensors: Vec<TensorMeta>,
-    pub(crate) by_name: HashMap<String, usize>,
+    /// Indices of `tensors` sorted by name (4 bytes a tensor, not a second copy of the names).
+    pub(crate) by_name: Vec<u32>,
     pub(crate) storage: Storage,
     pub(crate) stats: LoadStats,
     pub(crate) trace: Option<crate::trace::TraceRecorder>,
@@ -99,7 +98,8 @@ impl std::fmt::Debug for LoadedModel {
 
 impl LoadedModel {
     pub(crate) fn new(device: Device, tensors: Vec<TensorMeta>, storage: Storage, stats: LoadStats) -> Self {
-        let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let mut by_name: Vec<u32> = (0..tensors.len() as u32).collect();
+        by_name.sort_unstable_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
         LoadedModel { device, tensors, by_name, storage, stats, trace: None }
     }
 
@@ -120,7 +120,8 @@ impl LoadedModel {
 
     /// The tensor called `name`.
     pub fn tensor(&self, name: &str) -> Option<TensorRef<'_>> {
-        self.by_name.get(name).map(|&i| TensorRef { model: self, meta: &self.tensors[i] })
+        let k = self.by_name.binary_search_by(|&i| self.tensors[i as usize].name.as_str().cmp(name)).ok()?;
+        Some(TensorRef { model: self, meta: &self.tensors[self.by_name[k] as usize] })
     }
 
     /// All tensors, in file order.

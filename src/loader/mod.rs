@@ -280,8 +280,18 @@ impl Loader {
     /// Load the checkpoint at `path` (a file, an index, a directory, or a Hugging Face cache
     /// folder).
     pub fn load(&self, path: impl AsRef<Path>) -> Result<LoadedModel> {
-        let ckpt = Checkpoint::open(path.as_ref())?;
-        self.load_checkpoint(&ckpt)
+        let started = Instant::now();
+        let mut ckpt = Checkpoint::open(path.as_ref())?;
+        let (device, select) = self.prepare()?;
+        // The checkpoint is ours: the model takes its names and shapes instead of copies.
+        let plan = Plan::new_taking(&mut ckpt, &|n| select.as_ref().is_none_or(|g| g.is_match(n)), &|n, d| {
+            self.out_dtype(n, d)
+        })?;
+        // Nothing reads the headers' tensor lists after planning: free them before the load.
+        for f in &mut ckpt.files {
+            f.header.tensors = Vec::new();
+        }
+        self.load_plan(&ckpt, plan, device, started)
     }
 
     /// Load without blocking the tokio runtime's workers (the load runs on the blocking pool).
@@ -388,10 +398,20 @@ impl Loader {
     /// Load an already opened checkpoint.
     pub fn load_checkpoint(&self, ckpt: &Checkpoint) -> Result<LoadedModel> {
         let started = Instant::now();
+        let (device, select) = self.prepare()?;
+        let plan = Plan::new(ckpt, &|n| select.as_ref().is_none_or(|g| g.is_match(n)), &|n, d| self.out_dtype(n, d))?;
+        self.load_plan(ckpt, plan, device, started)
+    }
+
+    /// The device and the tensor filter of a load, once its options are checked.
+    fn prepare(&self) -> Result<(Device, Option<globset::GlobSet>)> {
         let device = self.resolved_device();
         self.check_options(device)?;
-        let select = build_filter(&self.only)?;
-        let plan = Plan::new(ckpt, &|n| select.as_ref().is_none_or(|g| g.is_match(n)), &|n, d| self.out_dtype(n, d))?;
+        Ok((device, build_filter(&self.only)?))
+    }
+
+    /// Run the load `plan` of `ckpt`.
+    fn load_plan(&self, ckpt: &Checkpoint, plan: Plan, device: Device, started: Instant) -> Result<LoadedModel> {
         for t in plan.tensors.iter().filter(|t| t.converts()) {
             if !crate::convert::supported(t.stored_dtype, t.dtype) {
                 return Err(Error::UnsupportedConversion {

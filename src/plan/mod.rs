@@ -104,12 +104,45 @@ impl Plan {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn new(ckpt: &Checkpoint, select: &dyn Fn(&str) -> bool, dtype: &dyn Fn(&str, Dtype) -> Dtype) -> Result<Plan> {
+        Self::build(ckpt, select, dtype, &mut |f, t| {
+            let t = &ckpt.files[f].header.tensors[t];
+            (t.name.clone(), t.shape.clone())
+        })
+    }
+
+    /// Like [`Plan::new`], but the selected tensors' names and shapes are moved out of `ckpt`
+    /// (left empty there) instead of copied: a load that owns its checkpoint keeps one copy of
+    /// them, whatever the header declares.
+    pub fn new_taking(
+        ckpt: &mut Checkpoint,
+        select: &dyn Fn(&str) -> bool,
+        dtype: &dyn Fn(&str, Dtype) -> Dtype,
+    ) -> Result<Plan> {
+        let mut taken = Vec::new();
+        let mut plan = Self::build(ckpt, select, dtype, &mut |f, t| {
+            taken.push((f, t));
+            (String::new(), Vec::new())
+        })?;
+        for (pt, (f, t)) in plan.tensors.iter_mut().zip(taken) {
+            let info = &mut ckpt.files[f].header.tensors[t];
+            pt.name = std::mem::take(&mut info.name);
+            pt.shape = std::mem::take(&mut info.shape);
+        }
+        Ok(plan)
+    }
+
+    fn build(
+        ckpt: &Checkpoint,
+        select: &dyn Fn(&str) -> bool,
+        dtype: &dyn Fn(&str, Dtype) -> Dtype,
+        name_and_shape: &mut dyn FnMut(usize, usize) -> (String, Vec<u64>),
+    ) -> Result<Plan> {
         let mut plan = Plan::default();
         let mut region = 0u64;
         for (source, f) in ckpt.files.iter().enumerate() {
             let file_idx = plan.files.len();
             let mut any = false;
-            for t in &f.header.tensors {
+            for (ti, t) in f.header.tensors.iter().enumerate() {
                 if !select(&t.name) {
                     continue;
                 }
@@ -125,12 +158,13 @@ impl Plan {
                     || Error::ShapeOverflow { file: f.path.clone(), tensor: t.name.clone(), shape: t.shape.clone() };
                 let dst_offset = align_up(region, ARENA_ALIGN).ok_or_else(overflow)?;
                 region = dst_offset.checked_add(len).ok_or_else(overflow)?;
+                let (name, shape) = name_and_shape(source, ti);
                 plan.tensors.push(PlannedTensor {
-                    name: t.name.clone(),
+                    name,
                     file: file_idx,
                     stored_dtype: t.dtype,
                     dtype: to,
-                    shape: t.shape.clone(),
+                    shape,
                     file_offset: f.header.data_start + t.data_offsets.0,
                     stored_len: t.byte_len(),
                     dst_offset,
