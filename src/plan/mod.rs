@@ -118,15 +118,16 @@ impl Plan {
         select: &dyn Fn(&str) -> bool,
         dtype: &dyn Fn(&str, Dtype) -> Dtype,
     ) -> Result<Plan> {
-        let mut taken = Vec::new();
-        let mut plan = Self::build(ckpt, select, dtype, &mut |f, t| {
-            taken.push((f, t));
-            (String::new(), Vec::new())
-        })?;
-        for (pt, (f, t)) in plan.tensors.iter_mut().zip(taken) {
-            let info = &mut ckpt.files[f].header.tensors[t];
-            pt.name = std::mem::take(&mut info.name);
-            pt.shape = std::mem::take(&mut info.shape);
+        let mut plan = Self::build(ckpt, select, dtype, &mut |_, _| (String::new(), Vec::new()))?;
+        // The same walk as `build`'s, so the k-th selected tensor is the plan's k-th.
+        let mut planned = plan.tensors.iter_mut();
+        for f in &mut ckpt.files {
+            for t in f.header.tensors.iter_mut().filter(|t| select(&t.name)) {
+                if let Some(pt) = planned.next() {
+                    pt.name = std::mem::take(&mut t.name);
+                    pt.shape = std::mem::take(&mut t.shape);
+                }
+            }
         }
         Ok(plan)
     }
@@ -137,7 +138,8 @@ impl Plan {
         dtype: &dyn Fn(&str, Dtype) -> Dtype,
         name_and_shape: &mut dyn FnMut(usize, usize) -> (String, Vec<u64>),
     ) -> Result<Plan> {
-        let mut plan = Plan::default();
+        // Sized once: growing by doubling would hold 1.5x the records while it copies.
+        let mut plan = Plan { tensors: Vec::with_capacity(ckpt.tensor_count()), ..Plan::default() };
         let mut region = 0u64;
         for (source, f) in ckpt.files.iter().enumerate() {
             let file_idx = plan.files.len();

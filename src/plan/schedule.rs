@@ -92,7 +92,8 @@ impl Schedule {
     /// ```
     pub fn new(plan: &Plan, opts: ScheduleOptions) -> Schedule {
         let chunk = (opts.max_len / 4096 * 4096).max(4096);
-        let mut s = Schedule::default();
+        // At least one piece per tensor with bytes: sized once rather than grown by doubling.
+        let mut s = Schedule { extents: Vec::new(), pieces: Vec::with_capacity(plan.tensors.len()) };
         let mut open: Option<ReadExtent> = None;
         for (ti, t) in plan.tensors.iter().enumerate() {
             if t.stored_len == 0 {
