@@ -174,6 +174,7 @@ fn options_that_cannot_be_honoured_are_usage_errors() {
         ("zero-copy on cpu", Loader::new().device(Device::Cpu).zero_copy(true)),
         ("zero-copy on null", Loader::new().device(Device::Null).zero_copy(true)),
         ("zero-copy with O_DIRECT", Loader::new().device(Device::Cuda(0)).zero_copy(true).direct(true)),
+        ("zero-copy with a read engine", Loader::new().device(Device::Cuda(0)).zero_copy(true).io(IoKind::Pread)),
         ("no staging buffer", Loader::new().device(Device::Null).staging_count(0)),
         ("a billion staging buffers", Loader::new().device(Device::Null).staging_count(1_000_000_000)),
         ("staging buffers of 4 KiB", Loader::new().device(Device::Null).staging_size(4096)),

@@ -376,6 +376,9 @@ impl Loader {
         if self.zero_copy && !matches!(device, Device::Cuda(_)) {
             return Err(Error::usage(format!("--zero-copy needs a CUDA device, not {device}")));
         }
+        if self.zero_copy && self.io != IoKind::Auto {
+            return Err(Error::usage("--zero-copy reads nothing through a read engine: --io does not apply"));
+        }
         if self.zero_copy && self.direct {
             return Err(Error::usage("--zero-copy maps the page cache, which --direct bypasses: pick one"));
         }

@@ -109,7 +109,7 @@ impl Loader {
         obs: &mut Observer<'_>,
     ) -> Result<Outcome> {
         use crate::sink::cuda::{CudaDevice, CudaSink, DeviceArena};
-        use crate::stage::zero_copy::{ZeroCopyStage, WINDOW_BYTES};
+        use crate::stage::zero_copy::ZeroCopyStage;
         let dev = CudaDevice::open(ordinal)?;
         let arena = DeviceArena::alloc(&dev, plan.dst_len as usize)?;
         let (count, size) = self.ring_dims(Device::Cuda(ordinal));
@@ -119,21 +119,27 @@ impl Loader {
         };
         let (io, bytes_read, staging_bytes, scratch) = match strategy {
             Strategy::ZeroCopy => {
-                let window = (WINDOW_BYTES as usize).min(size);
+                // The ring's shape bounds the windows: `count` windows of `size` bytes pinned.
+                let window = size;
                 let sched = Schedule::new(plan, ScheduleOptions::coalesced(window as u64));
                 let mut sink =
                     CudaSink::new(&dev, &arena, self.streams, plan.converts(), window, self.trace, converter)?;
                 // Registration threads: as many as readers would be, at most one per window.
                 let registrars = self.threads;
-                let bytes = std::thread::scope(|scope| {
+                if !sink.reads_by_dma() {
+                    return Err(Error::usage("--zero-copy needs a sink that copies by DMA"));
+                }
+                let shape = (count, window as u64);
+                let (bytes, pinned) = std::thread::scope(|scope| {
                     let mut stage =
-                        ZeroCopyStage::new(scope, &dev, plan, &sched, &fds, registrars, self.fault, self.trace)?;
-                    pipeline::run(plan, &sched, &mut stage, &mut sink, obs)
+                        ZeroCopyStage::new(scope, &dev, plan, &sched, &fds, registrars, shape, self.fault, self.trace)?;
+                    let bytes = pipeline::run(plan, &sched, &mut stage, &mut sink, obs)?;
+                    Ok::<_, Error>((bytes, stage.staging_bytes()))
                 })?;
                 if let Some(t) = obs.trace.as_deref_mut() {
                     sink.write_trace(t)?;
                 }
-                ("zero-copy", bytes, 0, sink.scratch_bytes())
+                ("zero-copy", bytes, pinned, sink.scratch_bytes())
             }
             _ => {
                 let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len(size)));

@@ -218,8 +218,9 @@ impl HostRegion {
     /// A region of `len` bytes at `ptr`.
     ///
     /// # Safety
-    /// `ptr` must be valid for writes of `len` bytes from the sink's `host_region` call until its
-    /// `finish` returned, and nothing else (the sink included) may access those bytes meanwhile.
+    /// `ptr` must be valid for writes of `len` bytes from the sink's `host_region` call until the
+    /// load returned (readers still queued when `finish` is called on an error path are drained
+    /// after it), and nothing else (the sink included) may access those bytes meanwhile.
     pub unsafe fn new(ptr: NonNull<u8>, len: usize) -> Self {
         HostRegion { ptr, len }
     }

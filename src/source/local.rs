@@ -34,6 +34,12 @@ pub fn open_regular(path: &Path) -> Result<File> {
             message: "not a regular file (a FIFO, socket, device or directory cannot be a checkpoint file)".into(),
         });
     }
+    // The data is read through this descriptor: clear O_NONBLOCK, which io_uring honours on
+    // some kernels with EAGAIN for reads that miss the page cache.
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL).map_err(|e| Error::io(path, e.into()))?;
+    let blocking = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
+    fcntl(file.as_raw_fd(), FcntlArg::F_SETFL(blocking)).map_err(|e| Error::io(path, e.into()))?;
     Ok(file)
 }
 

@@ -145,7 +145,9 @@ pub(crate) struct RingStage<'a> {
     read_size: u64,
     trace: bool,
     jobs: Vec<Option<SlotJob>>,
-    fences: Vec<Option<Fence>>,
+    /// Per slot: the fence of its last delivery, and that delivery's extent (to name an error).
+    fences: Vec<Option<(usize, Fence)>>,
+    landed_extent: Vec<usize>,
     next: usize,
 }
 
@@ -174,6 +176,7 @@ impl<'a> RingStage<'a> {
             trace,
             jobs: (0..slots).map(|_| None).collect(),
             fences: (0..slots).map(|_| None).collect(),
+            landed_extent: vec![0; slots],
             next: 0,
         }
     }
@@ -202,8 +205,9 @@ impl Stage for RingStage<'_> {
                 break;
             }
             let Some(slot) = self.ring.take() else { break };
-            if let Some(fence) = self.fences[slot].take() {
-                fence.wait().map_err(|err| StageError::named(self.next, e.offset, err))?;
+            if let Some((delivered, fence)) = self.fences[slot].take() {
+                let at = self.sched.extents[delivered].offset;
+                fence.wait().map_err(|err| StageError::named(delivered, at, err))?;
             }
             let buf = self.ring.slot_ptr(slot);
             let mut sub = 0u64;
@@ -275,6 +279,7 @@ impl Stage for RingStage<'_> {
                 continue;
             }
             let Some(job) = self.jobs[slot].take() else { continue };
+            self.landed_extent[slot] = job.extent;
             let read_done = Instant::now();
             // SAFETY: data_skip + e.len <= slot size (checked in fill).
             let ptr = unsafe { self.ring.slot_ptr(slot).add(job.data_skip) };
@@ -294,14 +299,14 @@ impl Stage for RingStage<'_> {
     }
 
     fn recycle(&mut self, slot: usize, fence: Fence) {
-        self.fences[slot] = Some(fence);
+        self.fences[slot] = Some((self.landed_extent[slot], fence));
         self.ring.give_back(slot);
     }
 
     fn stop(&mut self) {
         self.queue.drain();
         for f in self.fences.iter_mut() {
-            if let Some(f) = f.take() {
+            if let Some((_, f)) = f.take() {
                 let _ = f.wait();
             }
         }

@@ -29,15 +29,6 @@ use crate::sink::cuda::driver as r;
 use crate::sink::cuda::CudaDevice;
 use crate::sink::Fence;
 
-/// Bytes of file mapped and registered at once, per window.
-pub const WINDOW_BYTES: u64 = 16 << 20;
-/// Windows registered at once, at most: the page cache pinned in place, and mapped into this
-/// process (so counted in its RSS), is at most `WINDOW_BYTES * WINDOWS_PINNED` (128 MiB, the
-/// default staging ring's size).
-pub const WINDOWS_PINNED: usize = 8;
-/// Of those, windows whose copies may be queued at once; the others are registered ahead.
-pub const WINDOWS_IN_FLIGHT: usize = 4;
-
 /// What a registrar thread needs.
 struct Registrar<'a> {
     dev: &'a Arc<CudaDevice>,
@@ -62,14 +53,23 @@ pub(crate) struct ZeroCopyStage<'a> {
     /// every mapping a copy may read is in here until `stop` waited on the fences.
     in_flight: VecDeque<InFlight>,
     delivered: usize,
+    /// Windows registered at once, at most (the ring's buffer count): the page cache pinned in
+    /// place, and mapped into this process, is at most this many windows.
+    pinned: usize,
+    /// Of those, windows whose copies may be queued at once (half); the others are registered
+    /// ahead.
+    max_in_flight: usize,
+    window_bytes: u64,
     trace: bool,
     /// The registrars borrow the plan and the descriptors for `'a`.
     _borrows: std::marker::PhantomData<&'a ()>,
 }
 
 impl<'a> ZeroCopyStage<'a> {
-    /// Start `registrars` threads (1 to [`WINDOWS_PINNED`]) in `scope` that map and register the
-    /// windows of `sched` for `dev`. The descriptors must stay open until `stop` returned.
+    /// Start `registrars` threads (1 to `pinned`) in `scope` that map and register the windows of
+    /// `sched` for `dev`: windows of at most `window_bytes`, at most `pinned` registered at once
+    /// (the staging ring's shape: 8 × 16 MiB by default). The descriptors must stay open until
+    /// `stop` returned.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new<'scope>(
         scope: &'scope std::thread::Scope<'scope, 'a>,
@@ -78,9 +78,11 @@ impl<'a> ZeroCopyStage<'a> {
         sched: &'a Schedule,
         fds: &'a [RawFd],
         registrars: usize,
+        (pinned, window_bytes): (usize, u64),
         fault: Option<Fault>,
         trace: bool,
     ) -> Result<Self> {
+        let pinned = pinned.max(1);
         if !dev.supports_read_only_register()? {
             return Err(Error::usage(
                 "--zero-copy needs read-only host registration, which this device or driver lacks",
@@ -92,18 +94,18 @@ impl<'a> ZeroCopyStage<'a> {
             ));
         }
         let page = page_size();
-        let max_gap = crate::plan::ScheduleOptions::coalesced(WINDOW_BYTES).max_gap.unwrap_or(0);
-        let wins = Arc::new(sched.windows(WINDOW_BYTES, page, max_gap));
+        let max_gap = crate::plan::ScheduleOptions::coalesced(window_bytes).max_gap.unwrap_or(0);
+        let wins = Arc::new(sched.windows(window_bytes, page, max_gap));
         // Permits bound the registered windows: a registrar takes one before it registers the
         // next window; the stage gives it back when that window's fence fired.
-        let (permit_tx, permit_rx) = sync_channel::<()>(WINDOWS_PINNED);
-        for _ in 0..WINDOWS_PINNED {
+        let (permit_tx, permit_rx) = sync_channel::<()>(pinned);
+        for _ in 0..pinned {
             let _ = permit_tx.send(());
         }
         let permit_rx = Arc::new(Mutex::new(permit_rx));
         let next_window = Arc::new(AtomicUsize::new(0));
-        let (done_tx, done_rx) = sync_channel::<Registered>(WINDOWS_PINNED);
-        for _ in 0..registrars.clamp(1, WINDOWS_PINNED) {
+        let (done_tx, done_rx) = sync_channel::<Registered>(pinned);
+        for _ in 0..registrars.clamp(1, pinned) {
             let (done_tx, permit_rx, next, wins) =
                 (done_tx.clone(), Arc::clone(&permit_rx), Arc::clone(&next_window), Arc::clone(&wins));
             let cx = Registrar { dev, plan, sched, fds, fault, page };
@@ -145,6 +147,9 @@ impl<'a> ZeroCopyStage<'a> {
             ready: BTreeMap::new(),
             in_flight: VecDeque::new(),
             delivered: 0,
+            pinned,
+            max_in_flight: (pinned / 2).max(1),
+            window_bytes,
             trace,
             _borrows: std::marker::PhantomData,
         })
@@ -152,10 +157,17 @@ impl<'a> ZeroCopyStage<'a> {
 
     /// Wait for the oldest window's fence, then unregister it and let a registrar go on.
     fn land_oldest(&mut self) -> Result<(), StageError> {
-        if let Some(w) = self.in_flight.pop_front() {
-            if let Some(f) = w.fence {
-                f.wait().map_err(|e| StageError::named(self.delivered, 0, e))?;
+        // The window stays queued until its fence fired: on an error, `stop` keeps its mapping
+        // until the pipeline has synchronized the streams.
+        if let Some(front) = self.in_flight.front_mut() {
+            if let Some(f) = front.fence.take() {
+                let (extent, at) = (front.extent, front.at);
+                if let Err(e) = f.wait() {
+                    return Err(StageError::named(extent, at, e));
+                }
             }
+        }
+        if let Some(w) = self.in_flight.pop_front() {
             drop(w.mapping);
             if let Some(p) = &self.permits {
                 let _ = p.send(());
@@ -173,7 +185,7 @@ impl Stage for ZeroCopyStage<'_> {
     fn next(&mut self) -> Result<Option<Landed>, StageError> {
         let k = self.delivered;
         let Some(w) = self.wins.get(k).cloned() else { return Ok(None) };
-        if self.in_flight.len() >= WINDOWS_IN_FLIGHT {
+        if self.in_flight.len() >= self.max_in_flight {
             self.land_oldest()?;
         }
         let reg = loop {
@@ -192,7 +204,7 @@ impl Stage for ZeroCopyStage<'_> {
         };
         let mapping = reg.mapping?;
         let (ptr, len) = (mapping.ptr as *const u8, mapping.len);
-        self.in_flight.push_back(InFlight { mapping, fence: None });
+        self.in_flight.push_back(InFlight { mapping, fence: None, extent: w.extents.start, at: w.start });
         self.delivered += 1;
         let timing = self.trace.then(|| Timing {
             track: "register".into(),
@@ -200,11 +212,11 @@ impl Stage for ZeroCopyStage<'_> {
             read_done: reg.finished,
             converted: None,
         });
-        // Slots cycle over WINDOWS_PINNED: window k's slot is reused by window k + 8 only, whose
-        // delivery comes after window k's fence was waited (at most 4 in flight).
+        // Slots cycle over `pinned`: window k's slot is reused by window k + pinned only, whose
+        // delivery comes after window k's fence was waited (at most pinned / 2 in flight).
         Ok(Some(Landed {
             extents: w.extents.clone(),
-            slot: k % WINDOWS_PINNED,
+            slot: k % self.pinned,
             bytes: LandedBytes::DeviceReadable { ptr, len, file_offset: w.start },
             timing,
         }))
@@ -231,7 +243,7 @@ impl Stage for ZeroCopyStage<'_> {
     }
 
     fn staging_bytes(&self) -> u64 {
-        0
+        self.pinned as u64 * self.window_bytes
     }
 }
 
@@ -338,6 +350,9 @@ struct Registered {
 struct InFlight {
     mapping: PinnedMapping,
     fence: Option<Fence>,
+    /// Its first extent and file offset, to name an error of its fence.
+    extent: usize,
+    at: u64,
 }
 
 /// The host's page size, which `mmap` offsets and `cuMemHostRegister` ranges must be multiples
