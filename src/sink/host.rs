@@ -136,7 +136,8 @@ impl super::Sink for HostSink<'_> {
             return Err(Error::internal("a host sink was given bytes only a device may read"));
         }
         let arena = self.arena.as_mut_slice();
-        for (p, src) in d.pieces()? {
+        for piece in d.pieces() {
+            let (p, src) = piece?;
             let t = &d.plan.tensors[p.tensor];
             let Some(src) = src else { continue };
             // SAFETY: `pieces` checked that p.len bytes at src lie inside the staged host bytes,

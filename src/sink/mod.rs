@@ -180,13 +180,12 @@ pub struct Delivery<'a> {
 }
 
 impl Delivery<'_> {
-    /// Every piece of the delivery with the address of its stored bytes (`None` when in place).
-    ///
-    /// Errors: [`Error::Internal`] when a piece lies outside the staged bytes (a stage bug).
-    pub fn pieces(&self) -> Result<Vec<(crate::plan::Piece, Option<*const u8>)>> {
-        let mut out = Vec::new();
-        for e in &self.schedule.extents[self.extents.clone()] {
-            for p in self.schedule.pieces_of(e) {
+    /// Every piece of the delivery with the address of its stored bytes (`None` when in place),
+    /// in file order; an item is [`Error::Internal`] when its piece lies outside the staged bytes
+    /// (a stage bug).
+    pub fn pieces(&self) -> impl Iterator<Item = Result<(crate::plan::Piece, Option<*const u8>)>> + '_ {
+        self.schedule.extents[self.extents.clone()].iter().flat_map(move |e| {
+            self.schedule.pieces_of(e).iter().map(move |p| {
                 let at = e.offset + p.extent_offset;
                 let src = match self.bytes {
                     Staged::InPlace => None,
@@ -199,10 +198,9 @@ impl Delivery<'_> {
                         }
                     },
                 };
-                out.push((*p, src));
-            }
-        }
-        Ok(out)
+                Ok((*p, src))
+            })
+        })
     }
 }
 

@@ -155,7 +155,8 @@ impl Sink for CudaSink<'_> {
         };
         let arena = self.arena.ptr();
         let mut bytes = 0u64;
-        for (p, src) in d.pieces()? {
+        for piece in d.pieces() {
+            let (p, src) = piece?;
             let t = &d.plan.tensors[p.tensor];
             let Some(src) = src else { continue };
             bytes += p.len;
