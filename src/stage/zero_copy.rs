@@ -304,8 +304,7 @@ fn register(cx: &Registrar<'_>, w: &Window) -> Result<PinnedMapping, StageError>
     let fd = cx.fds[w.file];
     let first = w.extents.start;
     let at_start = |e: Error| StageError::named(first, w.start, e);
-    // SAFETY: fstat on a descriptor the loader keeps open for the whole load.
-    let len_now = unsafe { fd_len(fd) }.map_err(|e| at_start(Error::io(path, e)))?;
+    let len_now = fd_len(fd).map_err(|e| at_start(Error::io(path, e)))?;
     if w.end > len_now {
         // The extent the file now ends in (or before).
         let k = w.extents.clone().find(|&k| cx.sched.extents[k].end() > len_now).unwrap_or(first);
@@ -324,17 +323,8 @@ fn register(cx: &Registrar<'_>, w: &Window) -> Result<PinnedMapping, StageError>
 }
 
 /// The length of the file open at `fd`.
-///
-/// # Safety
-/// `fd` must be an open descriptor.
-unsafe fn fd_len(fd: RawFd) -> std::io::Result<u64> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
-    // SAFETY: fstat writes one stat into `st`; the caller keeps fd open.
-    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fstat succeeded, so `st` is initialised.
-    Ok(unsafe { st.assume_init() }.st_size as u64)
+fn fd_len(fd: RawFd) -> std::io::Result<u64> {
+    Ok(nix::sys::stat::fstat(fd)?.st_size as u64)
 }
 
 /// A window a registrar mapped and registered (or failed to).
