@@ -339,6 +339,17 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// A tensor-parallel split that this tensor cannot take: its dimension does not divide by the
+    /// world size, or it has no such dimension.
+    #[error("{}: tensor `{}`: {}", shown_path(file), shown(tensor), shown_message(message))]
+    BadShard {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Why.
+        message: String,
+    },
     /// `__metadata__` has more keys than [`crate::format::MAX_METADATA_KEYS`].
     #[error("{}: __metadata__ has more than {limit} keys", shown_path(file))]
     TooManyMetadataKeys {
@@ -423,6 +434,7 @@ impl Error {
             | TensorInTwoFiles { file, .. }
             | BadSource { file, .. }
             | UnsupportedConversion { file, .. }
+            | BadShard { file, .. }
             | TooManyTensors { file, .. }
             | RankTooLarge { file, .. }
             | TooManyMetadataKeys { file, .. } => Some(file),
@@ -477,7 +489,7 @@ impl Error {
             NoCudaDriver | NoCudaDevice { .. } | CudaNotBuilt | Cuda { .. } | DeviceOutOfMemory { .. } => {
                 ErrorKind::Device
             }
-            Usage { .. } | UnsupportedConversion { .. } | Conversion { .. } => ErrorKind::Usage,
+            Usage { .. } | UnsupportedConversion { .. } | Conversion { .. } | BadShard { .. } => ErrorKind::Usage,
             Internal { .. } => ErrorKind::Internal,
             Cancelled => ErrorKind::Cancelled,
         }

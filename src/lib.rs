@@ -21,6 +21,7 @@
 
 pub mod bench;
 mod bench_baselines;
+mod cancel;
 pub mod convert;
 mod error;
 pub mod format;

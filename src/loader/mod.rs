@@ -6,16 +6,16 @@ mod run;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::{EngineOptions, Fault, IoKind};
 use crate::model::{LoadStats, LoadedModel, TensorMeta};
 use crate::pipeline::Observer;
-use crate::plan::Plan;
+use crate::plan::{Plan, Shard};
 use crate::pool::StagingPool;
 use crate::progress::ProgressFn;
 use crate::sink::Device;
@@ -40,33 +40,6 @@ pub const MIN_STAGING_SIZE: usize = 64 << 10;
 /// `v` rounded up to a multiple of `m`, or down where rounding up would overflow.
 fn round_to_multiple(v: usize, m: usize) -> usize {
     v.checked_next_multiple_of(m).unwrap_or(v / m * m)
-}
-
-/// Cancels a load from another thread: the load returns [`Error::Cancelled`] with everything it
-/// allocated freed.
-///
-/// ```
-/// let token = weightstream::CancelToken::new();
-/// let loader = weightstream::Loader::new().cancel_token(token.clone());
-/// token.cancel();
-/// # drop(loader);
-/// ```
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    /// A token not yet cancelled.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Ask the load to stop.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-    /// Whether cancellation was asked.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
 }
 
 /// Loads checkpoints. Build it once, load many times: the staging ring is allocated on the first
@@ -103,6 +76,8 @@ pub struct Loader {
     cancel: Option<CancelToken>,
     trace: bool,
     zero_copy: bool,
+    shard: Option<(usize, usize)>,
+    splits: Vec<(String, usize)>,
     fault: Option<Fault>,
     pool: Arc<StagingPool>,
 }
@@ -148,6 +123,8 @@ impl Loader {
             cancel: None,
             trace: false,
             zero_copy: false,
+            shard: None,
+            splits: Vec::new(),
             fault: None,
             pool: Arc::default(),
         }
@@ -264,6 +241,35 @@ impl Loader {
         self
     }
 
+    /// Load rank `rank`'s share of a tensor-parallel world of `world` ranks: each tensor that a
+    /// [`Loader::split`] rule names loads only the block `[rank * n / world, (rank + 1) * n /
+    /// world)` of that rule's dimension (a dim-0 block reads only its own bytes); the others
+    /// load whole. A dimension that does not divide by `world` is an error naming the tensor.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let p = dir.path().join("m.safetensors");
+    /// use weightstream::{format::{write_file, WriteTensor}, Device, Dtype, Loader};
+    /// let w: Vec<u8> = (0..12).collect(); // a 3 x 4 u8 matrix
+    /// write_file(&p, &[WriteTensor::new("w", Dtype::U8, vec![3, 4], &w)], &Default::default())?;
+    /// let m = Loader::new().device(Device::Cpu).shard(1, 2).split("w", 1).load(&p)?;
+    /// let t = m.tensor("w").ok_or("missing")?;
+    /// assert_eq!(t.shape(), &[3, 2]);
+    /// assert_eq!(t.to_host_vec()?, [2, 3, 6, 7, 10, 11]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn shard(mut self, rank: usize, world: usize) -> Self {
+        self.shard = Some((rank, world));
+        self
+    }
+
+    /// Split tensors whose name matches `glob` along `dim` under [`Loader::shard`] (repeatable;
+    /// the first matching rule wins).
+    pub fn split(mut self, glob: impl Into<String>, dim: usize) -> Self {
+        self.splits.push((glob.into(), dim));
+        self
+    }
+
     /// Inject a read fault (tests of the error paths).
     #[doc(hidden)]
     pub fn inject_fault(mut self, fault: Fault) -> Self {
@@ -282,11 +288,10 @@ impl Loader {
     pub fn load(&self, path: impl AsRef<Path>) -> Result<LoadedModel> {
         let started = Instant::now();
         let mut ckpt = Checkpoint::open(path.as_ref())?;
-        let (device, select) = self.prepare()?;
+        let (device, select, shard) = self.prepare()?;
         // The checkpoint is ours: the model takes its names and shapes instead of copies.
-        let plan = Plan::new_taking(&mut ckpt, &|n| select.as_ref().is_none_or(|g| g.is_match(n)), &|n, d| {
-            self.out_dtype(n, d)
-        })?;
+        let select = |n: &str| select.as_ref().is_none_or(|g| g.is_match(n));
+        let plan = Plan::new_taking(&mut ckpt, &select, &|n, d| self.out_dtype(n, d), shard.as_ref())?;
         // Nothing reads the headers' tensor lists after planning: free them before the load.
         for f in &mut ckpt.files {
             f.header.tensors = Vec::new();
@@ -401,16 +406,24 @@ impl Loader {
     /// Load an already opened checkpoint.
     pub fn load_checkpoint(&self, ckpt: &Checkpoint) -> Result<LoadedModel> {
         let started = Instant::now();
-        let (device, select) = self.prepare()?;
-        let plan = Plan::new(ckpt, &|n| select.as_ref().is_none_or(|g| g.is_match(n)), &|n, d| self.out_dtype(n, d))?;
+        let (device, select, shard) = self.prepare()?;
+        let select = |n: &str| select.as_ref().is_none_or(|g| g.is_match(n));
+        let plan = Plan::new_sharded(ckpt, &select, &|n, d| self.out_dtype(n, d), shard.as_ref())?;
         self.load_plan(ckpt, plan, device, started)
     }
 
-    /// The device and the tensor filter of a load, once its options are checked.
-    fn prepare(&self) -> Result<(Device, Option<globset::GlobSet>)> {
+    /// The device, the tensor filter and the shard of a load, once its options are checked.
+    fn prepare(&self) -> Result<(Device, Option<globset::GlobSet>, Option<Shard>)> {
         let device = self.resolved_device();
         self.check_options(device)?;
-        Ok((device, build_filter(&self.only)?))
+        let shard = match self.shard {
+            Some((rank, world)) => {
+                Some(self.splits.iter().try_fold(Shard::new(rank, world)?, |s, (g, d)| s.split(g, *d))?)
+            }
+            None if !self.splits.is_empty() => return Err(Error::usage("--split needs --shard RANK/WORLD")),
+            None => None,
+        };
+        Ok((device, run::build_filter(&self.only)?, shard))
     }
 
     /// Run the load `plan` of `ckpt`.
@@ -475,15 +488,4 @@ impl Loader {
         model.trace = trace;
         Ok(model)
     }
-}
-
-fn build_filter(only: &[String]) -> Result<Option<globset::GlobSet>> {
-    if only.is_empty() {
-        return Ok(None);
-    }
-    let mut b = globset::GlobSetBuilder::new();
-    for g in only {
-        b.add(globset::Glob::new(g).map_err(|e| Error::usage(format!("--only `{g}`: {e}")))?);
-    }
-    b.build().map(Some).map_err(|e| Error::usage(format!("--only: {e}")))
 }

@@ -201,3 +201,15 @@ impl Loader {
         count.saturating_mul(per_slot).min(MAX_IN_FLIGHT)
     }
 }
+
+/// The `--only` globs as one set (`None`: every tensor).
+pub(super) fn build_filter(only: &[String]) -> Result<Option<globset::GlobSet>> {
+    if only.is_empty() {
+        return Ok(None);
+    }
+    let mut b = globset::GlobSetBuilder::new();
+    for g in only {
+        b.add(globset::Glob::new(g).map_err(|e| Error::usage(format!("--only `{g}`: {e}")))?);
+    }
+    b.build().map(Some).map_err(|e| Error::usage(format!("--only: {e}")))
+}

@@ -6,10 +6,12 @@
 //! [`PlannedTensor::dst_range`].
 
 pub mod schedule;
+mod shard;
 
 use std::path::PathBuf;
 
 pub use schedule::{Piece, ReadExtent, Schedule, ScheduleOptions};
+pub use shard::{Shard, StoredBlock};
 
 use crate::error::{Error, Result};
 use crate::format::Dtype;
@@ -42,9 +44,12 @@ pub struct PlannedTensor {
     pub dtype: Dtype,
     /// Shape.
     pub shape: Vec<u64>,
-    /// Absolute offset of its bytes in the file.
+    /// Absolute offset of its bytes in the file (of the whole tensor, shard or not).
     pub file_offset: u64,
-    /// Its byte length in the file.
+    /// The bytes of it that this load reads (all of them, unless a shard takes a block).
+    pub block: StoredBlock,
+    /// Bytes read of it in all: `block.len()`. Stored offsets of a tensor (a piece's
+    /// `tensor_offset`, [`PlannedTensor::dst_range`]) count these bytes, one run after another.
     pub stored_len: u64,
     /// Offset of its loaded bytes in the destination region (a multiple of [`ARENA_ALIGN`]).
     pub dst_offset: u64,
@@ -65,7 +70,8 @@ impl PlannedTensor {
     /// ```
     /// use weightstream::{plan::PlannedTensor, Dtype};
     /// let t = PlannedTensor { name: "w".into(), file: 0, stored_dtype: Dtype::F32, dtype: Dtype::BF16,
-    ///     shape: vec![1024], file_offset: 8, stored_len: 4096, dst_offset: 512, len: 2048 };
+    ///     shape: vec![1024], file_offset: 8, block: weightstream::plan::StoredBlock::whole(4096),
+    ///     stored_len: 4096, dst_offset: 512, len: 2048 };
     /// assert_eq!(t.dst_range(1024, 2048), 512 + 512..512 + 1536);
     /// ```
     pub fn dst_range(&self, stored_offset: u64, stored_len: u64) -> std::ops::Range<u64> {
@@ -75,6 +81,11 @@ impl PlannedTensor {
         }
         let at = self.dst_offset + stored_offset * 8 / sb * db / 8;
         at..at + stored_len * 8 / sb * db / 8
+    }
+
+    /// The file offset of stored byte `stored_offset` of what this load reads of the tensor.
+    pub fn file_pos(&self, stored_offset: u64) -> u64 {
+        self.file_offset + self.block.tensor_offset(stored_offset)
     }
 }
 
@@ -104,7 +115,18 @@ impl Plan {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn new(ckpt: &Checkpoint, select: &dyn Fn(&str) -> bool, dtype: &dyn Fn(&str, Dtype) -> Dtype) -> Result<Plan> {
-        Self::build(ckpt, select, dtype, &mut |f, t| {
+        Self::new_sharded(ckpt, select, dtype, None)
+    }
+
+    /// Like [`Plan::new`], for rank `shard` of a tensor-parallel world (`None`: every tensor
+    /// whole).
+    pub fn new_sharded(
+        ckpt: &Checkpoint,
+        select: &dyn Fn(&str) -> bool,
+        dtype: &dyn Fn(&str, Dtype) -> Dtype,
+        shard: Option<&Shard>,
+    ) -> Result<Plan> {
+        Self::build(ckpt, select, dtype, shard, &mut |f, t| {
             let t = &ckpt.files[f].header.tensors[t];
             (t.name.clone(), t.shape.clone())
         })
@@ -117,15 +139,18 @@ impl Plan {
         ckpt: &mut Checkpoint,
         select: &dyn Fn(&str) -> bool,
         dtype: &dyn Fn(&str, Dtype) -> Dtype,
+        shard: Option<&Shard>,
     ) -> Result<Plan> {
-        let mut plan = Self::build(ckpt, select, dtype, &mut |_, _| (String::new(), Vec::new()))?;
+        let mut plan = Self::build(ckpt, select, dtype, shard, &mut |_, _| (String::new(), Vec::new()))?;
         // The same walk as `build`'s, so the k-th selected tensor is the plan's k-th.
         let mut planned = plan.tensors.iter_mut();
         for f in &mut ckpt.files {
             for t in f.header.tensors.iter_mut().filter(|t| select(&t.name)) {
                 if let Some(pt) = planned.next() {
                     pt.name = std::mem::take(&mut t.name);
-                    pt.shape = std::mem::take(&mut t.shape);
+                    if pt.shape.is_empty() {
+                        pt.shape = std::mem::take(&mut t.shape); // a shard planned its own shape
+                    }
                 }
             }
         }
@@ -136,6 +161,7 @@ impl Plan {
         ckpt: &Checkpoint,
         select: &dyn Fn(&str) -> bool,
         dtype: &dyn Fn(&str, Dtype) -> Dtype,
+        shard: Option<&Shard>,
         name_and_shape: &mut dyn FnMut(usize, usize) -> (String, Vec<u64>),
     ) -> Result<Plan> {
         // Sized once: growing by doubling would hold 1.5x the records while it copies.
@@ -150,7 +176,15 @@ impl Plan {
                 }
                 any = true;
                 let to = dtype(&t.name, t.dtype);
-                let len = to.bytes_for(t.elements()).ok_or_else(|| Error::UnsupportedConversion {
+                let sharded = match shard {
+                    Some(s) => s.block(&f.path, &t.name, &t.shape, t.dtype)?,
+                    None => None,
+                };
+                let elements = match (&sharded, shard) {
+                    (Some(_), Some(s)) => t.elements() / s.world() as u64,
+                    _ => t.elements(),
+                };
+                let len = to.bytes_for(elements).ok_or_else(|| Error::UnsupportedConversion {
                     file: f.path.clone(),
                     tensor: t.name.clone(),
                     from: t.dtype.name(),
@@ -160,7 +194,11 @@ impl Plan {
                     || Error::ShapeOverflow { file: f.path.clone(), tensor: t.name.clone(), shape: t.shape.clone() };
                 let dst_offset = align_up(region, ARENA_ALIGN).ok_or_else(overflow)?;
                 region = dst_offset.checked_add(len).ok_or_else(overflow)?;
-                let (name, shape) = name_and_shape(source, ti);
+                let (name, whole_shape) = name_and_shape(source, ti);
+                let (shape, block) = match sharded {
+                    Some((shape, block)) => (shape, block),
+                    None => (whole_shape, StoredBlock::whole(t.byte_len())),
+                };
                 plan.tensors.push(PlannedTensor {
                     name,
                     file: file_idx,
@@ -168,7 +206,8 @@ impl Plan {
                     dtype: to,
                     shape,
                     file_offset: f.header.data_start + t.data_offsets.0,
-                    stored_len: t.byte_len(),
+                    block,
+                    stored_len: block.len(),
                     dst_offset,
                     len,
                 });

@@ -18,7 +18,8 @@ pub struct Piece {
     pub tensor: usize,
     /// Offset of the piece within its extent.
     pub extent_offset: u64,
-    /// Offset of the piece within the tensor's stored bytes.
+    /// Offset of the piece within the bytes read of its tensor (its block's runs one after
+    /// another: the tensor's stored bytes when it is read whole).
     pub tensor_offset: u64,
     /// Length in stored bytes.
     pub len: u64,
@@ -99,38 +100,49 @@ impl Schedule {
             if t.stored_len == 0 {
                 continue; // nothing to read
             }
-            // Close the open extent unless this tensor continues it closely and fits whole:
-            // so a tensor is split only when larger than a chunk, and then at multiples of the
-            // chunk size from its start (whole elements, for conversions).
-            if let Some(e) = &open {
-                let keep = match opts.max_gap {
-                    Some(max_gap) if e.file == t.file && t.file_offset >= e.end() => {
-                        let gap = t.file_offset - e.end();
-                        gap <= max_gap && e.len + gap + t.stored_len <= chunk
+            // A tensor is read as its block's runs (one, unless a shard takes a strided block).
+            for row in 0..t.block.rows {
+                let run_file = t.file_pos(row * t.block.row_len);
+                let run_len = t.block.row_len;
+                let run_start = row * t.block.row_len; // in the tensor's read bytes
+                                                       // Close the open extent unless this run continues it closely and fits whole:
+                                                       // so a run is split only when larger than a chunk, and then at multiples of the
+                                                       // chunk size from its start (whole elements, for conversions).
+                if let Some(e) = &open {
+                    let keep = match opts.max_gap {
+                        Some(max_gap) if e.file == t.file && run_file >= e.end() => {
+                            let gap = run_file - e.end();
+                            gap <= max_gap && e.len + gap + run_len <= chunk
+                        }
+                        _ => false,
+                    };
+                    if !keep {
+                        s.extents.extend(open.take());
                     }
-                    _ => false,
-                };
-                if !keep {
-                    s.extents.extend(open.take());
                 }
-            }
-            let mut done = 0u64;
-            while done < t.stored_len {
-                let next_piece = s.pieces.len();
-                let e = open.get_or_insert_with(|| ReadExtent {
-                    file: t.file,
-                    offset: t.file_offset + done,
-                    len: 0,
-                    pieces: next_piece..next_piece,
-                });
-                let start_in_extent = t.file_offset + done - e.offset;
-                let len = (chunk - start_in_extent).min(t.stored_len - done);
-                s.pieces.push(Piece { tensor: ti, extent_offset: start_in_extent, tensor_offset: done, len });
-                e.len = start_in_extent + len;
-                e.pieces.end = s.pieces.len();
-                done += len;
-                if e.len == chunk {
-                    s.extents.extend(open.take());
+                let mut done = 0u64;
+                while done < run_len {
+                    let next_piece = s.pieces.len();
+                    let e = open.get_or_insert_with(|| ReadExtent {
+                        file: t.file,
+                        offset: run_file + done,
+                        len: 0,
+                        pieces: next_piece..next_piece,
+                    });
+                    let start_in_extent = run_file + done - e.offset;
+                    let len = (chunk - start_in_extent).min(run_len - done);
+                    s.pieces.push(Piece {
+                        tensor: ti,
+                        extent_offset: start_in_extent,
+                        tensor_offset: run_start + done,
+                        len,
+                    });
+                    e.len = start_in_extent + len;
+                    e.pieces.end = s.pieces.len();
+                    done += len;
+                    if e.len == chunk {
+                        s.extents.extend(open.take());
+                    }
                 }
             }
         }
@@ -258,7 +270,7 @@ mod tests {
                 for pc in sched.pieces_of(e) {
                     let t = &plan.tensors[pc.tensor];
                     assert!(pc.extent_offset + pc.len <= e.len, "case {case}: piece past its extent");
-                    assert_eq!(e.offset + pc.extent_offset, t.file_offset + pc.tensor_offset, "case {case}");
+                    assert_eq!(e.offset + pc.extent_offset, t.file_pos(pc.tensor_offset), "case {case}");
                     assert_eq!(covered[pc.tensor], pc.tensor_offset, "case {case}: pieces out of order");
                     assert_eq!(pc.tensor_offset % 4, 0, "case {case}: split inside an element");
                     covered[pc.tensor] += pc.len;

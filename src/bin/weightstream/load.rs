@@ -47,6 +47,13 @@ pub struct LoaderArgs {
     /// Experimental: DMA from the page cache (mmap + cuMemHostRegister), no staging copy.
     #[arg(long)]
     pub zero_copy: bool,
+    /// Load rank RANK's share of a tensor-parallel world of WORLD ranks (with --split rules).
+    #[arg(long, value_name = "RANK/WORLD", value_parser = parse_shard)]
+    pub shard: Option<(usize, usize)>,
+    /// Under --shard, split tensors matching GLOB along dimension DIM (repeatable; the first
+    /// matching rule wins; others load whole).
+    #[arg(long = "split", value_name = "GLOB=DIM", value_parser = parse_split)]
+    pub splits: Vec<(String, usize)>,
 }
 
 impl LoaderArgs {
@@ -58,6 +65,12 @@ impl LoaderArgs {
             .direct(self.direct)
             .streams(self.streams)
             .zero_copy(self.zero_copy);
+        if let Some((rank, world)) = self.shard {
+            l = l.shard(rank, world);
+        }
+        for (glob, dim) in &self.splits {
+            l = l.split(glob.clone(), *dim);
+        }
         if let Some(d) = parse_dtype(&self.dtype) {
             l = l.dtype(d);
         }
@@ -110,6 +123,23 @@ fn parse_dtype(s: &str) -> Option<Dtype> {
         "f16" => Some(Dtype::F16),
         "bf16" => Some(Dtype::BF16),
         _ => None,
+    }
+}
+
+/// Parse `RANK/WORLD` (`1/4`).
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let parsed = s.split_once('/').and_then(|(r, w)| Some((r.trim().parse().ok()?, w.trim().parse().ok()?)));
+    match parsed {
+        Some((rank, world)) if rank < world => Ok((rank, world)),
+        _ => Err(format!("`{s}`: expected RANK/WORLD with RANK < WORLD, e.g. 0/2")),
+    }
+}
+
+/// Parse `GLOB=DIM` (`*.q_proj.weight=0`); the last `=` separates them.
+fn parse_split(s: &str) -> Result<(String, usize), String> {
+    match s.rsplit_once('=').map(|(g, d)| (g, d.trim().parse::<usize>())) {
+        Some((glob, Ok(dim))) if !glob.is_empty() => Ok((glob.to_string(), dim)),
+        _ => Err(format!("`{s}`: expected GLOB=DIM, e.g. '*.q_proj.weight=0'")),
     }
 }
 

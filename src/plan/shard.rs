@@ -1,0 +1,146 @@
+//! Tensor-parallel shards: which block of a tensor a rank loads.
+//!
+//! A rank of `world` gets the contiguous block `[rank * n / world, (rank + 1) * n / world)` of
+//! dimension `dim` of each tensor that a split rule names (the first matching rule wins); a
+//! tensor that matches no rule loads whole on every rank. In the file the block is `rows` runs
+//! of bytes (one for a dim-0 split, which reads only its own bytes), which the schedule reads and
+//! the sinks place one after another.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::format::Dtype;
+
+/// The bytes of a tensor that a load reads: `rows` runs of `row_len` bytes, `row_stride` bytes
+/// apart, the first `row_offset` bytes after the tensor's start. A whole tensor is one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredBlock {
+    /// Runs of bytes.
+    pub rows: u64,
+    /// Bytes from one run's start to the next one's.
+    pub row_stride: u64,
+    /// Where the first run starts, from the tensor's first byte.
+    pub row_offset: u64,
+    /// Bytes of each run.
+    pub row_len: u64,
+}
+
+impl StoredBlock {
+    /// All `len` bytes of a tensor.
+    pub fn whole(len: u64) -> Self {
+        StoredBlock { rows: 1, row_stride: len, row_offset: 0, row_len: len }
+    }
+
+    /// Bytes read in all.
+    pub fn len(&self) -> u64 {
+        self.rows * self.row_len
+    }
+
+    /// Whether nothing is read.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The offset from the tensor's start of byte `at` of the block (its runs one after another).
+    ///
+    /// ```
+    /// use weightstream::plan::StoredBlock;
+    /// // Columns 2..4 of a 3 x 6 u8 matrix: runs of 2 bytes, 6 apart, from byte 2.
+    /// let b = StoredBlock { rows: 3, row_stride: 6, row_offset: 2, row_len: 2 };
+    /// assert_eq!((0..6).map(|i| b.tensor_offset(i)).collect::<Vec<_>>(), [2, 3, 8, 9, 14, 15]);
+    /// ```
+    pub fn tensor_offset(&self, at: u64) -> u64 {
+        if self.row_len == 0 {
+            return self.row_offset;
+        }
+        at / self.row_len * self.row_stride + self.row_offset + at % self.row_len
+    }
+}
+
+/// A rank's share of a checkpoint: `rank` of `world`, with split rules `(glob, dim)`.
+///
+/// ```
+/// use weightstream::plan::Shard;
+/// let s = Shard::new(1, 4)?.split("*.q_proj.weight", 0)?.split("*.o_proj.weight", 1)?;
+/// assert_eq!(s.dim_for("layers.0.q_proj.weight"), Some(0));
+/// assert_eq!(s.dim_for("layers.0.norm.weight"), None);
+/// # Ok::<(), weightstream::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Shard {
+    rank: usize,
+    world: usize,
+    splits: Vec<(globset::GlobMatcher, usize)>,
+}
+
+impl Shard {
+    /// Rank `rank` of `world` ranks, with no split rule yet (every tensor whole).
+    pub fn new(rank: usize, world: usize) -> Result<Self> {
+        if world == 0 || rank >= world {
+            return Err(Error::usage(format!("--shard {rank}/{world}: the rank must be below the world size (> 0)")));
+        }
+        Ok(Shard { rank, world, splits: Vec::new() })
+    }
+
+    /// Split tensors whose name matches `glob` along `dim` (rules are tried in order).
+    pub fn split(mut self, glob: &str, dim: usize) -> Result<Self> {
+        let g = globset::Glob::new(glob).map_err(|e| Error::usage(format!("--split `{glob}`: {e}")))?;
+        self.splits.push((g.compile_matcher(), dim));
+        Ok(self)
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The dimension the first matching rule splits `name` along, if any.
+    pub fn dim_for(&self, name: &str) -> Option<usize> {
+        self.splits.iter().find(|(g, _)| g.is_match(name)).map(|(_, d)| *d)
+    }
+
+    /// This rank's shape and stored bytes of tensor `name` (`shape`, `dtype`, `stored_len` bytes
+    /// in all); `None` when no rule splits it. `file` names errors.
+    pub(crate) fn block(
+        &self,
+        file: &Path,
+        name: &str,
+        shape: &[u64],
+        dtype: Dtype,
+    ) -> Result<Option<(Vec<u64>, StoredBlock)>> {
+        let Some(dim) = self.dim_for(name) else { return Ok(None) };
+        let bad = |message: String| Error::BadShard { file: file.into(), tensor: name.into(), message };
+        let Some(&n) = shape.get(dim) else {
+            return Err(bad(format!("split along dim {dim}, but the tensor has rank {}", shape.len())));
+        };
+        let world = self.world as u64;
+        if n % world != 0 {
+            return Err(bad(format!("dim {dim} has {n} entries, which do not divide by {world} ranks")));
+        }
+        let k = n / world;
+        // All products fit: they are parts of the tensor's validated size.
+        let outer: u64 = shape[..dim].iter().product();
+        let inner_bits = shape[dim + 1..].iter().product::<u64>() * dtype.bits();
+        if inner_bits % 8 != 0 {
+            return Err(bad(format!("a block along dim {dim} does not hold whole bytes of {dtype}")));
+        }
+        let inner = inner_bits / 8;
+        let block = match k == n {
+            true => StoredBlock::whole(outer * n * inner), // one rank: the whole tensor
+            false => StoredBlock {
+                rows: outer, // 1 for dim 0: one run, only this rank's bytes
+                row_stride: n * inner,
+                row_offset: self.rank as u64 * k * inner,
+                row_len: k * inner,
+            },
+        };
+        let mut shape = shape.to_vec();
+        shape[dim] = k;
+        Ok(Some((shape, block)))
+    }
+}
