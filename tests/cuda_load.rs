@@ -317,3 +317,38 @@ fn zero_copy_loads_byte_for_byte_and_fails_cleanly() {
     let err = loader.load_checkpoint(&ckpt).unwrap_err();
     assert_eq!(err.file(), Some(path.as_path()), "{err}");
 }
+
+#[test]
+fn shards_on_the_device_equal_shards_in_host_memory() {
+    // Strided (dim 1) and contiguous (dim 0) blocks, plain and converted, through the pinned ring
+    // and zero-copy: each rank's block on the device equals the same rank's block on the host.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_mixed(dir.path());
+    let Some(_gpu) = gpu() else { return };
+    for world in [1, 3] {
+        for rank in 0..world {
+            let shard = |l: Loader| l.shard(rank, world).split("a.weight", 1).split("d.f32", 0).split("e.f64", 0);
+            for dtype in [None, Some(Dtype::BF16)] {
+                let with = |l: Loader| match dtype {
+                    Some(d) => l.dtype(d),
+                    None => l,
+                };
+                let cpu = with(shard(Loader::new().device(Device::Cpu))).load(&path).unwrap();
+                for zero_copy in [false, true] {
+                    let l = with(shard(Loader::new().device(Device::Cuda(0)).zero_copy(zero_copy)));
+                    let g = l.load(&path).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+                    for t in cpu.tensors() {
+                        let d = g.tensor(t.name()).unwrap();
+                        assert_eq!(d.shape(), t.shape(), "{}", t.name());
+                        assert_eq!(
+                            d.to_host_vec().unwrap(),
+                            t.to_host_vec().unwrap(),
+                            "{} {rank}/{world} {l:?}",
+                            t.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
