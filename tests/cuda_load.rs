@@ -352,3 +352,34 @@ fn shards_on_the_device_equal_shards_in_host_memory() {
         }
     }
 }
+
+#[test]
+fn load_into_device_pointers_equals_a_host_load() {
+    // Caller-owned device memory (one allocation a tensor), plain, converted and sharded: the
+    // bytes equal a cpu load's with the same options.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_mixed(dir.path());
+    let Some(_gpu) = gpu() else { return };
+    let dev = CudaDevice::open(0).unwrap();
+    let options: [fn(Loader) -> Loader; 3] =
+        [|l| l, |l| l.dtype(Dtype::BF16), |l| l.shard(1, 3).split("a.weight", 1).split("d.f32", 0)];
+    for opt in options {
+        let cpu = opt(Loader::new().device(Device::Cpu)).load(&path).unwrap();
+        let arenas: Vec<(String, DeviceArena)> = cpu
+            .tensors()
+            .map(|t| (t.name().to_string(), DeviceArena::alloc(&dev, t.byte_len() as usize).unwrap()))
+            .collect();
+        let dests = arenas.iter().map(|(n, a)| {
+            // SAFETY: each arena is device memory of cuda:0, alive until after the load, used
+            // by nothing else.
+            (
+                n.clone(),
+                weightstream::Destination::Device(unsafe { weightstream::DevicePlace::new(a.ptr(), a.len(), 0) }),
+            )
+        });
+        opt(Loader::new().device(Device::Cuda(0))).load_into(&path, dests).unwrap();
+        for (n, a) in &arenas {
+            assert_eq!(a.copy_to_host(0, a.len()).unwrap(), cpu.tensor(n).unwrap().to_host_vec().unwrap(), "{n}");
+        }
+    }
+}

@@ -1,7 +1,10 @@
 //! The `Loader` builder: options, the strategy chosen once per load from the device and the
 //! options, and a staging pool per device shared by clones.
 
+mod into;
 mod run;
+
+pub use into::{Destination, DevicePlace};
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};

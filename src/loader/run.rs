@@ -79,18 +79,10 @@ impl Loader {
             }
             Strategy::Ring => {
                 let (count, size) = self.ring_dims(device);
-                let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len(size)));
                 let mut ring = self.pool.host(count, size)?;
-                let depth = self.staged_depth(count, size);
-                let queue = ReadQueue::new(self.engine(depth)?, depth);
-                let read_size = self.staged_read_size(size) as u64;
-                let mut stage = RingStage::new(&sched, fds, &mut ring, queue, self.direct, read_size, self.trace);
-                let io = stage.engine_name();
-                let run = pipeline::run(plan, &sched, &mut stage, sink, obs);
-                let staging = stage.staging_bytes();
-                drop(stage);
+                let run = self.through_ring(plan, fds, &mut ring, sink, obs);
                 self.pool.give_back_host(ring);
-                (io, run?, staging)
+                run?
             }
             Strategy::ZeroCopy => return Err(Error::usage(format!("--zero-copy needs a CUDA device, not {device}"))),
         };
@@ -142,24 +134,17 @@ impl Loader {
                 ("zero-copy", bytes, pinned, sink.scratch_bytes())
             }
             _ => {
-                let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len(size)));
                 let mut ring = self.pool.pinned(&dev, count, size)?;
                 let mut sink = CudaSink::new(&dev, &arena, self.streams, plan.converts(), size, self.trace, converter)?;
-                let depth = self.staged_depth(count, size);
-                let queue = ReadQueue::new(self.engine(depth)?, depth);
-                let read_size = self.staged_read_size(size) as u64;
-                let mut stage = RingStage::new(&sched, fds, &mut ring, queue, self.direct, read_size, self.trace);
-                let io = stage.engine_name();
-                let run = pipeline::run(plan, &sched, &mut stage, &mut sink, obs);
-                let staging = stage.staging_bytes();
-                drop(stage);
+                let run = self.through_ring(plan, fds, &mut ring, &mut sink, obs);
                 if let (Some(t), Ok(_)) = (obs.trace.as_deref_mut(), &run) {
                     sink.write_trace(t)?;
                 }
                 let scratch = sink.scratch_bytes();
                 drop(sink);
                 self.pool.give_back_pinned(ordinal, ring);
-                (io, run?, staging, scratch)
+                let (io, bytes, staging) = run?;
+                (io, bytes, staging, scratch)
             }
         };
         Ok(Outcome {
@@ -170,6 +155,27 @@ impl Loader {
             pinned: strategy != Strategy::ZeroCopy,
             device_scratch_bytes: scratch,
         })
+    }
+
+    /// Run `plan` through `ring` into `sink`: the engine's name, the bytes read and the ring's
+    /// bytes.
+    pub(super) fn through_ring(
+        &self,
+        plan: &Plan,
+        fds: Vec<RawFd>,
+        ring: &mut crate::stage::StagingRing,
+        sink: &mut dyn Sink,
+        obs: &mut Observer<'_>,
+    ) -> Result<(&'static str, u64, u64)> {
+        let (count, size) = (ring.slot_count(), ring.slot_size());
+        let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len(size)));
+        let depth = self.staged_depth(count, size);
+        let queue = ReadQueue::new(self.engine(depth)?, depth);
+        let read_size = self.staged_read_size(size) as u64;
+        let mut stage = RingStage::new(&sched, fds, ring, queue, self.direct, read_size, self.trace);
+        let io = stage.engine_name();
+        let bytes = pipeline::run(plan, &sched, &mut stage, sink, obs)?;
+        Ok((io, bytes, stage.staging_bytes()))
     }
 
     fn engine(&self, depth: usize) -> Result<Box<dyn RawEngine>> {

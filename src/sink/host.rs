@@ -100,10 +100,18 @@ impl std::fmt::Debug for HostMemory {
 }
 
 /// Copies (or converts) staged pieces into a host arena, or lends the arena to the readers so
-/// that they read (and convert) into it in place.
+/// that they read (and convert) into it in place; or into caller-owned buffers, one a tensor.
 #[derive(Debug)]
 pub struct HostSink<'a> {
-    arena: &'a mut HostMemory,
+    places: HostPlaces<'a>,
+}
+
+#[derive(Debug)]
+enum HostPlaces<'a> {
+    /// One arena laid out as the plan's destination region.
+    Arena(&'a mut HostMemory),
+    /// A buffer per planned tensor (by index), each of its loaded size.
+    Caller(Vec<&'a mut [u8]>),
 }
 
 impl<'a> HostSink<'a> {
@@ -116,16 +124,40 @@ impl<'a> HostSink<'a> {
     /// # Ok::<(), weightstream::Error>(())
     /// ```
     pub fn new(arena: &'a mut HostMemory) -> Self {
-        HostSink { arena }
+        HostSink { places: HostPlaces::Arena(arena) }
+    }
+
+    /// A sink writing planned tensor `i` into `buffers[i]`, which must be exactly its loaded
+    /// size (checked at each delivery). It has no [`super::HostRegion`]: its reads go through a
+    /// staging ring.
+    ///
+    /// ```
+    /// let (mut a, mut b) = (vec![0u8; 16], vec![0u8; 4]);
+    /// let sink = weightstream::sink::HostSink::into_buffers(vec![&mut a[..], &mut b[..]]);
+    /// # drop(sink);
+    /// ```
+    pub fn into_buffers(buffers: Vec<&'a mut [u8]>) -> Self {
+        HostSink { places: HostPlaces::Caller(buffers) }
+    }
+
+    /// The loaded bytes of planned tensor `i` (whose arena place is `arena_range`).
+    fn place(&mut self, i: usize, arena_range: std::ops::Range<u64>) -> Option<&mut [u8]> {
+        match &mut self.places {
+            HostPlaces::Arena(a) => a.as_mut_slice().get_mut(arena_range.start as usize..arena_range.end as usize),
+            HostPlaces::Caller(b) => b.get_mut(i).map(|b| &mut **b),
+        }
     }
 }
 
 impl super::Sink for HostSink<'_> {
     fn host_region(&mut self) -> Option<super::HostRegion> {
-        // SAFETY: the arena is mapped for len bytes and borrowed mutably by this sink for its
-        // whole life; the sink never touches it while readers may write (InPlace deliveries
-        // are not copied).
-        Some(unsafe { super::HostRegion::new(self.arena.ptr, self.arena.len) })
+        match &self.places {
+            // SAFETY: the arena is mapped for len bytes and borrowed mutably by this sink for its
+            // whole life; the sink never touches it while readers may write (InPlace deliveries
+            // are not copied).
+            HostPlaces::Arena(a) => Some(unsafe { super::HostRegion::new(a.ptr, a.len) }),
+            HostPlaces::Caller(_) => None,
+        }
     }
 
     fn deliver(&mut self, d: &super::Delivery<'_>) -> Result<super::Fence> {
@@ -135,7 +167,6 @@ impl super::Sink for HostSink<'_> {
         if matches!(d.bytes, super::Staged::DeviceReadable { .. }) {
             return Err(Error::internal("a host sink was given bytes only a device may read"));
         }
-        let arena = self.arena.as_mut_slice();
         for piece in d.pieces() {
             let (p, src) = piece?;
             let t = &d.plan.tensors[p.tensor];
@@ -144,8 +175,10 @@ impl super::Sink for HostSink<'_> {
             // which the stage keeps valid and unchanged for this call.
             let src = unsafe { std::slice::from_raw_parts(src, p.len as usize) };
             let dst = t.dst_range(p.tensor_offset, p.len);
-            let Some(dst) = arena.get_mut(dst.start as usize..dst.end as usize) else {
-                return Err(Error::internal(format!("tensor `{}` planned outside the arena", t.name)));
+            let within = (dst.start - t.dst_offset) as usize..(dst.end - t.dst_offset) as usize;
+            let place = self.place(p.tensor, t.dst_offset..t.dst_offset + t.len);
+            let Some(dst) = place.filter(|b| b.len() as u64 == t.len).and_then(|b| b.get_mut(within)) else {
+                return Err(Error::internal(format!("tensor `{}` has no place of {} bytes", t.name, t.len)));
             };
             if t.converts() {
                 crate::convert::convert_host(t.stored_dtype, t.dtype, src, dst).map_err(|_| {

@@ -57,7 +57,15 @@ pub fn scratch_region_bytes(slot_size: usize, streams: usize) -> usize {
     (slot_size.min(share) / 4096 * 4096).max(4096)
 }
 
-/// Copies delivered bytes into a [`DeviceArena`]: delivery slot `k`'s copies go on stream
+/// Where a [`CudaSink`] puts tensors.
+enum DevicePlaces<'a> {
+    /// One arena laid out as the plan's destination region.
+    Arena(&'a DeviceArena),
+    /// A device pointer and length per planned tensor (caller-owned memory).
+    Caller(Vec<(u64, usize)>),
+}
+
+/// Copies delivered bytes into a [`DeviceArena`] (or caller-owned device memory): delivery slot `k`'s copies go on stream
 /// `k % streams`, followed by slot `k`'s event, which is the delivery's fence.
 ///
 /// A piece of a tensor to convert is copied into its stream's scratch region first, and a kernel
@@ -67,7 +75,7 @@ pub fn scratch_region_bytes(slot_size: usize, streams: usize) -> usize {
 /// count, and by [`SCRATCH_BUDGET`] in all.
 pub struct CudaSink<'a> {
     dev: Arc<CudaDevice>,
-    arena: &'a DeviceArena,
+    places: DevicePlaces<'a>,
     streams: Vec<Stream>,
     slot_events: Vec<std::rc::Rc<Event>>,
     /// The scratch arena and the bytes of each stream's region in it.
@@ -89,6 +97,18 @@ impl<'a> CudaSink<'a> {
         trace: bool,
         converter: Option<Arc<kernels::DeviceConverter>>,
     ) -> Result<Self> {
+        Self::with_places(dev, DevicePlaces::Arena(arena), streams, converts, max_delivery, trace, converter)
+    }
+
+    fn with_places(
+        dev: &Arc<CudaDevice>,
+        places: DevicePlaces<'a>,
+        streams: usize,
+        converts: bool,
+        max_delivery: usize,
+        trace: bool,
+        converter: Option<Arc<kernels::DeviceConverter>>,
+    ) -> Result<Self> {
         let streams = (0..streams.max(1)).map(|_| Stream::new(dev)).collect::<Result<Vec<_>>>()?;
         let (scratch, converter) = if converts {
             let region = scratch_region_bytes(max_delivery, streams.len());
@@ -104,7 +124,36 @@ impl<'a> CudaSink<'a> {
         } else {
             None
         };
-        Ok(CudaSink { dev: Arc::clone(dev), arena, streams, slot_events: Vec::new(), scratch, converter, timing })
+        Ok(CudaSink { dev: Arc::clone(dev), places, streams, slot_events: Vec::new(), scratch, converter, timing })
+    }
+
+    /// Like [`CudaSink::new`], but planned tensor `i` lands at `places[i]`: a device pointer
+    /// and its length, which must be the tensor's loaded size (checked at each delivery).
+    ///
+    /// # Safety
+    /// Each `(ptr, len)` must be device memory of `dev`'s context, valid for writes of `len`
+    /// bytes until the sink is dropped, not accessed by anything else meanwhile, and the ranges
+    /// must not overlap.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn into_pointers(
+        dev: &Arc<CudaDevice>,
+        places: Vec<(u64, usize)>,
+        streams: usize,
+        converts: bool,
+        max_delivery: usize,
+        trace: bool,
+        converter: Option<Arc<kernels::DeviceConverter>>,
+    ) -> Result<CudaSink<'static>> {
+        CudaSink::with_places(dev, DevicePlaces::Caller(places), streams, converts, max_delivery, trace, converter)
+    }
+
+    /// The device address and length of planned tensor `i`'s loaded bytes (whose arena place
+    /// starts at `arena_offset`).
+    fn place(&self, i: usize, arena_offset: u64) -> Option<(u64, u64)> {
+        match &self.places {
+            DevicePlaces::Arena(a) => Some((a.ptr() + arena_offset, (a.len() as u64).saturating_sub(arena_offset))),
+            DevicePlaces::Caller(p) => p.get(i).map(|&(ptr, len)| (ptr, len as u64)),
+        }
     }
 
     /// Bytes of device scratch this sink holds for conversion (0 when nothing converts).
@@ -153,20 +202,26 @@ impl Sink for CudaSink<'_> {
             }
             None => None,
         };
-        let arena = self.arena.ptr();
         let mut bytes = 0u64;
         for piece in d.pieces() {
             let (p, src) = piece?;
             let t = &d.plan.tensors[p.tensor];
             let Some(src) = src else { continue };
             bytes += p.len;
+            // Destination offsets from the tensor's place: `dst_range` counts from its arena
+            // offset.
             let dst = t.dst_range(p.tensor_offset, p.len);
-            if dst.end > self.arena.len() as u64 {
-                return Err(Error::internal(format!("tensor `{}` planned outside the arena", t.name)));
-            }
+            let (base, room) = match self.place(p.tensor, t.dst_offset) {
+                Some((ptr, room)) if room >= t.len && dst.end - t.dst_offset <= t.len => (ptr, room),
+                _ => {
+                    return Err(Error::internal(format!("tensor `{}` has no device place of {} bytes", t.name, t.len)))
+                }
+            };
+            let _ = room;
+            let at = |r: &std::ops::Range<u64>| base + (r.start - t.dst_offset);
             match (&self.scratch, &self.converter) {
                 (Some((scratch, region)), Some(conv)) if t.converts() => {
-                    let base = scratch.ptr() + (si * region) as u64;
+                    let scratch_base = scratch.ptr() + (si * region) as u64;
                     // Rounds of at most one region, each at the region's start (256-byte
                     // aligned, so the kernel reads aligned elements whatever the file's layout).
                     // A round's length is a multiple of 4096 except the piece's last, so every
@@ -178,22 +233,15 @@ impl Sink for CudaSink<'_> {
                         // valid until this delivery's fence fired; len <= region bytes, all
                         // within this stream's region; the stream orders this copy after the
                         // kernel that last read the region.
-                        unsafe { driver::memcpy_htod_async(base, src.add(done as usize), len as usize, stream.raw)? };
+                        unsafe {
+                            driver::memcpy_htod_async(scratch_base, src.add(done as usize), len as usize, stream.raw)?
+                        };
                         let elements = len * 8 / t.stored_dtype.bits();
                         let out = t.dst_range(p.tensor_offset + done, len);
                         // SAFETY: base holds len bytes of the stored dtype; out is inside t's
                         // arena range (checked above for the whole piece), both on this
                         // device; the kernel runs on `stream` after the copy into scratch.
-                        unsafe {
-                            conv.launch(
-                                t.stored_dtype,
-                                t.dtype,
-                                base,
-                                arena + out.start,
-                                elements as usize,
-                                stream.raw,
-                            )?
-                        };
+                        unsafe { conv.launch(t.stored_dtype, t.dtype, base, at(&out), elements as usize, stream.raw)? };
                         done += len;
                     }
                 }
@@ -204,7 +252,7 @@ impl Sink for CudaSink<'_> {
                     // SAFETY: the source is inside the delivered bytes (checked by `pieces`),
                     // valid until this delivery's fence fired; the destination is inside t's
                     // arena range (checked above).
-                    unsafe { driver::memcpy_htod_async(arena + dst.start, src, p.len as usize, stream.raw)? };
+                    unsafe { driver::memcpy_htod_async(at(&dst), src, p.len as usize, stream.raw)? };
                 }
             }
         }

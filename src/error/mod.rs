@@ -3,8 +3,12 @@
 //! Every variant names the file it is about, and the tensor when one is known, so that the CLI can
 //! print `error: <file>: <what>` and a caller can tell which input was at fault.
 
+mod kind;
+
 use std::io;
 use std::path::PathBuf;
+
+pub use kind::ErrorKind;
 
 /// Shorthand for `Result<T, weightstream::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -350,6 +354,18 @@ pub enum Error {
         /// Why.
         message: String,
     },
+    /// A destination of [`crate::Loader::load_into`] that the load cannot fill: the checkpoint
+    /// lacks the tensor, the size differs from the tensor's loaded size, it overlaps another
+    /// destination, or it is on another device than the loader's.
+    #[error("{}: tensor `{}`: {}", shown_path(file), shown(tensor), shown_message(message))]
+    BadDestination {
+        /// The checkpoint (its first file).
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Why.
+        message: String,
+    },
     /// `__metadata__` has more keys than [`crate::format::MAX_METADATA_KEYS`].
     #[error("{}: __metadata__ has more than {limit} keys", shown_path(file))]
     TooManyMetadataKeys {
@@ -373,26 +389,6 @@ fn shown_path(path: &std::path::Path) -> String {
 /// A message that may quote the file (a parser's message, an OS error) as an error shows it.
 fn shown_message(message: &str) -> std::borrow::Cow<'_, str> {
     crate::text::for_display_within(message, crate::text::MAX_SHOWN_MESSAGE_BYTES)
-}
-
-/// The kind of an [`Error`]: what failed, independent of the variant's details.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ErrorKind {
-    /// The file breaks the safetensors format (header, offsets, sizes).
-    Format,
-    /// The checkpoint as a whole is wrong: its index, its directory, a tensor in two files.
-    Source,
-    /// Reading failed: the OS, a short file, the read engine, host memory.
-    Io,
-    /// The CUDA driver or device: missing, out of memory, a failed call.
-    Device,
-    /// The caller asked for something this load cannot do as asked.
-    Usage,
-    /// A bug in weightstream.
-    Internal,
-    /// The load was cancelled.
-    Cancelled,
 }
 
 fn tensor_suffix(t: &Option<String>) -> String {
@@ -435,6 +431,7 @@ impl Error {
             | BadSource { file, .. }
             | UnsupportedConversion { file, .. }
             | BadShard { file, .. }
+            | BadDestination { file, .. }
             | TooManyTensors { file, .. }
             | RankTooLarge { file, .. }
             | TooManyMetadataKeys { file, .. } => Some(file),
@@ -453,45 +450,5 @@ impl Error {
 
     pub(crate) fn internal(what: impl Into<String>) -> Self {
         Error::Internal { what: what.into() }
-    }
-
-    /// What kind of failure this is, for callers that branch on it (retry on [`ErrorKind::Io`],
-    /// report [`ErrorKind::Format`] as a bad file, exit 2 on [`ErrorKind::Usage`]).
-    ///
-    /// ```
-    /// use weightstream::{Device, ErrorKind, Loader};
-    /// let err = Loader::new().device(Device::Cpu).load("/no/such/model.safetensors").unwrap_err();
-    /// assert_eq!(err.kind(), ErrorKind::Io);
-    /// assert_eq!("tpu".parse::<Device>().unwrap_err().kind(), ErrorKind::Usage);
-    /// ```
-    pub fn kind(&self) -> ErrorKind {
-        use Error::*;
-        match self {
-            Io { .. } | UnexpectedEof { .. } | ReadEngine { .. } | HostOutOfMemory { .. } => ErrorKind::Io,
-            FileTooSmall { .. }
-            | HeaderTooLarge { .. }
-            | HeaderPastEnd { .. }
-            | HeaderNotUtf8 { .. }
-            | HeaderStart { .. }
-            | HeaderJson { .. }
-            | BadMetadata { .. }
-            | DuplicateTensor { .. }
-            | ShapeOverflow { .. }
-            | OffsetsReversed { .. }
-            | MisalignedSlice { .. }
-            | SizeMismatch { .. }
-            | NotContiguous { .. }
-            | DataLengthMismatch { .. }
-            | TooManyTensors { .. }
-            | RankTooLarge { .. }
-            | TooManyMetadataKeys { .. } => ErrorKind::Format,
-            BadIndex { .. } | TensorInTwoFiles { .. } | BadSource { .. } => ErrorKind::Source,
-            NoCudaDriver | NoCudaDevice { .. } | CudaNotBuilt | Cuda { .. } | DeviceOutOfMemory { .. } => {
-                ErrorKind::Device
-            }
-            Usage { .. } | UnsupportedConversion { .. } | Conversion { .. } | BadShard { .. } => ErrorKind::Usage,
-            Internal { .. } => ErrorKind::Internal,
-            Cancelled => ErrorKind::Cancelled,
-        }
     }
 }
