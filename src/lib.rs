@@ -42,7 +42,7 @@ pub mod trace;
 
 pub use error::{Error, ErrorKind, Result};
 pub use format::Dtype;
-pub use loader::{CancelToken, Destination, DevicePlace, Loader, MAX_STAGING_COUNT, MIN_STAGING_SIZE};
+pub use loader::{CancelToken, Destination, DevicePlace, Loader, TensorInfo, MAX_STAGING_COUNT, MIN_STAGING_SIZE};
 pub use model::{peak_host_rss_bytes, LoadStats, LoadedModel, TensorRef};
 pub use sink::Device;
 pub use source::Checkpoint;

@@ -40,6 +40,13 @@ fn write(dir: &Path) -> PathBuf {
 /// options, and compare with that load.
 fn check_into(loader: &Loader, path: &Path, names: &[&str]) {
     let want = names.iter().fold(loader.clone(), |l, n| l.only(*n)).load(path).unwrap();
+    // `describe` tells the loaded dtype, shape and size without loading.
+    let described = names.iter().fold(loader.clone(), |l, n| l.only(*n)).describe(path).unwrap();
+    assert_eq!(described.len(), want.len());
+    for (d, t) in described.iter().zip(want.tensors()) {
+        assert_eq!((d.name.as_str(), d.dtype, d.stored_dtype), (t.name(), t.dtype(), t.stored_dtype()));
+        assert_eq!((d.shape.as_slice(), d.byte_len), (t.shape(), t.byte_len()), "{} with {loader:?}", d.name);
+    }
     let mut bufs: Vec<Vec<u8>> =
         names.iter().map(|n| vec![0xAAu8; want.tensor(n).unwrap().byte_len() as usize]).collect();
     let stats = loader

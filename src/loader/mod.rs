@@ -1,9 +1,11 @@
 //! The `Loader` builder: options, the strategy chosen once per load from the device and the
 //! options, and a staging pool per device shared by clones.
 
+mod describe;
 mod into;
 mod run;
 
+pub use describe::TensorInfo;
 pub use into::{Destination, DevicePlace};
 
 use std::fs::File;
