@@ -37,6 +37,7 @@ pub mod progress;
 pub mod sink;
 pub mod source;
 pub mod stage;
+mod stream;
 pub mod text;
 pub mod trace;
 
@@ -46,3 +47,4 @@ pub use loader::{CancelToken, Destination, DevicePlace, Loader, TensorInfo, MAX_
 pub use model::{peak_host_rss_bytes, LoadStats, LoadedModel, TensorRef};
 pub use sink::Device;
 pub use source::Checkpoint;
+pub use stream::{StreamedTensor, TensorStream};

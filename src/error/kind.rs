@@ -61,7 +61,8 @@ impl Error {
             | UnsupportedConversion { .. }
             | Conversion { .. }
             | BadShard { .. }
-            | BadDestination { .. } => ErrorKind::Usage,
+            | BadDestination { .. }
+            | WindowTooSmall { .. } => ErrorKind::Usage,
             Internal { .. } => ErrorKind::Internal,
             Cancelled => ErrorKind::Cancelled,
         }

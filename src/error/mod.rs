@@ -366,6 +366,22 @@ pub enum Error {
         /// Why.
         message: String,
     },
+    /// A tensor larger than the window of [`crate::Loader::stream`]: it could never be in flight.
+    #[error(
+        "{}: tensor `{}` loads as {bytes} bytes, more than the stream's window of {window}",
+        shown_path(file),
+        shown(tensor)
+    )]
+    WindowTooSmall {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Its loaded size.
+        bytes: u64,
+        /// The window.
+        window: u64,
+    },
     /// `__metadata__` has more keys than [`crate::format::MAX_METADATA_KEYS`].
     #[error("{}: __metadata__ has more than {limit} keys", shown_path(file))]
     TooManyMetadataKeys {
@@ -432,6 +448,7 @@ impl Error {
             | UnsupportedConversion { file, .. }
             | BadShard { file, .. }
             | BadDestination { file, .. }
+            | WindowTooSmall { file, .. }
             | TooManyTensors { file, .. }
             | RankTooLarge { file, .. }
             | TooManyMetadataKeys { file, .. } => Some(file),

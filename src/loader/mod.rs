@@ -4,6 +4,7 @@
 mod describe;
 mod into;
 mod run;
+mod stream;
 
 pub use describe::TensorInfo;
 pub use into::{Destination, DevicePlace};

@@ -234,6 +234,39 @@ impl Plan {
     pub fn converts(&self) -> bool {
         self.tensors.iter().any(PlannedTensor::converts)
     }
+
+    /// The plan of tensors `range` alone: their destinations rebased to start at 0 (still
+    /// aligned), and only the files they are in.
+    ///
+    /// ```
+    /// use weightstream::{format::{write_file, WriteTensor}, plan::Plan, Checkpoint, Dtype};
+    /// let dir = tempfile::tempdir()?;
+    /// let p = dir.path().join("m.safetensors");
+    /// write_file(&p, &[WriteTensor::new("a", Dtype::F32, vec![3], &[0; 12]),
+    ///                  WriteTensor::new("b", Dtype::F32, vec![1], &[0; 4])], &Default::default())?;
+    /// let plan = Plan::new(&Checkpoint::open(&p)?, &|_| true, &|_, d| d)?;
+    /// let part = plan.part(1..2);
+    /// assert_eq!((part.tensors[0].name.as_str(), part.tensors[0].dst_offset, part.dst_len), ("b", 0, 4));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn part(&self, range: std::ops::Range<usize>) -> Plan {
+        let tensors = &self.tensors[range];
+        let base = tensors.first().map_or(0, |t| t.dst_offset);
+        let mut files: Vec<PlannedFile> = Vec::new();
+        let mut file_of = std::collections::HashMap::new();
+        let tensors = tensors
+            .iter()
+            .map(|t| {
+                let file = *file_of.entry(t.file).or_insert_with(|| {
+                    files.push(self.files[t.file].clone());
+                    files.len() - 1
+                });
+                PlannedTensor { file, dst_offset: t.dst_offset - base, ..t.clone() }
+            })
+            .collect::<Vec<_>>();
+        let dst_len = tensors.last().map_or(0, |t| t.dst_offset + t.len);
+        Plan { files, tensors, dst_len }
+    }
 }
 
 /// `v` rounded up to a multiple of `align` (a power of two), or `None` on overflow.

@@ -167,31 +167,13 @@ impl super::Sink for HostSink<'_> {
         if matches!(d.bytes, super::Staged::DeviceReadable { .. }) {
             return Err(Error::internal("a host sink was given bytes only a device may read"));
         }
-        for piece in d.pieces() {
+        for piece in d.host_pieces() {
             let (p, src) = piece?;
             let t = &d.plan.tensors[p.tensor];
-            let Some(src) = src else { continue };
-            // SAFETY: `pieces` checked that p.len bytes at src lie inside the staged host bytes,
-            // which the stage keeps valid and unchanged for this call.
-            let src = unsafe { std::slice::from_raw_parts(src, p.len as usize) };
-            let dst = t.dst_range(p.tensor_offset, p.len);
-            let within = (dst.start - t.dst_offset) as usize..(dst.end - t.dst_offset) as usize;
-            let place = self.place(p.tensor, t.dst_offset..t.dst_offset + t.len);
-            let Some(dst) = place.filter(|b| b.len() as u64 == t.len).and_then(|b| b.get_mut(within)) else {
+            let Some(place) = self.place(p.tensor, t.dst_offset..t.dst_offset + t.len) else {
                 return Err(Error::internal(format!("tensor `{}` has no place of {} bytes", t.name, t.len)));
             };
-            if t.converts() {
-                crate::convert::convert_host(t.stored_dtype, t.dtype, src, dst).map_err(|_| {
-                    Error::UnsupportedConversion {
-                        file: d.plan.files[t.file].path.clone(),
-                        tensor: t.name.clone(),
-                        from: t.stored_dtype.name(),
-                        to: t.dtype.name(),
-                    }
-                })?;
-            } else {
-                dst.copy_from_slice(src);
-            }
+            write_piece(d.plan, &p, src, place)?;
         }
         Ok(super::Fence::done())
     }
@@ -199,4 +181,31 @@ impl super::Sink for HostSink<'_> {
     fn finish(&mut self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Write (or convert) piece `p`'s stored bytes `src` into `place`, the whole loaded bytes of its
+/// tensor.
+pub(crate) fn write_piece(
+    plan: &crate::plan::Plan,
+    p: &crate::plan::Piece,
+    src: &[u8],
+    place: &mut [u8],
+) -> Result<()> {
+    let t = &plan.tensors[p.tensor];
+    let dst = t.dst_range(p.tensor_offset, p.len);
+    let within = (dst.start - t.dst_offset) as usize..(dst.end - t.dst_offset) as usize;
+    let Some(dst) = Some(place).filter(|b| b.len() as u64 == t.len).and_then(|b| b.get_mut(within)) else {
+        return Err(Error::internal(format!("tensor `{}` has no place of {} bytes", t.name, t.len)));
+    };
+    if t.converts() {
+        crate::convert::convert_host(t.stored_dtype, t.dtype, src, dst).map_err(|_| Error::UnsupportedConversion {
+            file: plan.files[t.file].path.clone(),
+            tensor: t.name.clone(),
+            from: t.stored_dtype.name(),
+            to: t.dtype.name(),
+        })?;
+    } else {
+        dst.copy_from_slice(src);
+    }
+    Ok(())
 }

@@ -14,6 +14,7 @@ use std::ops::Range;
 use std::ptr::NonNull;
 use std::str::FromStr;
 
+pub(crate) use host::write_piece;
 pub use host::{HostMemory, HostSink};
 
 use crate::error::{Error, Result};
@@ -198,6 +199,28 @@ impl Delivery<'_> {
                         }
                     },
                 };
+                Ok((*p, src))
+            })
+        })
+    }
+}
+
+impl<'a> Delivery<'a> {
+    /// Every piece of a delivery of [`Staged::Host`] bytes with its stored bytes, in file order;
+    /// an item is [`Error::Internal`] for other deliveries, or a piece outside the staged bytes.
+    pub fn host_pieces(&self) -> impl Iterator<Item = Result<(crate::plan::Piece, &'a [u8])>> + '_ {
+        let staged = match self.bytes {
+            Staged::Host { bytes, file_offset } => Ok((bytes, file_offset)),
+            _ => Err(()),
+        };
+        self.schedule.extents[self.extents.clone()].iter().flat_map(move |e| {
+            self.schedule.pieces_of(e).iter().map(move |p| {
+                let at = e.offset + p.extent_offset;
+                let (bytes, base) = staged.map_err(|()| Error::internal("host pieces of bytes not in host memory"))?;
+                let start = at.checked_sub(base).and_then(|s| usize::try_from(s).ok());
+                let src = start.and_then(|s| bytes.get(s..s.checked_add(usize::try_from(p.len).ok()?)?));
+                let src = src
+                    .ok_or_else(|| Error::internal(format!("piece at file offset {at} is outside the staged bytes")))?;
                 Ok((*p, src))
             })
         })

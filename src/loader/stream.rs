@@ -1,0 +1,253 @@
+//! [`Loader::stream`]: a producer thread that loads a checkpoint batch by batch into fresh
+//! buffers within a window, handing each tensor out as it lands.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+
+use super::Loader;
+use crate::error::{Error, Result};
+use crate::pipeline::Observer;
+use crate::plan::Plan;
+use crate::sink::Device;
+use crate::source::Checkpoint;
+use crate::stream::handout::{host_parts, Emit, Handout, PartsSink};
+use crate::stream::{batches, StreamedTensor, TensorData, TensorStream, Window};
+
+/// What each streamed tensor of a batch carries, taken when it is handed out.
+struct Meta {
+    name: String,
+    dtype: crate::Dtype,
+    stored_dtype: crate::Dtype,
+    shape: Vec<u64>,
+    span: u64,
+}
+
+fn metas(part: &Plan) -> Vec<Option<Meta>> {
+    part.tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let end = part.tensors.get(i + 1).map_or(part.dst_len, |n| n.dst_offset);
+            Some(Meta {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                stored_dtype: t.stored_dtype,
+                shape: t.shape.clone(),
+                span: end - t.dst_offset,
+            })
+        })
+        .collect()
+}
+
+impl Loader {
+    /// Stream the checkpoint at `path`: an iterator of its tensors in file order, each handed
+    /// out as soon as it has landed, owning a refcounted share of a batch buffer (host memory
+    /// for `cpu`, device memory for `cuda`).
+    ///
+    /// At most `window_bytes` of batch buffers are in flight beyond the tensors the consumer
+    /// still holds; host memory beyond that is the staging ring. Dropping a tensor frees its
+    /// share; dropping the iterator cancels the load and waits until its memory is idle. `dtype`,
+    /// `only`, `shard`, `direct` and `cancel_token` apply as to [`Loader::load`].
+    ///
+    /// Header, option and plan errors (a tensor larger than the window:
+    /// [`Error::WindowTooSmall`]) are returned here; a failure while loading is one `Err` item,
+    /// after which the iterator ends.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let p = dir.path().join("m.safetensors");
+    /// use weightstream::{format::{write_file, WriteTensor}, Device, Dtype, Loader};
+    /// write_file(&p, &[WriteTensor::new("a", Dtype::U8, vec![3], &[1, 2, 3]),
+    ///                  WriteTensor::new("b", Dtype::U8, vec![2], &[4, 5])], &Default::default())?;
+    /// let mut names = Vec::new();
+    /// for t in Loader::new().device(Device::Cpu).stream(&p, 64 << 20)? {
+    ///     let t = t?; // a failed load is one Err item
+    ///     names.push((t.name().to_string(), t.host_bytes().map(<[u8]>::to_vec)));
+    /// }
+    /// assert_eq!(names, [("a".to_string(), Some(vec![1, 2, 3])), ("b".to_string(), Some(vec![4, 5]))]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn stream(&self, path: impl AsRef<Path>, window_bytes: u64) -> Result<TensorStream> {
+        let ckpt = Checkpoint::open(path.as_ref())?;
+        let (device, only, shard) = self.prepare()?;
+        if self.zero_copy {
+            return Err(Error::usage("stream does not support --zero-copy yet: it loads through the ring"));
+        }
+        match device {
+            Device::Cpu => {}
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {}
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => return Err(Error::CudaNotBuilt),
+            _ => return Err(Error::usage(format!("stream hands tensors out in host or CUDA memory, not {device}"))),
+        }
+        let select = |n: &str| only.as_ref().is_none_or(|g| g.is_match(n));
+        let plan = Plan::new_sharded(&ckpt, &select, &|n, d| self.out_dtype(n, d), shard.as_ref())?;
+        for t in plan.tensors.iter().filter(|t| t.converts()) {
+            if !crate::convert::supported(t.stored_dtype, t.dtype) {
+                return Err(Error::UnsupportedConversion {
+                    file: plan.files[t.file].path.clone(),
+                    tensor: t.name.clone(),
+                    from: t.stored_dtype.name(),
+                    to: t.dtype.name(),
+                });
+            }
+        }
+        let cut = batches(&plan, window_bytes)?;
+        let window = Arc::new(Window::new(window_bytes));
+        let stop = crate::CancelToken::new();
+        let (tx, rx) = channel();
+        let remaining = plan.tensors.len();
+        let producer = {
+            let (loader, window, stop) = (self.clone(), Arc::clone(&window), stop.clone());
+            std::thread::Builder::new()
+                .name("weightstream-stream".into())
+                .spawn(move || {
+                    if let Err(e) = loader.produce(&ckpt, &plan, cut, device, &window, &stop, &tx) {
+                        let _ = tx.send(Err(e)); // nobody listens once the stream was dropped
+                    }
+                })
+                .map_err(|e| Error::internal(format!("cannot start the stream's thread: {e}")))?
+        };
+        Ok(TensorStream { items: Some(rx), window, stop, producer: Some(producer), remaining, ended: false })
+    }
+
+    /// The producer: each batch takes room in the window, gets a fresh buffer and runs.
+    #[allow(clippy::too_many_arguments)]
+    fn produce(
+        &self,
+        ckpt: &Checkpoint,
+        plan: &Plan,
+        cut: Vec<std::ops::Range<usize>>,
+        device: Device,
+        window: &Window,
+        stop: &crate::CancelToken,
+        tx: &Sender<Result<StreamedTensor>>,
+    ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        let dev = match device {
+            Device::Cuda(o) => Some(crate::sink::cuda::CudaDevice::open(o)?),
+            _ => None,
+        };
+        for range in cut {
+            let part = plan.part(range);
+            window.take(part.dst_len)?;
+            let direct_files = match self.direct {
+                true => {
+                    part.files.iter().map(|f| ckpt.files[f.source].reopen_direct()).collect::<Result<Vec<File>>>()?
+                }
+                false => Vec::new(),
+            };
+            let fds: Vec<RawFd> = match self.direct {
+                true => direct_files.iter().map(File::as_raw_fd).collect(),
+                false => part.files.iter().map(|f| ckpt.files[f.source].file.as_raw_fd()).collect(),
+            };
+            let mut obs = Observer { progress: None, cancel: self.cancel.as_ref(), trace: None };
+            match device {
+                #[cfg(feature = "cuda")]
+                Device::Cuda(_) => {
+                    let dev = dev.as_ref().ok_or_else(|| Error::internal("a CUDA stream without its device"))?;
+                    self.stream_cuda_batch(dev, &part, fds, stop, tx, &mut obs)?
+                }
+                _ => self.stream_host_batch(&part, fds, stop, tx, &mut obs)?,
+            }
+            drop(direct_files);
+        }
+        Ok(())
+    }
+
+    fn stream_host_batch(
+        &self,
+        part: &Plan,
+        fds: Vec<RawFd>,
+        stop: &crate::CancelToken,
+        tx: &Sender<Result<StreamedTensor>>,
+        obs: &mut Observer<'_>,
+    ) -> Result<()> {
+        let parts = host_parts(part);
+        let emit: Emit = {
+            let (parts, tx, mut metas) = (Rc::clone(&parts), tx.clone(), metas(part));
+            Box::new(move |i| {
+                let bytes = parts.borrow_mut().get_mut(i).and_then(Option::take);
+                let (Some(bytes), Some(m)) = (bytes, metas.get_mut(i).and_then(Option::take)) else {
+                    return Err(Error::internal("a stream tensor handed out twice"));
+                };
+                let data = TensorData::Host(bytes.freeze());
+                let t = StreamedTensor {
+                    name: m.name,
+                    dtype: m.dtype,
+                    stored_dtype: m.stored_dtype,
+                    shape: m.shape,
+                    data,
+                    span: m.span,
+                };
+                tx.send(Ok(t)).map_err(|_| Error::Cancelled)
+            })
+        };
+        let mut sink = Handout::new(PartsSink { parts }, part, stop, emit);
+        let (count, size) = self.ring_dims(Device::Cpu);
+        let mut ring = self.pool.host(count, size)?;
+        let run = self.through_ring(part, fds, &mut ring, &mut sink, obs);
+        self.pool.give_back_host(ring);
+        run?;
+        sink.finish_batch()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn stream_cuda_batch(
+        &self,
+        dev: &Arc<crate::sink::cuda::CudaDevice>,
+        part: &Plan,
+        fds: Vec<RawFd>,
+        stop: &crate::CancelToken,
+        tx: &Sender<Result<StreamedTensor>>,
+        obs: &mut Observer<'_>,
+    ) -> Result<()> {
+        use crate::sink::cuda::{CudaSink, DeviceArena};
+        let batch = Arc::new(DeviceArena::alloc(dev, (part.dst_len as usize).max(1))?);
+        let places: Vec<(u64, usize)> =
+            part.tensors.iter().map(|t| (batch.ptr() + t.dst_offset, t.len as usize)).collect();
+        let emit: Emit = {
+            let (batch, tx, mut metas) = (Arc::clone(&batch), tx.clone(), metas(part));
+            let offsets: Vec<(u64, u64)> = part.tensors.iter().map(|t| (t.dst_offset, t.len)).collect();
+            Box::new(move |i| {
+                let (Some(m), Some(&(offset, len))) = (metas.get_mut(i).and_then(Option::take), offsets.get(i)) else {
+                    return Err(Error::internal("a stream tensor handed out twice"));
+                };
+                let data = TensorData::Device { batch: Arc::clone(&batch), offset, len };
+                let t = StreamedTensor {
+                    name: m.name,
+                    dtype: m.dtype,
+                    stored_dtype: m.stored_dtype,
+                    shape: m.shape,
+                    data,
+                    span: m.span,
+                };
+                tx.send(Ok(t)).map_err(|_| Error::Cancelled)
+            })
+        };
+        let converter = match part.converts() {
+            true => Some(self.pool.converter(dev)?),
+            false => None,
+        };
+        let (count, size) = self.ring_dims(Device::Cuda(dev.ordinal()));
+        let mut ring = self.pool.pinned(dev, count, size)?;
+        // SAFETY: every place lies inside `batch` (the plan's destinations rebased to 0, each
+        // with its loaded size, within dst_len), on `dev`, and they do not overlap; `batch` is
+        // kept alive by this function past the sink's drop, and a tensor that shares it is
+        // handed out only after its copies' fence fired.
+        let inner =
+            unsafe { CudaSink::into_pointers(dev, places, self.streams, part.converts(), size, false, converter)? };
+        let mut sink = Handout::new(inner, part, stop, emit);
+        let run = self.through_ring(part, fds, &mut ring, &mut sink, obs);
+        let finished = run.and_then(|_| sink.finish_batch());
+        drop(sink);
+        self.pool.give_back_pinned(dev.ordinal(), ring);
+        drop(batch);
+        finished
+    }
+}
