@@ -185,3 +185,37 @@ fn options_a_stream_cannot_honour_are_errors_before_it_starts() {
     let bad_shard = cpu.clone().shard(0, 3).split("*", 0).stream(&path, 1 << 30).unwrap_err();
     assert!(matches!(bad_shard, Error::BadShard { .. }), "{bad_shard}");
 }
+
+#[test]
+fn the_cli_streams_with_the_same_shapes_and_checksums_as_a_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "m.safetensors", 6);
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(common::weightstream_bin())
+            .args(["load", path.to_str().unwrap(), "--dtype", "f16", "--json"])
+            .args(["--shard", "1/2", "--split", "*=0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (loaded, streamed, ring) = (
+        run(&["--device", "cpu", "--checksum"]),
+        run(&["--device", "cpu", "--checksum", "--stream", "1M"]),
+        run(&["--device", "null"]),
+    );
+    assert_eq!(streamed["tensors"], loaded["tensors"]);
+    assert_eq!(streamed["bytes_loaded"], loaded["bytes_loaded"]);
+    // Each tensor's own bytes at least (an in-place load reads exactly those); at most what a
+    // ring load reads, whose extents read through small gaps between shards' blocks.
+    let read = |v: &serde_json::Value| v["bytes_read"].as_u64().unwrap();
+    assert!(read(&loaded) <= read(&streamed) && read(&streamed) <= read(&ring), "{streamed} {loaded} {ring}");
+    assert_eq!(streamed["stream_window_bytes"], 1 << 20);
+    let small = std::process::Command::new(common::weightstream_bin())
+        .args(["load", path.to_str().unwrap(), "--device", "cpu", "--stream", "4K"])
+        .output()
+        .unwrap();
+    assert!(!small.status.success());
+    assert!(String::from_utf8_lossy(&small.stderr).contains("window"), "{}", String::from_utf8_lossy(&small.stderr));
+}

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
@@ -102,30 +103,39 @@ impl Loader {
         let stop = crate::CancelToken::new();
         let (tx, rx) = channel();
         let remaining = plan.tensors.len();
+        let bytes_read = Arc::new(AtomicU64::new(0));
         let producer = {
             let (loader, window, stop) = (self.clone(), Arc::clone(&window), stop.clone());
+            let read = Arc::clone(&bytes_read);
             std::thread::Builder::new()
                 .name("weightstream-stream".into())
                 .spawn(move || {
-                    if let Err(e) = loader.produce(&ckpt, &plan, cut, device, &window, &stop, &tx) {
+                    if let Err(e) = loader.produce(&ckpt, &plan, cut, device, (&window, &stop, &read), &tx) {
                         let _ = tx.send(Err(e)); // nobody listens once the stream was dropped
                     }
                 })
                 .map_err(|e| Error::internal(format!("cannot start the stream's thread: {e}")))?
         };
-        Ok(TensorStream { items: Some(rx), window, stop, producer: Some(producer), remaining, ended: false })
+        Ok(TensorStream {
+            items: Some(rx),
+            window,
+            stop,
+            producer: Some(producer),
+            remaining,
+            ended: false,
+            bytes_read,
+        })
     }
 
-    /// The producer: each batch takes room in the window, gets a fresh buffer and runs.
-    #[allow(clippy::too_many_arguments)]
+    /// The producer: each batch takes room in the window, gets a fresh buffer and runs; the
+    /// bytes it read are added to `read`.
     fn produce(
         &self,
         ckpt: &Checkpoint,
         plan: &Plan,
         cut: Vec<std::ops::Range<usize>>,
         device: Device,
-        window: &Window,
-        stop: &crate::CancelToken,
+        (window, stop, read): (&Window, &crate::CancelToken, &AtomicU64),
         tx: &Sender<Result<StreamedTensor>>,
     ) -> Result<()> {
         #[cfg(feature = "cuda")]
@@ -147,14 +157,15 @@ impl Loader {
                 false => part.files.iter().map(|f| ckpt.files[f.source].file.as_raw_fd()).collect(),
             };
             let mut obs = Observer { progress: None, cancel: self.cancel.as_ref(), trace: None };
-            match device {
+            let bytes = match device {
                 #[cfg(feature = "cuda")]
                 Device::Cuda(_) => {
                     let dev = dev.as_ref().ok_or_else(|| Error::internal("a CUDA stream without its device"))?;
                     self.stream_cuda_batch(dev, &part, fds, stop, tx, &mut obs)?
                 }
                 _ => self.stream_host_batch(&part, fds, stop, tx, &mut obs)?,
-            }
+            };
+            read.fetch_add(bytes, Ordering::Relaxed);
             drop(direct_files);
         }
         Ok(())
@@ -167,7 +178,7 @@ impl Loader {
         stop: &crate::CancelToken,
         tx: &Sender<Result<StreamedTensor>>,
         obs: &mut Observer<'_>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let parts = host_parts(part);
         let emit: Emit = {
             let (parts, tx, mut metas) = (Rc::clone(&parts), tx.clone(), metas(part));
@@ -193,8 +204,9 @@ impl Loader {
         let mut ring = self.pool.host(count, size)?;
         let run = self.through_ring(part, fds, &mut ring, &mut sink, obs);
         self.pool.give_back_host(ring);
-        run?;
-        sink.finish_batch()
+        let (_, bytes, _) = run?;
+        sink.finish_batch()?;
+        Ok(bytes)
     }
 
     #[cfg(feature = "cuda")]
@@ -206,7 +218,7 @@ impl Loader {
         stop: &crate::CancelToken,
         tx: &Sender<Result<StreamedTensor>>,
         obs: &mut Observer<'_>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         use crate::sink::cuda::{CudaSink, DeviceArena};
         let batch = Arc::new(DeviceArena::alloc(dev, (part.dst_len as usize).max(1))?);
         let places: Vec<(u64, usize)> =
@@ -244,7 +256,7 @@ impl Loader {
             unsafe { CudaSink::into_pointers(dev, places, self.streams, part.converts(), size, false, converter)? };
         let mut sink = Handout::new(inner, part, stop, emit);
         let run = self.through_ring(part, fds, &mut ring, &mut sink, obs);
-        let finished = run.and_then(|_| sink.finish_batch());
+        let finished = run.and_then(|(_, bytes, _)| sink.finish_batch().map(|()| bytes));
         drop(sink);
         self.pool.give_back_pinned(dev.ordinal(), ring);
         drop(batch);

@@ -114,6 +114,36 @@ impl StreamedTensor {
         }
     }
 
+    /// Call `f` on its bytes in order, in pieces of at most `max_chunk` bytes: host bytes in
+    /// place, device bytes copied back one piece at a time (host memory stays one piece).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let p = dir.path().join("m.safetensors");
+    /// # weightstream::format::write_file(&p, &[weightstream::format::WriteTensor::new("w", weightstream::Dtype::U8, vec![5], &[1, 2, 3, 4, 5])], &Default::default())?;
+    /// let t = weightstream::Loader::new().device(weightstream::Device::Cpu).stream(&p, 1 << 20)?.next().ok_or("empty")??;
+    /// let mut pieces = Vec::new();
+    /// t.for_each_chunk(2, |b| pieces.push(b.to_vec()))?;
+    /// assert_eq!(pieces, [vec![1, 2], vec![3, 4], vec![5]]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn for_each_chunk(&self, max_chunk: usize, mut f: impl FnMut(&[u8])) -> Result<()> {
+        let max_chunk = max_chunk.max(1);
+        match &self.data {
+            TensorData::Host(b) => b.chunks(max_chunk).for_each(f),
+            #[cfg(feature = "cuda")]
+            TensorData::Device { batch, offset, len } => {
+                let mut done = 0u64;
+                while done < *len {
+                    let n = (*len - done).min(max_chunk as u64);
+                    f(&batch.copy_to_host(offset + done, n as usize)?);
+                    done += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A copy of its bytes in host memory (from the device when it is there).
     pub fn to_host_vec(&self) -> Result<Vec<u8>> {
         match &self.data {
@@ -149,12 +179,18 @@ pub struct TensorStream {
     pub(crate) producer: Option<JoinHandle<()>>,
     pub(crate) remaining: usize,
     pub(crate) ended: bool,
+    pub(crate) bytes_read: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TensorStream {
     /// Bytes of batch buffers in flight now: allocated, but not yet taken by the consumer.
     pub fn bytes_in_flight(&self) -> u64 {
         self.window.in_flight()
+    }
+
+    /// Bytes read from the files so far (as [`crate::LoadStats::bytes_read`] counts them).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The window the stream was opened with.

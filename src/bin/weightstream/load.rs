@@ -114,6 +114,10 @@ pub struct Args {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Stream the tensors instead (each dropped once hashed or counted), with at most WINDOW
+    /// bytes (e.g. 1G) in flight: what a framework's weight iterator does.
+    #[arg(long, value_name = "WINDOW", value_parser = parse_size, conflicts_with = "trace")]
+    pub stream: Option<u64>,
 }
 
 /// `--dtype` value to a target dtype (`None` for keep; clap has checked the value).
@@ -178,8 +182,13 @@ const CHECKSUM_PIECE_BYTES: usize = 8 << 20;
 /// sha256 of a tensor's bytes where they landed: hashed in place in host memory, read back from
 /// a device in pieces of [`CHECKSUM_PIECE_BYTES`].
 pub fn tensor_sha256(t: &weightstream::TensorRef<'_>) -> weightstream::Result<String> {
+    sha256_of(|f| t.for_each_chunk(CHECKSUM_PIECE_BYTES, f))
+}
+
+/// sha256 of the bytes that `each` hands over, piece by piece.
+fn sha256_of(each: impl FnOnce(&mut dyn FnMut(&[u8])) -> weightstream::Result<()>) -> weightstream::Result<String> {
     let mut hash = Sha256::new();
-    t.for_each_chunk(CHECKSUM_PIECE_BYTES, |piece| hash.update(piece))?;
+    each(&mut |piece| hash.update(piece))?;
     Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -193,6 +202,9 @@ pub fn run(args: Args) -> weightstream::Result<()> {
             bar.set_length(p.bytes_total);
             bar.set_position(p.bytes_done);
         }));
+    }
+    if let Some(window) = args.stream {
+        return stream(&loader, &args, window);
     }
     let model = loader.load(&args.path)?;
     if let Some(bar) = bar {
@@ -280,4 +292,85 @@ fn report(model: &LoadedModel, checksum: bool, json: bool) -> weightstream::Resu
         }
     }
     Ok(())
+}
+
+/// The `--stream --json` report.
+#[derive(Serialize)]
+struct JsonStreamReport {
+    bytes_loaded: u64,
+    bytes_read: u64,
+    device: String,
+    gbps: f64,
+    peak_host_rss_bytes: Option<u64>,
+    seconds: f64,
+    stream_window_bytes: u64,
+    tensors: Vec<JsonStreamedTensor>,
+}
+
+#[derive(Serialize)]
+struct JsonStreamedTensor {
+    dtype: &'static str,
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    shape: Vec<u64>,
+}
+
+/// `load --stream WINDOW`: take each tensor as it lands, hash it (`--checksum`), drop it.
+fn stream(loader: &Loader, args: &Args, window: u64) -> weightstream::Result<()> {
+    let started = std::time::Instant::now();
+    let mut stream = loader.stream(&args.path, window)?;
+    let mut tensors = Vec::new();
+    let (mut bytes_loaded, mut device) = (0u64, loader.resolved_device());
+    for t in stream.by_ref() {
+        let t = t?;
+        let sha256 = match args.checksum {
+            true => Some(sha256_of(|f| t.for_each_chunk(CHECKSUM_PIECE_BYTES, f))?),
+            false => None,
+        };
+        bytes_loaded += t.byte_len();
+        device = t.device();
+        tensors.push(JsonStreamedTensor {
+            dtype: t.dtype().name(),
+            name: t.name().to_string(),
+            sha256,
+            shape: t.shape().to_vec(),
+        });
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let gbps = if seconds > 0.0 { bytes_loaded as f64 / seconds / 1e9 } else { 0.0 };
+    let report = JsonStreamReport {
+        bytes_loaded,
+        bytes_read: stream.bytes_read(),
+        device: device.to_string(),
+        gbps,
+        peak_host_rss_bytes: weightstream::peak_host_rss_bytes(),
+        seconds,
+        stream_window_bytes: window,
+        tensors,
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = if args.json {
+        serde_json::to_writer(&mut out, &report).map_err(std::io::Error::from).and_then(|()| writeln!(out))
+    } else {
+        let rss = report.peak_host_rss_bytes.map(|r| (r >> 20).to_string()).unwrap_or_else(|| "?".into());
+        writeln!(
+            out,
+            "streamed {} tensors to {}: {:.3} GB in {:.3} s ({:.2} GB/s), window {} MiB, peak host RSS {rss} MiB",
+            report.tensors.len(),
+            report.device,
+            bytes_loaded as f64 / 1e9,
+            seconds,
+            gbps,
+            window >> 20
+        )
+        .and_then(|()| {
+            report
+                .tensors
+                .iter()
+                .filter_map(|t| Some((t.sha256.as_ref()?, &t.name)))
+                .try_for_each(|(sha, name)| writeln!(out, "{sha}  {}", escape_controls(name)))
+        })
+    };
+    written.and_then(|()| out.flush()).map_err(crate::out::stdout_error)
 }
