@@ -38,7 +38,7 @@ PY
 }
 for p in $parts; do case $p in
 tests)
-  for t in cuda_load cuda_convert load_host convert_load; do echo "== $t"; timeout 300 $B/$t-test --nocapture 2>&1 | grep -E "^test |result|SKIPPED|peak RSS|panicked|error" ; done | tee "$out/tests.log" ;;
+  for t in cuda_load cuda_stream cuda_convert load_host convert_load pipeline_stages stream; do echo "== $t"; timeout 300 $B/$t-test --nocapture 2>&1 | grep -E "^test |result|SKIPPED|peak RSS|panicked|error" ; done | tee "$out/tests.log" ;;
 demo)
   timeout 120 $W demo 2>&1 | tee "$out/demo.log" ;;
 compare)
