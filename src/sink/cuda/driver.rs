@@ -202,6 +202,43 @@ pub unsafe fn memcpy_htod_async(dst: CUdeviceptr, src: *const u8, bytes: usize, 
     check("cuMemcpyHtoDAsync", unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), bytes, stream) })
 }
 
+/// Queue a strided host-to-device copy: `height` rows of `width` bytes, row `i` read at
+/// `src + i * spitch` and written at `dst + i * dpitch` (the rows of a shard's block, one call).
+///
+/// # Safety
+/// 1. Every source row is readable (pinned for a truly asynchronous copy) and stays valid and
+///    unmodified until the stream has passed this copy.
+/// 2. Every destination row is inside a live device allocation.
+pub unsafe fn memcpy_2d_htod_async(
+    dst: CUdeviceptr,
+    dpitch: usize,
+    src: *const u8,
+    spitch: usize,
+    (width, height): (usize, usize),
+    stream: CUstream,
+) -> Result<()> {
+    let copy = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+        srcHost: src.cast(),
+        srcDevice: 0,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: spitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: dst,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: dpitch,
+        WidthInBytes: width,
+        Height: height,
+    };
+    // SAFETY: per this function's contract; the descriptor is read during the call only.
+    check("cuMemcpy2DAsync", unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream) })
+}
+
 /// Queue a device-to-device copy.
 ///
 /// # Safety

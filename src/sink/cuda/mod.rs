@@ -8,6 +8,7 @@
 pub mod driver;
 pub mod kernels;
 pub mod memory;
+mod rows;
 
 use std::sync::Arc;
 
@@ -203,6 +204,9 @@ impl Sink for CudaSink<'_> {
             None => None,
         };
         let mut bytes = 0u64;
+        // Copies not yet queued (rows that the next piece may continue), with the first row's
+        // source pointer.
+        let mut pending: Option<(rows::RowCopy, *const u8)> = None;
         for piece in d.pieces() {
             let (p, src) = piece?;
             let t = &d.plan.tensors[p.tensor];
@@ -249,12 +253,18 @@ impl Sink for CudaSink<'_> {
                     return Err(Error::internal("conversions planned without a device converter"));
                 }
                 _ => {
-                    // SAFETY: the source is inside the delivered bytes (checked by `pieces`),
-                    // valid until this delivery's fence fired; the destination is inside t's
-                    // arena range (checked above).
-                    unsafe { driver::memcpy_htod_async(at(&dst), src, p.len as usize, stream.raw)? };
+                    // Rows of a shard's block fold into one 2-D copy; other pieces go one each.
+                    let (to, len) = (at(&dst), p.len as usize);
+                    if !pending.as_mut().is_some_and(|(c, _)| c.extend(to, src as usize, len)) {
+                        if let Some((c, first)) = pending.replace((rows::RowCopy::new(to, src as usize, len), src)) {
+                            queue_rows(c, first, stream)?;
+                        }
+                    }
                 }
             }
+        }
+        if let Some((c, first)) = pending.take() {
+            queue_rows(c, first, stream)?;
         }
         event.record(stream)?;
         if let (Some((_, _, copies)), Some(start)) = (&mut self.timing, timed) {
@@ -271,6 +281,19 @@ impl Sink for CudaSink<'_> {
         }
         Ok(())
     }
+}
+
+/// Queue `c`, whose first row is read at `first`, on `stream`.
+fn queue_rows(c: rows::RowCopy, first: *const u8, stream: &Stream) -> Result<()> {
+    if c.height == 1 {
+        // SAFETY: one piece of the delivery: its source is inside the delivered bytes (checked
+        // by `pieces`), valid until the delivery's fence fired; its destination inside its
+        // tensor's place (checked by `deliver`).
+        return unsafe { driver::memcpy_htod_async(c.dst, first, c.width, stream.raw) };
+    }
+    // SAFETY: the rows are exactly pieces of the delivery (`RowCopy::extend` took each only at
+    // its own source and destination), each checked as above; the stream is this delivery's.
+    unsafe { driver::memcpy_2d_htod_async(c.dst, c.width, first, c.spitch, (c.width, c.height), stream.raw) }
 }
 
 impl Drop for CudaSink<'_> {
