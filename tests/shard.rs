@@ -244,3 +244,53 @@ fn cli_reports_the_shards_shape_checksum_and_bytes_read() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
     }
 }
+
+/// Entries `start..end` of dimension `dim` of a tensor of `shape` (`bits` per element), cut from
+/// its whole bytes.
+fn cut_along(whole: &[u8], shape: &[u64], dim: usize, bits: u64, (start, end): (u64, u64)) -> Vec<u8> {
+    let outer: u64 = shape[..dim].iter().product();
+    let inner = shape[dim + 1..].iter().product::<u64>() * bits / 8;
+    let n = shape[dim];
+    (0..outer)
+        .flat_map(|o| {
+            let row = ((o * n + start) * inner) as usize..((o * n + end) * inner) as usize;
+            whole[row].to_vec()
+        })
+        .collect()
+}
+
+#[test]
+fn a_slice_loads_exactly_the_block_asked_for() {
+    let dir = tmpdir();
+    let path = write_matrices(dir.path());
+    for base in [Loader::new(), Loader::new().direct(true).staging_size(64 << 10)] {
+        let whole = Loader::new().device(Device::Cpu).load(&path).unwrap();
+        for (name, dim, start, end) in [
+            ("emb", 0, 0, 48),
+            ("emb", 0, 5, 6),
+            ("emb", 1, 3, 40),
+            ("big", 2, 999, 1000),
+            ("big", 1, 1, 2),
+            ("bias", 0, 7, 7),
+            ("bytes", 2, 1, 4),
+        ] {
+            // Slices and shard rules together: the slice wins for its tensor, the rules apply to the others.
+            let l = base.clone().shard(1, 2).split("*", 0).slice(name, dim, start..end).only(name).only("bias");
+            let m = l.device(Device::Cpu).load(&path).unwrap_or_else(|e| panic!("{name} {dim} {start}..{end}: {e}"));
+            let t = whole.tensor(name).unwrap();
+            let mut shape = t.shape().to_vec();
+            shape[dim] = end - start;
+            let got = m.tensor(name).unwrap();
+            assert_eq!(got.shape(), shape.as_slice());
+            let want = cut_along(&t.to_host_vec().unwrap(), t.shape(), dim, t.dtype().bits(), (start, end));
+            assert!(got.to_host_vec().unwrap() == want, "{name} dim {dim} {start}..{end}");
+        }
+    }
+    // A dim-0 slice reads only its own bytes; a range outside the dimension names the tensor.
+    let m = Loader::new().device(Device::Cpu).slice("emb", 0, 10..20).only("emb").load(&path).unwrap();
+    assert_eq!(m.stats().bytes_read, 10 * 40 * 2);
+    for (dim, range) in [(0, 40..49), (1, 5..3), (2, 0..1)] {
+        let err = Loader::new().device(Device::Cpu).slice("emb", dim, range).load(&path).unwrap_err();
+        assert!(matches!(&err, Error::BadShard { tensor, .. } if tensor == "emb"), "{err:?}");
+    }
+}

@@ -3,6 +3,7 @@
 
 mod describe;
 mod into;
+mod parts;
 mod run;
 mod stream;
 
@@ -21,7 +22,7 @@ use crate::format::Dtype;
 use crate::io::{EngineOptions, Fault, IoKind};
 use crate::model::{LoadStats, LoadedModel, TensorMeta};
 use crate::pipeline::Observer;
-use crate::plan::{Plan, Shard};
+use crate::plan::Plan;
 use crate::pool::StagingPool;
 use crate::progress::ProgressFn;
 use crate::sink::Device;
@@ -84,6 +85,7 @@ pub struct Loader {
     zero_copy: bool,
     shard: Option<(usize, usize)>,
     splits: Vec<(String, usize)>,
+    slices: Vec<(String, usize, std::ops::Range<u64>)>,
     fault: Option<Fault>,
     pool: Arc<StagingPool>,
 }
@@ -131,6 +133,7 @@ impl Loader {
             zero_copy: false,
             shard: None,
             splits: Vec::new(),
+            slices: Vec::new(),
             fault: None,
             pool: Arc::default(),
         }
@@ -244,35 +247,6 @@ impl Loader {
     /// ```
     pub fn zero_copy(mut self, on: bool) -> Self {
         self.zero_copy = on;
-        self
-    }
-
-    /// Load rank `rank`'s share of a tensor-parallel world of `world` ranks: each tensor that a
-    /// [`Loader::split`] rule names loads only the block `[rank * n / world, (rank + 1) * n /
-    /// world)` of that rule's dimension (a dim-0 block reads only its own bytes); the others
-    /// load whole. A dimension that does not divide by `world` is an error naming the tensor.
-    ///
-    /// ```
-    /// # let dir = tempfile::tempdir()?;
-    /// # let p = dir.path().join("m.safetensors");
-    /// use weightstream::{format::{write_file, WriteTensor}, Device, Dtype, Loader};
-    /// let w: Vec<u8> = (0..12).collect(); // a 3 x 4 u8 matrix
-    /// write_file(&p, &[WriteTensor::new("w", Dtype::U8, vec![3, 4], &w)], &Default::default())?;
-    /// let m = Loader::new().device(Device::Cpu).shard(1, 2).split("w", 1).load(&p)?;
-    /// let t = m.tensor("w").ok_or("missing")?;
-    /// assert_eq!(t.shape(), &[3, 2]);
-    /// assert_eq!(t.to_host_vec()?, [2, 3, 6, 7, 10, 11]);
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    pub fn shard(mut self, rank: usize, world: usize) -> Self {
-        self.shard = Some((rank, world));
-        self
-    }
-
-    /// Split tensors whose name matches `glob` along `dim` under [`Loader::shard`] (repeatable;
-    /// the first matching rule wins).
-    pub fn split(mut self, glob: impl Into<String>, dim: usize) -> Self {
-        self.splits.push((glob.into(), dim));
         self
     }
 
@@ -416,20 +390,6 @@ impl Loader {
         let select = |n: &str| select.as_ref().is_none_or(|g| g.is_match(n));
         let plan = Plan::new_sharded(ckpt, &select, &|n, d| self.out_dtype(n, d), shard.as_ref())?;
         self.load_plan(ckpt, plan, device, started)
-    }
-
-    /// The device, the tensor filter and the shard of a load, once its options are checked.
-    fn prepare(&self) -> Result<(Device, Option<globset::GlobSet>, Option<Shard>)> {
-        let device = self.resolved_device();
-        self.check_options(device)?;
-        let shard = match self.shard {
-            Some((rank, world)) => {
-                Some(self.splits.iter().try_fold(Shard::new(rank, world)?, |s, (g, d)| s.split(g, *d))?)
-            }
-            None if !self.splits.is_empty() => return Err(Error::usage("--split needs --shard RANK/WORLD")),
-            None => None,
-        };
-        Ok((device, run::build_filter(&self.only)?, shard))
     }
 
     /// Run the load `plan` of `ckpt`.

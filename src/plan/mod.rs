@@ -180,9 +180,9 @@ impl Plan {
                     Some(s) => s.block(&f.path, &t.name, &t.shape, t.dtype)?,
                     None => None,
                 };
-                let elements = match (&sharded, shard) {
-                    (Some(_), Some(s)) => t.elements() / s.world() as u64,
-                    _ => t.elements(),
+                let elements = match &sharded {
+                    Some((shape, _)) => shape.iter().product(),
+                    None => t.elements(),
                 };
                 let len = to.bytes_for(elements).ok_or_else(|| Error::UnsupportedConversion {
                     file: f.path.clone(),

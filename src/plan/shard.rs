@@ -71,6 +71,8 @@ pub struct Shard {
     rank: usize,
     world: usize,
     splits: Vec<(globset::GlobMatcher, usize)>,
+    /// Explicit blocks `(name, dim, start..end)`, tried before the split rules.
+    slices: Vec<(String, usize, std::ops::Range<u64>)>,
 }
 
 impl Shard {
@@ -79,7 +81,22 @@ impl Shard {
         if world == 0 || rank >= world {
             return Err(Error::usage(format!("--shard {rank}/{world}: the rank must be below the world size (> 0)")));
         }
-        Ok(Shard { rank, world, splits: Vec::new() })
+        Ok(Shard { rank, world, splits: Vec::new(), slices: Vec::new() })
+    }
+
+    /// Load only entries `range` of dimension `dim` of the tensor named exactly `name` (the
+    /// primitive under a Python `get_slice`); it takes precedence over the split rules. A range
+    /// outside the dimension is [`Error::BadShard`] at planning.
+    ///
+    /// ```
+    /// use weightstream::plan::Shard;
+    /// let s = Shard::new(0, 1)?.slice("embed.weight", 0, 128..256);
+    /// assert_eq!(s.dim_for("embed.weight"), Some(0));
+    /// # Ok::<(), weightstream::Error>(())
+    /// ```
+    pub fn slice(mut self, name: &str, dim: usize, range: std::ops::Range<u64>) -> Self {
+        self.slices.push((name.to_string(), dim, range));
+        self
     }
 
     /// Split tensors whose name matches `glob` along `dim` (rules are tried in order).
@@ -99,9 +116,13 @@ impl Shard {
         self.world
     }
 
-    /// The dimension the first matching rule splits `name` along, if any.
+    /// The dimension the first matching rule splits `name` along (or its slice is taken along),
+    /// if any.
     pub fn dim_for(&self, name: &str) -> Option<usize> {
-        self.splits.iter().find(|(g, _)| g.is_match(name)).map(|(_, d)| *d)
+        match self.slices.iter().find(|(n, _, _)| n == name) {
+            Some((_, d, _)) => Some(*d),
+            None => self.splits.iter().find(|(g, _)| g.is_match(name)).map(|(_, d)| *d),
+        }
     }
 
     /// This rank's shape and stored bytes of tensor `name` (`shape`, `dtype`, `stored_len` bytes
@@ -113,16 +134,27 @@ impl Shard {
         shape: &[u64],
         dtype: Dtype,
     ) -> Result<Option<(Vec<u64>, StoredBlock)>> {
-        let Some(dim) = self.dim_for(name) else { return Ok(None) };
+        let slice = self.slices.iter().find(|(n, _, _)| n == name).map(|(_, d, r)| (*d, r.clone()));
+        let Some(dim) = slice.as_ref().map(|(d, _)| *d).or_else(|| self.dim_for(name)) else { return Ok(None) };
         let bad = |message: String| Error::BadShard { file: file.into(), tensor: name.into(), message };
         let Some(&n) = shape.get(dim) else {
             return Err(bad(format!("split along dim {dim}, but the tensor has rank {}", shape.len())));
         };
-        let world = self.world as u64;
-        if n % world != 0 {
-            return Err(bad(format!("dim {dim} has {n} entries, which do not divide by {world} ranks")));
-        }
-        let k = n / world;
+        let (start, end) = match slice {
+            Some((_, r)) if r.start <= r.end && r.end <= n => (r.start, r.end),
+            Some((_, r)) => {
+                return Err(bad(format!("slice {}..{} of dim {dim}, which has {n} entries", r.start, r.end)))
+            }
+            None => {
+                let world = self.world as u64;
+                if n % world != 0 {
+                    return Err(bad(format!("dim {dim} has {n} entries, which do not divide by {world} ranks")));
+                }
+                let k = n / world;
+                (self.rank as u64 * k, (self.rank as u64 + 1) * k)
+            }
+        };
+        let k = end - start;
         // All products fit: they are parts of the tensor's validated size.
         let outer: u64 = shape[..dim].iter().product();
         let inner_bits = shape[dim + 1..].iter().product::<u64>() * dtype.bits();
@@ -131,11 +163,11 @@ impl Shard {
         }
         let inner = inner_bits / 8;
         let block = match k == n {
-            true => StoredBlock::whole(outer * n * inner), // one rank: the whole tensor
+            true => StoredBlock::whole(outer * n * inner), // the whole tensor
             false => StoredBlock {
-                rows: outer, // 1 for dim 0: one run, only this rank's bytes
+                rows: outer, // 1 for dim 0: one run, only this block's bytes
                 row_stride: n * inner,
-                row_offset: self.rank as u64 * k * inner,
+                row_offset: start * inner,
                 row_len: k * inner,
             },
         };
