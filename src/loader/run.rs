@@ -56,27 +56,7 @@ impl Loader {
             None => &mut null_sink,
         };
         let (io, bytes_read, staging_bytes) = match strategy {
-            Strategy::InPlace { convert_on_workers } => {
-                let sched = Schedule::new(plan, ScheduleOptions::per_tensor(self.read_size as u64));
-                let region = sink.host_region().ok_or_else(|| Error::internal("in-place load without host memory"))?;
-                let (reader, io) = if convert_on_workers {
-                    (
-                        InPlaceReader::Workers(
-                            ReadConvertWorkers::new(self.threads, self.read_size, self.fault),
-                            self.read_size,
-                        ),
-                        "pread",
-                    )
-                } else {
-                    let depth = self.queue_depth.max(self.threads * 2).min(MAX_IN_FLIGHT);
-                    let queue = ReadQueue::new(self.engine(depth)?, depth);
-                    let io = queue.engine_name();
-                    (InPlaceReader::Engine(queue), io)
-                };
-                let mut stage = InPlaceStage::new(plan, &sched, fds, region, reader, self.trace);
-                let bytes = pipeline::run(plan, &sched, &mut stage, sink, obs)?;
-                (io, bytes, stage.staging_bytes())
-            }
+            Strategy::InPlace { convert_on_workers } => self.in_place(plan, fds, sink, convert_on_workers, obs)?,
             Strategy::Ring => {
                 let (count, size) = self.ring_dims(device);
                 let mut ring = self.pool.host(count, size)?;
@@ -88,6 +68,37 @@ impl Loader {
         };
         let storage = arena.map_or(Storage::Null, Storage::Host);
         Ok(Outcome { storage, io, bytes_read, staging_bytes, pinned: false, device_scratch_bytes: 0 })
+    }
+
+    /// Run `plan` in place into `sink`'s host region, with a read engine or read-and-convert
+    /// workers: the engine's name, the bytes read and the staging bytes.
+    pub(super) fn in_place(
+        &self,
+        plan: &Plan,
+        fds: Vec<RawFd>,
+        sink: &mut dyn Sink,
+        convert_on_workers: bool,
+        obs: &mut Observer<'_>,
+    ) -> Result<(&'static str, u64, u64)> {
+        let sched = Schedule::new(plan, ScheduleOptions::per_tensor(self.read_size as u64));
+        let region = sink.host_region().ok_or_else(|| Error::internal("in-place load without host memory"))?;
+        let (reader, io) = if convert_on_workers {
+            (
+                InPlaceReader::Workers(
+                    ReadConvertWorkers::new(self.threads, self.read_size, self.fault),
+                    self.read_size,
+                ),
+                "pread",
+            )
+        } else {
+            let depth = self.queue_depth.max(self.threads * 2).min(MAX_IN_FLIGHT);
+            let queue = ReadQueue::new(self.engine(depth)?, depth);
+            let io = queue.engine_name();
+            (InPlaceReader::Engine(queue), io)
+        };
+        let mut stage = InPlaceStage::new(plan, &sched, fds, region, reader, self.trace);
+        let bytes = pipeline::run(plan, &sched, &mut stage, sink, obs)?;
+        Ok((io, bytes, stage.staging_bytes()))
     }
 
     /// A CUDA device: through the pinned ring, or zero-copy from the page cache.

@@ -4,19 +4,20 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
+use super::run::Strategy;
 use super::Loader;
 use crate::error::{Error, Result};
 use crate::pipeline::Observer;
 use crate::plan::Plan;
 use crate::sink::Device;
+use crate::sink::HostMemory;
 use crate::source::Checkpoint;
-use crate::stream::handout::{host_parts, Emit, Handout, PartsSink};
-use crate::stream::{batches, StreamedTensor, TensorData, TensorStream, Window};
+use crate::stream::handout::{BatchSink, Emit, Handout};
+use crate::stream::{batches, HostShare, StreamedTensor, TensorData, TensorStream, Window};
 
 /// What each streamed tensor of a batch carries, taken when it is handed out.
 struct Meta {
@@ -24,11 +25,16 @@ struct Meta {
     dtype: crate::Dtype,
     stored_dtype: crate::Dtype,
     shape: Vec<u64>,
+    offset: u64,
+    len: u64,
     span: u64,
 }
 
-fn metas(part: &Plan) -> Vec<Option<Meta>> {
-    part.tensors
+/// Hands tensor `i` of batch `part` on through `tx`, its bytes at `data(offset, len)` of the
+/// batch.
+fn emitter(part: &Plan, tx: &Sender<Result<StreamedTensor>>, data: impl Fn(u64, u64) -> TensorData + 'static) -> Emit {
+    let mut metas: Vec<Option<Meta>> = part
+        .tensors
         .iter()
         .enumerate()
         .map(|(i, t)| {
@@ -38,10 +44,27 @@ fn metas(part: &Plan) -> Vec<Option<Meta>> {
                 dtype: t.dtype,
                 stored_dtype: t.stored_dtype,
                 shape: t.shape.clone(),
+                offset: t.dst_offset,
+                len: t.len,
                 span: end - t.dst_offset,
             })
         })
-        .collect()
+        .collect();
+    let tx = tx.clone();
+    Box::new(move |i| {
+        let Some(m) = metas.get_mut(i).and_then(Option::take) else {
+            return Err(Error::internal("a stream tensor handed out twice"));
+        };
+        let t = StreamedTensor {
+            name: m.name,
+            dtype: m.dtype,
+            stored_dtype: m.stored_dtype,
+            shape: m.shape,
+            data: data(m.offset, m.len),
+            span: m.span,
+        };
+        tx.send(Ok(t)).map_err(|_| Error::Cancelled)
+    })
 }
 
 impl Loader {
@@ -179,32 +202,26 @@ impl Loader {
         tx: &Sender<Result<StreamedTensor>>,
         obs: &mut Observer<'_>,
     ) -> Result<u64> {
-        let parts = host_parts(part);
-        let emit: Emit = {
-            let (parts, tx, mut metas) = (Rc::clone(&parts), tx.clone(), metas(part));
-            Box::new(move |i| {
-                let bytes = parts.borrow_mut().get_mut(i).and_then(Option::take);
-                let (Some(bytes), Some(m)) = (bytes, metas.get_mut(i).and_then(Option::take)) else {
-                    return Err(Error::internal("a stream tensor handed out twice"));
-                };
-                let data = TensorData::Host(bytes.freeze());
-                let t = StreamedTensor {
-                    name: m.name,
-                    dtype: m.dtype,
-                    stored_dtype: m.stored_dtype,
-                    shape: m.shape,
-                    data,
-                    span: m.span,
-                };
-                tx.send(Ok(t)).map_err(|_| Error::Cancelled)
+        let batch = Arc::new(HostMemory::new(part.dst_len as usize)?);
+        let emit = {
+            let batch = Arc::clone(&batch);
+            emitter(part, tx, move |offset, len| {
+                TensorData::Host(HostShare { batch: Arc::clone(&batch), offset: offset as usize, len: len as usize })
             })
         };
-        let mut sink = Handout::new(PartsSink { parts }, part, stop, emit);
-        let (count, size) = self.ring_dims(Device::Cpu);
-        let mut ring = self.pool.host(count, size)?;
-        let run = self.through_ring(part, fds, &mut ring, &mut sink, obs);
-        self.pool.give_back_host(ring);
-        let (_, bytes, _) = run?;
+        let mut sink = Handout::new(BatchSink::new(batch), part, stop, emit);
+        // As a whole load would: in place (reading and converting into the batch), or through
+        // the ring where in place cannot honour the options (O_DIRECT, io_uring converting).
+        let (_, bytes, _) = match self.strategy(Device::Cpu, part) {
+            Strategy::InPlace { convert_on_workers } => self.in_place(part, fds, &mut sink, convert_on_workers, obs)?,
+            _ => {
+                let (count, size) = self.ring_dims(Device::Cpu);
+                let mut ring = self.pool.host(count, size)?;
+                let run = self.through_ring(part, fds, &mut ring, &mut sink, obs);
+                self.pool.give_back_host(ring);
+                run?
+            }
+        };
         sink.finish_batch()?;
         Ok(bytes)
     }
@@ -223,24 +240,9 @@ impl Loader {
         let batch = Arc::new(DeviceArena::alloc(dev, (part.dst_len as usize).max(1))?);
         let places: Vec<(u64, usize)> =
             part.tensors.iter().map(|t| (batch.ptr() + t.dst_offset, t.len as usize)).collect();
-        let emit: Emit = {
-            let (batch, tx, mut metas) = (Arc::clone(&batch), tx.clone(), metas(part));
-            let offsets: Vec<(u64, u64)> = part.tensors.iter().map(|t| (t.dst_offset, t.len)).collect();
-            Box::new(move |i| {
-                let (Some(m), Some(&(offset, len))) = (metas.get_mut(i).and_then(Option::take), offsets.get(i)) else {
-                    return Err(Error::internal("a stream tensor handed out twice"));
-                };
-                let data = TensorData::Device { batch: Arc::clone(&batch), offset, len };
-                let t = StreamedTensor {
-                    name: m.name,
-                    dtype: m.dtype,
-                    stored_dtype: m.stored_dtype,
-                    shape: m.shape,
-                    data,
-                    span: m.span,
-                };
-                tx.send(Ok(t)).map_err(|_| Error::Cancelled)
-            })
+        let emit = {
+            let batch = Arc::clone(&batch);
+            emitter(part, tx, move |offset, len| TensorData::Device { batch: Arc::clone(&batch), offset, len })
         };
         let converter = match part.converts() {
             true => Some(self.pool.converter(dev)?),

@@ -1,16 +1,16 @@
 //! The sink side of a stream: [`Handout`] wraps the sink of one batch and hands each tensor out,
-//! in plan order, once its last byte has landed; [`PartsSink`] writes a host batch into buffers
-//! it owns, so that a landed tensor's buffer can be moved out while the rest still loads.
+//! in plan order, once its last byte has landed; [`BatchSink`] is a host batch that the readers
+//! fill in place (or staged pieces are copied into) while landed tensors are already out.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use bytes::BytesMut;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::loader::CancelToken;
 use crate::plan::Plan;
-use crate::sink::{Delivery, Fence, Sink};
+use crate::sink::{Delivery, Fence, HostMemory, HostRegion, Sink, Staged};
 
 /// Hands tensor `i` of the batch on (`Err`: nobody takes it any more).
 pub(crate) type Emit = Box<dyn FnMut(usize) -> Result<()>>;
@@ -68,6 +68,10 @@ impl<'c, S: Sink> Handout<'c, S> {
 }
 
 impl<S: Sink> Sink for Handout<'_, S> {
+    fn host_region(&mut self) -> Option<HostRegion> {
+        self.inner.host_region()
+    }
+
     fn reads_by_dma(&self) -> bool {
         self.inner.reads_by_dma()
     }
@@ -108,37 +112,43 @@ impl<S: Sink> Sink for Handout<'_, S> {
     }
 }
 
-/// The host buffers of one batch, a tensor each, shares of one allocation; a landed tensor's
-/// buffer is taken out (by the emitter) while the others still fill.
-pub(crate) type Parts = Rc<RefCell<Vec<Option<BytesMut>>>>;
+/// The host memory of one batch: the readers read (and convert) into it in place, or staged
+/// pieces are copied into it; tensors are handed out as shares of it while the rest still loads.
+pub(crate) struct BatchSink {
+    batch: Arc<HostMemory>,
+}
 
-/// Split one zeroed allocation of `plan.dst_len` bytes into a buffer per tensor of its loaded
-/// size (the padding after a tensor stays with it, unseen).
-pub(crate) fn host_parts(plan: &Plan) -> Parts {
-    let mut rest = BytesMut::zeroed(plan.dst_len as usize);
-    let mut parts = Vec::with_capacity(plan.tensors.len());
-    for (i, t) in plan.tensors.iter().enumerate() {
-        let end = plan.tensors.get(i + 1).map_or(plan.dst_len, |n| n.dst_offset);
-        let mut part = rest.split_to((end - t.dst_offset) as usize);
-        part.truncate(t.len as usize);
-        parts.push(Some(part));
+impl BatchSink {
+    pub(crate) fn new(batch: Arc<HostMemory>) -> Self {
+        BatchSink { batch }
     }
-    Rc::new(RefCell::new(parts))
 }
 
-/// Writes (and converts) staged host pieces into [`Parts`].
-pub(crate) struct PartsSink {
-    pub(crate) parts: Parts,
-}
+impl Sink for BatchSink {
+    fn host_region(&mut self) -> Option<HostRegion> {
+        let ptr = std::ptr::NonNull::new(self.batch.as_ptr())?;
+        // SAFETY: the mapping is `len` bytes, kept alive by this sink's `Arc` until the load
+        // returned. Readers write a tensor's bytes only before the delivery that reports them;
+        // only then does `Handout` hand the tensor out (a shared view of its range), and no read
+        // writes that range again. Nothing else writes the batch.
+        Some(unsafe { HostRegion::new(ptr, self.batch.len()) })
+    }
 
-impl Sink for PartsSink {
     fn deliver(&mut self, d: &Delivery<'_>) -> Result<Fence> {
-        let mut parts = self.parts.borrow_mut();
+        if matches!(d.bytes, Staged::InPlace) {
+            return Ok(Fence::done());
+        }
         for piece in d.host_pieces() {
             let (p, src) = piece?;
-            let Some(place) = parts.get_mut(p.tensor).and_then(Option::as_mut) else {
-                return Err(Error::internal("a stream tensor delivered after it was handed out"));
-            };
+            let t = &d.plan.tensors[p.tensor];
+            let (start, len) = (t.dst_offset as usize, t.len as usize);
+            if start.checked_add(len).is_none_or(|end| end > self.batch.len()) {
+                return Err(Error::internal(format!("tensor `{}` outside its stream batch", t.name)));
+            }
+            // SAFETY: the range is inside the mapping (checked); it is this tensor's alone (the
+            // plan's destinations do not overlap), and the tensor is not handed out before this
+            // delivery returns, so no other reference to these bytes exists.
+            let place = unsafe { std::slice::from_raw_parts_mut(self.batch.as_ptr().add(start), len) };
             crate::sink::write_piece(d.plan, &p, src, place)?;
         }
         Ok(Fence::done())

@@ -23,8 +23,8 @@ use crate::sink::Device;
 
 /// One tensor of a [`TensorStream`]: its loaded bytes (host or device) and what they are.
 ///
-/// Host bytes are a share of the batch's buffer ([`bytes::Bytes`]): cloning them is cheap, and
-/// the buffer is freed when the last share of it is dropped.
+/// Its bytes are a share of its batch's buffer (page-aligned host memory, or device memory),
+/// which is freed when the last share of it is dropped.
 pub struct StreamedTensor {
     pub(crate) name: String,
     pub(crate) dtype: Dtype,
@@ -37,7 +37,7 @@ pub struct StreamedTensor {
 
 /// Where a streamed tensor's bytes are.
 pub(crate) enum TensorData {
-    Host(bytes::Bytes),
+    Host(HostShare),
     #[cfg(feature = "cuda")]
     Device {
         batch: Arc<crate::sink::cuda::DeviceArena>,
@@ -70,7 +70,7 @@ impl StreamedTensor {
     /// Its loaded size in bytes.
     pub fn byte_len(&self) -> u64 {
         match &self.data {
-            TensorData::Host(b) => b.len() as u64,
+            TensorData::Host(b) => b.len as u64,
             #[cfg(feature = "cuda")]
             TensorData::Device { len, .. } => *len,
         }
@@ -85,10 +85,10 @@ impl StreamedTensor {
         }
     }
 
-    /// Its bytes, when they are in host memory (16-byte aligned at least).
+    /// Its bytes, when they are in host memory (256-byte aligned).
     pub fn host_bytes(&self) -> Option<&[u8]> {
         match &self.data {
-            TensorData::Host(b) => Some(b),
+            TensorData::Host(b) => Some(b.as_ref()),
             #[cfg(feature = "cuda")]
             TensorData::Device { .. } => None,
         }
@@ -98,7 +98,7 @@ impl StreamedTensor {
     /// the bytes on without a copy), when they are in host memory.
     pub fn into_host_bytes(self) -> Option<bytes::Bytes> {
         match self.data {
-            TensorData::Host(b) => Some(b),
+            TensorData::Host(b) => Some(bytes::Bytes::from_owner(b)),
             #[cfg(feature = "cuda")]
             TensorData::Device { .. } => None,
         }
@@ -130,7 +130,7 @@ impl StreamedTensor {
     pub fn for_each_chunk(&self, max_chunk: usize, mut f: impl FnMut(&[u8])) -> Result<()> {
         let max_chunk = max_chunk.max(1);
         match &self.data {
-            TensorData::Host(b) => b.chunks(max_chunk).for_each(f),
+            TensorData::Host(b) => b.as_ref().chunks(max_chunk).for_each(f),
             #[cfg(feature = "cuda")]
             TensorData::Device { batch, offset, len } => {
                 let mut done = 0u64;
@@ -147,7 +147,7 @@ impl StreamedTensor {
     /// A copy of its bytes in host memory (from the device when it is there).
     pub fn to_host_vec(&self) -> Result<Vec<u8>> {
         match &self.data {
-            TensorData::Host(b) => Ok(b.to_vec()),
+            TensorData::Host(b) => Ok(b.as_ref().to_vec()),
             #[cfg(feature = "cuda")]
             TensorData::Device { batch, offset, len } => batch.copy_to_host(*offset, *len as usize),
         }
@@ -162,6 +162,25 @@ impl std::fmt::Debug for StreamedTensor {
             .field("shape", &self.shape)
             .field("device", &self.device())
             .finish()
+    }
+}
+
+/// A landed tensor's bytes in its host batch, which the share keeps alive.
+pub(crate) struct HostShare {
+    pub(crate) batch: Arc<crate::sink::HostMemory>,
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
+}
+
+impl AsRef<[u8]> for HostShare {
+    fn as_ref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the range lies in the batch's mapping (the emitter took it from the plan the
+        // batch was sized by) and the share keeps the mapping alive; the tensor landed before it
+        // was handed out and nothing writes its range afterwards (`BatchSink`).
+        unsafe { std::slice::from_raw_parts(self.batch.as_ptr().add(self.offset), self.len) }
     }
 }
 
