@@ -24,7 +24,9 @@ use crate::sink::Device;
 /// One tensor of a [`TensorStream`]: its loaded bytes (host or device) and what they are.
 ///
 /// Its bytes are a share of its batch's buffer (page-aligned host memory, or device memory),
-/// which is freed when the last share of it is dropped.
+/// which is freed when the last share of it is dropped. On CUDA that is a `cuMemFree`, which
+/// waits for the work already queued on the device: a copy the consumer queued from the tensor
+/// on its own stream completes before the memory can be reused.
 pub struct StreamedTensor {
     pub(crate) name: String,
     pub(crate) dtype: Dtype,
