@@ -237,9 +237,10 @@ impl Loader {
         obs: &mut Observer<'_>,
     ) -> Result<u64> {
         use crate::sink::cuda::{CudaSink, DeviceArena};
-        let batch = Arc::new(DeviceArena::alloc(dev, (part.dst_len as usize).max(1))?);
+        use crate::stream::DeviceBatch;
+        let batch = Arc::new(DeviceBatch(DeviceArena::alloc(dev, (part.dst_len as usize).max(1))?));
         let places: Vec<(u64, usize)> =
-            part.tensors.iter().map(|t| (batch.ptr() + t.dst_offset, t.len as usize)).collect();
+            part.tensors.iter().map(|t| (batch.0.ptr() + t.dst_offset, t.len as usize)).collect();
         let emit = {
             let batch = Arc::clone(&batch);
             emitter(part, tx, move |offset, len| TensorData::Device { batch: Arc::clone(&batch), offset, len })

@@ -30,6 +30,7 @@ pub(crate) enum LandedBytes {
     /// CPU-readable host memory holding file bytes from `file_offset` on.
     Host { ptr: *const u8, len: usize, file_offset: u64 },
     /// Memory only the device may read (a registered mapping of the page cache).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // made by the zero-copy stage alone
     DeviceReadable { ptr: *const u8, len: usize, file_offset: u64 },
     /// In the sink's host region already.
     InPlace,

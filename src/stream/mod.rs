@@ -24,9 +24,9 @@ use crate::sink::Device;
 /// One tensor of a [`TensorStream`]: its loaded bytes (host or device) and what they are.
 ///
 /// Its bytes are a share of its batch's buffer (page-aligned host memory, or device memory),
-/// which is freed when the last share of it is dropped. On CUDA that is a `cuMemFree`, which
-/// waits for the work already queued on the device: a copy the consumer queued from the tensor
-/// on its own stream completes before the memory can be reused.
+/// which is freed when the last share of it is dropped. On CUDA the device is synchronized
+/// first (`cuMemFree` alone only may wait): a copy the consumer queued from the tensor on its own
+/// stream completes before the memory can be reused.
 pub struct StreamedTensor {
     pub(crate) name: String,
     pub(crate) dtype: Dtype,
@@ -42,10 +42,23 @@ pub(crate) enum TensorData {
     Host(HostShare),
     #[cfg(feature = "cuda")]
     Device {
-        batch: Arc<crate::sink::cuda::DeviceArena>,
+        batch: Arc<DeviceBatch>,
         offset: u64,
         len: u64,
     },
+}
+
+/// A stream's device batch: freed only after the device finished the work queued on it.
+#[cfg(feature = "cuda")]
+pub(crate) struct DeviceBatch(pub(crate) crate::sink::cuda::DeviceArena);
+
+#[cfg(feature = "cuda")]
+impl Drop for DeviceBatch {
+    fn drop(&mut self) {
+        // Work the consumer queued on a tensor of this batch (on any stream) must finish before
+        // the memory is freed and maybe reused; cuMemFree does not promise to wait for it.
+        let _ = self.0.device().synchronize();
+    }
 }
 
 impl StreamedTensor {
@@ -83,7 +96,7 @@ impl StreamedTensor {
         match &self.data {
             TensorData::Host(_) => Device::Cpu,
             #[cfg(feature = "cuda")]
-            TensorData::Device { batch, .. } => Device::Cuda(batch.device().ordinal()),
+            TensorData::Device { batch, .. } => Device::Cuda(batch.0.device().ordinal()),
         }
     }
 
@@ -112,7 +125,7 @@ impl StreamedTensor {
         match &self.data {
             TensorData::Host(_) => None,
             #[cfg(feature = "cuda")]
-            TensorData::Device { batch, offset, .. } => Some(batch.ptr() + offset),
+            TensorData::Device { batch, offset, .. } => Some(batch.0.ptr() + offset),
         }
     }
 
@@ -132,13 +145,13 @@ impl StreamedTensor {
     pub fn for_each_chunk(&self, max_chunk: usize, mut f: impl FnMut(&[u8])) -> Result<()> {
         let max_chunk = max_chunk.max(1);
         match &self.data {
-            TensorData::Host(b) => b.as_ref().chunks(max_chunk).for_each(f),
+            TensorData::Host(b) => b.as_ref().chunks(max_chunk).for_each(&mut f),
             #[cfg(feature = "cuda")]
             TensorData::Device { batch, offset, len } => {
                 let mut done = 0u64;
                 while done < *len {
                     let n = (*len - done).min(max_chunk as u64);
-                    f(&batch.copy_to_host(offset + done, n as usize)?);
+                    f(&batch.0.copy_to_host(offset + done, n as usize)?);
                     done += n;
                 }
             }
@@ -151,7 +164,7 @@ impl StreamedTensor {
         match &self.data {
             TensorData::Host(b) => Ok(b.as_ref().to_vec()),
             #[cfg(feature = "cuda")]
-            TensorData::Device { batch, offset, len } => batch.copy_to_host(*offset, *len as usize),
+            TensorData::Device { batch, offset, len } => batch.0.copy_to_host(*offset, *len as usize),
         }
     }
 }
