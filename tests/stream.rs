@@ -61,6 +61,15 @@ fn check_held(loader: &Loader, path: &Path, window: u64) {
     }
 }
 
+fn uring_works() -> bool {
+    let opts = weightstream::io::EngineOptions { kind: weightstream::io::IoKind::Uring, ..Default::default() };
+    let ok = weightstream::io::open_engine(&opts, false).is_ok();
+    if !ok {
+        println!("SKIPPED the io_uring stream: io_uring cannot start here");
+    }
+    ok
+}
+
 #[test]
 fn held_tensors_equal_a_load_with_the_same_options() {
     let dir = tempfile::tempdir().unwrap();
@@ -77,6 +86,13 @@ fn held_tensors_equal_a_load_with_the_same_options() {
             &path,
             window,
         );
+        // Through the ring (O_DIRECT cannot read in place; io_uring converts on the ring), plain
+        // and converting: the batch sink copies staged pieces.
+        check_held(&base.clone().direct(true), &path, window);
+        check_held(&base.clone().direct(true).dtype(Dtype::F16), &path, window);
+        if uring_works() {
+            check_held(&base.clone().io(weightstream::io::IoKind::Uring).dtype(Dtype::F32), &path, 2 * window);
+        }
     }
 }
 
