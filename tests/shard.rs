@@ -295,3 +295,35 @@ fn a_slice_loads_exactly_the_block_asked_for() {
         assert!(matches!(&err, Error::BadShard { tensor, .. } if tensor == "emb"), "{err:?}");
     }
 }
+
+#[test]
+fn slices_that_match_nothing_or_twice_are_errors_and_empty_tensors_slice_without_overflow() {
+    let dir = tmpdir();
+    let path = write_matrices(dir.path());
+    let cpu = Loader::new().device(Device::Cpu);
+    for l in [cpu.clone().slice("nope", 0, 0..1), cpu.clone().slice("emb", 0, 0..1).only("bias")] {
+        let err = l.load(&path).unwrap_err();
+        assert!(matches!(&err, Error::BadShard { tensor, .. } if tensor == "nope" || tensor == "emb"), "{err:?}");
+        assert!(err.to_string().contains("not loaded"), "{err}");
+    }
+    let err = cpu.clone().slice("emb", 0, 0..1).slice("emb", 1, 0..2).load(&path).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Usage);
+    assert!(err.to_string().contains("two slices of `emb`"), "{err}");
+
+    // A tensor with a dimension of 0 holds nothing, whatever the product of the others; and a
+    // whole-dimension slice of a sub-byte dtype is the whole tensor.
+    let p = dir.path().join("odd.safetensors");
+    let f4: Vec<u8> = (0..6).collect(); // 3 x 4 F4 values
+    let ws = [
+        WriteTensor::new("empty", Dtype::U8, vec![0, 1 << 40, 1 << 40], &[]),
+        WriteTensor::new("f4", Dtype::F4, vec![3, 4], &f4),
+    ];
+    write_file(&p, &ws, &Default::default()).unwrap();
+    let m = cpu.clone().slice("empty", 1, 2..5).slice("f4", 1, 0..4).load(&p).unwrap();
+    assert_eq!(m.tensor("empty").unwrap().shape(), &[0, 3, 1 << 40]);
+    assert_eq!(m.tensor("f4").unwrap().to_host_vec().unwrap(), f4);
+    let m = cpu.clone().shard(1, 2).split("empty", 2).load(&p).unwrap();
+    assert_eq!(m.tensor("empty").unwrap().shape(), &[0, 1 << 40, 1 << 39]);
+    let err = cpu.clone().slice("f4", 1, 0..1).load(&p).unwrap_err();
+    assert!(err.to_string().contains("whole bytes"), "{err}");
+}

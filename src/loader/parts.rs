@@ -62,6 +62,14 @@ impl Loader {
     pub(super) fn prepare(&self) -> Result<(Device, Option<globset::GlobSet>, Option<Shard>)> {
         let device = self.resolved_device();
         self.check_options(device)?;
+        let twice =
+            self.slices.iter().enumerate().find(|(i, (n, _, _))| self.slices[..*i].iter().any(|(m, _, _)| m == n));
+        if let Some((_, (name, _, _))) = twice {
+            return Err(Error::usage(format!(
+                "two slices of `{}`: one slice a tensor (index the loaded block for other dimensions)",
+                crate::text::for_display(name)
+            )));
+        }
         if self.shard.is_none() && !self.splits.is_empty() {
             return Err(Error::usage("--split needs --shard RANK/WORLD"));
         }

@@ -30,9 +30,13 @@ struct Meta {
     span: u64,
 }
 
-/// Hands tensor `i` of batch `part` on through `tx`, its bytes at `data(offset, len)` of the
-/// batch.
-fn emitter(part: &Plan, tx: &Sender<Result<StreamedTensor>>, data: impl Fn(u64, u64) -> TensorData + 'static) -> Emit {
+/// Hands tensor `i` of batch `part` on through `tx`, its bytes at `data(offset, len, span)` of
+/// the batch.
+fn emitter(
+    part: &Plan,
+    tx: &Sender<Result<StreamedTensor>>,
+    data: impl Fn(u64, u64, u64) -> TensorData + 'static,
+) -> Emit {
     let mut metas: Vec<Option<Meta>> = part
         .tensors
         .iter()
@@ -60,7 +64,7 @@ fn emitter(part: &Plan, tx: &Sender<Result<StreamedTensor>>, data: impl Fn(u64, 
             dtype: m.dtype,
             stored_dtype: m.stored_dtype,
             shape: m.shape,
-            data: data(m.offset, m.len),
+            data: data(m.offset, m.len, m.span),
             span: m.span,
         };
         tx.send(Ok(t)).map_err(|_| Error::Cancelled)
@@ -205,8 +209,9 @@ impl Loader {
         let batch = Arc::new(HostMemory::new(part.dst_len as usize)?);
         let emit = {
             let batch = Arc::clone(&batch);
-            emitter(part, tx, move |offset, len| {
-                TensorData::Host(HostShare { batch: Arc::clone(&batch), offset: offset as usize, len: len as usize })
+            emitter(part, tx, move |offset, len, span| {
+                let (offset, len, span) = (offset as usize, len as usize, span as usize);
+                TensorData::Host(HostShare { batch: Arc::clone(&batch), offset, len, span })
             })
         };
         let mut sink = Handout::new(BatchSink::new(batch), part, stop, emit);
@@ -243,7 +248,7 @@ impl Loader {
             part.tensors.iter().map(|t| (batch.0.ptr() + t.dst_offset, t.len as usize)).collect();
         let emit = {
             let batch = Arc::clone(&batch);
-            emitter(part, tx, move |offset, len| TensorData::Device { batch: Arc::clone(&batch), offset, len })
+            emitter(part, tx, move |offset, len, _| TensorData::Device { batch: Arc::clone(&batch), offset, len })
         };
         let converter = match part.converts() {
             true => Some(self.pool.converter(dev)?),

@@ -167,6 +167,8 @@ impl Plan {
         // Sized once: growing by doubling would hold 1.5x the records while it copies.
         let mut plan = Plan { tensors: Vec::with_capacity(ckpt.tensor_count()), ..Plan::default() };
         let mut region = 0u64;
+        // Slice rules not yet matched by a selected tensor: each must match one.
+        let mut unsliced: Vec<&str> = shard.map(|s| s.slice_names().collect()).unwrap_or_default();
         for (source, f) in ckpt.files.iter().enumerate() {
             let file_idx = plan.files.len();
             let mut any = false;
@@ -175,6 +177,7 @@ impl Plan {
                     continue;
                 }
                 any = true;
+                unsliced.retain(|n| *n != t.name);
                 let to = dtype(&t.name, t.dtype);
                 let sharded = match shard {
                     Some(s) => s.block(&f.path, &t.name, &t.shape, t.dtype)?,
@@ -215,6 +218,14 @@ impl Plan {
             if any {
                 plan.files.push(PlannedFile { path: f.path.clone(), source, file_len: f.header.file_len });
             }
+        }
+        if let Some(name) = unsliced.first() {
+            return Err(Error::BadShard {
+                file: ckpt.files.first().map(|f| f.path.clone()).unwrap_or_default(),
+                tensor: name.to_string(),
+                message: "a slice of a tensor that is not loaded (the checkpoint lacks it, or --only leaves it out)"
+                    .into(),
+            });
         }
         plan.dst_len = region;
         Ok(plan)

@@ -116,6 +116,11 @@ impl Shard {
         self.world
     }
 
+    /// The names of the [`Shard::slice`] rules.
+    pub(crate) fn slice_names(&self) -> impl Iterator<Item = &str> {
+        self.slices.iter().map(|(n, _, _)| n.as_str())
+    }
+
     /// The dimension the first matching rule splits `name` along (or its slice is taken along),
     /// if any.
     pub fn dim_for(&self, name: &str) -> Option<usize> {
@@ -155,24 +160,25 @@ impl Shard {
             }
         };
         let k = end - start;
-        // All products fit: they are parts of the tensor's validated size.
+        let mut block_shape = shape.to_vec();
+        block_shape[dim] = k;
+        // A tensor with a dimension of 0 holds nothing, whatever its other dimensions (whose
+        // products need not fit); the whole tensor is its stored bytes.
+        if shape.contains(&0) {
+            return Ok(Some((block_shape, StoredBlock::whole(0))));
+        }
+        // Every other product fits: no dimension is 0, so each is a part of the validated size.
         let outer: u64 = shape[..dim].iter().product();
         let inner_bits = shape[dim + 1..].iter().product::<u64>() * dtype.bits();
+        if k == n {
+            return Ok(Some((block_shape, StoredBlock::whole(outer * n * inner_bits / 8))));
+        }
         if inner_bits % 8 != 0 {
             return Err(bad(format!("a block along dim {dim} does not hold whole bytes of {dtype}")));
         }
         let inner = inner_bits / 8;
-        let block = match k == n {
-            true => StoredBlock::whole(outer * n * inner), // the whole tensor
-            false => StoredBlock {
-                rows: outer, // 1 for dim 0: one run, only this block's bytes
-                row_stride: n * inner,
-                row_offset: start * inner,
-                row_len: k * inner,
-            },
-        };
-        let mut shape = shape.to_vec();
-        shape[dim] = k;
-        Ok(Some((shape, block)))
+        // Rows: 1 for dim 0 (one run, only this block's bytes), else one per outer index.
+        let block = StoredBlock { rows: outer, row_stride: n * inner, row_offset: start * inner, row_len: k * inner };
+        Ok(Some((block_shape, block)))
     }
 }

@@ -23,10 +23,16 @@ struct Landing {
     /// The first tensor not yet handed out: tensors go out in plan order.
     next: usize,
     emit: Emit,
+    /// A delivery, a fence or the sink's finish failed: a tensor counted as delivered may not
+    /// have landed, so nothing more is handed out.
+    failed: bool,
 }
 
 impl Landing {
     fn land(&mut self, tensors: &[usize]) -> Result<()> {
+        if self.failed {
+            return Err(Error::internal("a stream batch failed: its remaining tensors are not handed out"));
+        }
         for &i in tensors {
             self.landed[i] = true;
         }
@@ -51,7 +57,7 @@ impl<'c, S: Sink> Handout<'c, S> {
     pub(crate) fn new(inner: S, plan: &Plan, stop: &'c CancelToken, emit: Emit) -> Self {
         let left: Vec<u64> = plan.tensors.iter().map(|t| t.stored_len).collect();
         let landed = left.iter().map(|&l| l == 0).collect();
-        Handout { inner, landing: Rc::new(RefCell::new(Landing { left, landed, next: 0, emit })), stop }
+        Handout { inner, landing: Rc::new(RefCell::new(Landing { left, landed, next: 0, emit, failed: false })), stop }
     }
 
     /// After a successful run: hand out what is left (tensors of no bytes, fences never waited
@@ -92,23 +98,27 @@ impl<S: Sink> Sink for Handout<'_, S> {
                 }
             }
         }
-        let fence = self.inner.deliver(d)?;
-        if completed.is_empty() {
-            return Ok(fence);
-        }
+        let fence = self.inner.deliver(d).inspect_err(|_| self.landing.borrow_mut().failed = true)?;
         if fence.is_done() {
-            self.landing.borrow_mut().land(&completed)?;
+            if !completed.is_empty() {
+                self.landing.borrow_mut().land(&completed)?;
+            }
             return Ok(Fence::done());
         }
+        // Every pending fence is watched, not only those that complete a tensor: a tensor's
+        // earlier pieces may have gone out on another stream, and their failure must stop it.
         let landing = Rc::clone(&self.landing);
         Ok(Fence::new(move || {
-            fence.wait()?;
-            landing.borrow_mut().land(&completed)
+            fence.wait().inspect_err(|_| landing.borrow_mut().failed = true)?;
+            match completed.is_empty() {
+                true => Ok(()),
+                false => landing.borrow_mut().land(&completed),
+            }
         }))
     }
 
     fn finish(&mut self) -> Result<()> {
-        self.inner.finish()
+        self.inner.finish().inspect_err(|_| self.landing.borrow_mut().failed = true)
     }
 }
 

@@ -185,6 +185,26 @@ pub(crate) struct HostShare {
     pub(crate) batch: Arc<crate::sink::HostMemory>,
     pub(crate) offset: usize,
     pub(crate) len: usize,
+    /// Its bytes and the padding after it, up to the next tensor (or the batch's end).
+    pub(crate) span: usize,
+}
+
+impl Drop for HostShare {
+    fn drop(&mut self) {
+        // The pages that lie wholly inside this tensor's span go back to the system now, not
+        // with the batch's last tensor: a consumer that keeps one small tensor of each batch
+        // holds a page or two a batch, not every batch.
+        const PAGE: usize = 4096;
+        let start = self.offset.next_multiple_of(PAGE);
+        let end = (self.offset + self.span).min(self.batch.len()) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the pages lie in the batch's mapping and in this tensor's span alone; the
+            // tensor landed (nothing writes them again) and this last reference to its bytes is
+            // going, so no one reads them either. MADV_DONTNEED on private anonymous memory
+            // only drops the pages (they would read back as zeros); failure is harmless.
+            unsafe { libc::madvise(self.batch.as_ptr().add(start).cast(), end - start, libc::MADV_DONTNEED) };
+        }
+    }
 }
 
 impl AsRef<[u8]> for HostShare {

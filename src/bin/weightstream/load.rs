@@ -195,7 +195,8 @@ fn sha256_of(each: impl FnOnce(&mut dyn FnMut(&[u8])) -> weightstream::Result<()
 /// Run `load`.
 pub fn run(args: Args) -> weightstream::Result<()> {
     let mut loader = args.loader.loader().trace(args.trace.is_some());
-    let bar = progress_bar(args.quiet);
+    // A stream reports no progress (each tensor is its own): no bar that would never move.
+    let bar = progress_bar(args.quiet || args.stream.is_some());
     if let Some(bar) = &bar {
         let bar = bar.clone();
         loader = loader.progress(Arc::new(move |p| {

@@ -276,20 +276,26 @@ impl Sink for CudaSink<'_> {
     }
 
     fn finish(&mut self) -> Result<()> {
+        // Every stream, even after one failed: nothing may still copy once this returns.
+        let mut first = Ok(());
         for s in &self.streams {
-            s.synchronize()?;
+            let r = s.synchronize();
+            if first.is_ok() {
+                first = r;
+            }
         }
-        Ok(())
+        first
     }
 }
 
 /// Queue `c`, whose first row is read at `first`, on `stream`.
 fn queue_rows(c: rows::RowCopy, first: *const u8, stream: &Stream) -> Result<()> {
-    if c.height == 1 {
-        // SAFETY: one piece of the delivery: its source is inside the delivered bytes (checked
-        // by `pieces`), valid until the delivery's fence fired; its destination inside its
-        // tensor's place (checked by `deliver`).
-        return unsafe { driver::memcpy_htod_async(c.dst, first, c.width, stream.raw) };
+    if c.height == 1 || c.spitch == c.width {
+        // SAFETY: one piece of the delivery, or rows back to back in both source and
+        // destination (the same bytes as one copy): each source is inside the delivered bytes
+        // (checked by `pieces`), valid until the delivery's fence fired; each destination inside
+        // its tensor's place (checked by `deliver`).
+        return unsafe { driver::memcpy_htod_async(c.dst, first, c.width * c.height, stream.raw) };
     }
     // SAFETY: the rows are exactly pieces of the delivery (`RowCopy::extend` took each only at
     // its own source and destination), each checked as above; the stream is this delivery's.
