@@ -1,9 +1,10 @@
 //! candle: a candle-nn [`SimpleBackend`] that loads through weightstream (feature `candle`).
 //!
 //! [`WeightstreamBackend`] loads every selected tensor of a checkpoint in one pipeline run when
-//! it is built, straight into `Vec`s that candle then owns (each a zeroed allocation filled by
-//! [`Loader::load_into`] and handed to candle as its storage: no second copy), and hands them
-//! out through candle-nn's [`VarBuilder`]. The loader's options apply: `only`, `dtype`, `shard`.
+//! it is built, into `Vec`s that candle then owns (each a zeroed allocation filled by
+//! [`Loader::load_into`] and handed to candle as its storage: no second copy of the model; the
+//! bytes pass through the bounded host staging ring), and hands them out through candle-nn's
+//! [`VarBuilder`]. The loader's options apply: `only`, `dtype`, `shard`.
 //!
 //! Host memory only: candle's `cuda` feature asks for cudarc's `dynamic-linking`, which cannot
 //! be built together with the `dynamic-loading` of weightstream's `cuda` feature (README,
