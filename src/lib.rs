@@ -22,6 +22,8 @@
 pub mod bench;
 mod bench_baselines;
 mod cancel;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod convert;
 mod error;
 pub mod format;

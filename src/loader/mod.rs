@@ -313,6 +313,12 @@ impl Loader {
         }
     }
 
+    /// The device as set (`auto` unresolved).
+    #[cfg_attr(not(feature = "candle"), allow(dead_code))]
+    pub(crate) fn device_option(&self) -> Device {
+        self.device
+    }
+
     /// Resolve `auto`.
     pub fn resolved_device(&self) -> Device {
         match self.device {
