@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::Instant;
 
-use super::Loader;
+use super::{run, Loader};
 use crate::error::{Error, Result};
 use crate::model::LoadStats;
 use crate::pipeline::Observer;
@@ -153,11 +153,20 @@ impl Loader {
                     })
                     .collect();
                 let mut sink = HostSink::into_buffers(buffers);
-                let (count, size) = self.ring_dims(device);
-                let mut ring = self.pool.host(count, size)?;
-                let run = self.through_ring(&plan, fds, &mut ring, &mut sink, &mut obs);
-                self.pool.give_back_host(ring);
-                let (io, bytes, staging) = run?;
+                // As a load would: in place (reading and converting into the buffers: one copy),
+                // or through the ring where in place cannot honour the options.
+                let (io, bytes, staging) = match self.strategy(device, &plan) {
+                    run::Strategy::InPlace { convert_on_workers } => {
+                        self.in_place(&plan, fds, &mut sink, convert_on_workers, &mut obs)?
+                    }
+                    _ => {
+                        let (count, size) = self.ring_dims(device);
+                        let mut ring = self.pool.host(count, size)?;
+                        let run = self.through_ring(&plan, fds, &mut ring, &mut sink, &mut obs);
+                        self.pool.give_back_host(ring);
+                        run?
+                    }
+                };
                 (io, bytes, staging, false, 0)
             }
             #[cfg(feature = "cuda")]

@@ -128,8 +128,8 @@ impl<'a> HostSink<'a> {
     }
 
     /// A sink writing planned tensor `i` into `buffers[i]`, which must be exactly its loaded
-    /// size (checked at each delivery). It has no [`super::HostRegion`]: its reads go through a
-    /// staging ring.
+    /// size (checked at each delivery); its [`super::HostRegion`] lends the buffers to readers
+    /// that read (and convert) into them in place.
     ///
     /// ```
     /// let (mut a, mut b) = (vec![0u8; 16], vec![0u8; 4]);
@@ -151,12 +151,18 @@ impl<'a> HostSink<'a> {
 
 impl super::Sink for HostSink<'_> {
     fn host_region(&mut self) -> Option<super::HostRegion> {
-        match &self.places {
+        match &mut self.places {
             // SAFETY: the arena is mapped for len bytes and borrowed mutably by this sink for its
             // whole life; the sink never touches it while readers may write (InPlace deliveries
             // are not copied).
             HostPlaces::Arena(a) => Some(unsafe { super::HostRegion::new(a.ptr, a.len) }),
-            HostPlaces::Caller(_) => None,
+            HostPlaces::Caller(buffers) => {
+                let places = buffers.iter_mut().map(|b| (NonNull::from(&mut **b).cast::<u8>(), b.len())).collect();
+                // SAFETY: each buffer is borrowed mutably by this sink for its whole life, and
+                // is exactly its tensor's loaded size; the sink never touches them while readers
+                // may write (InPlace deliveries are not copied).
+                Some(unsafe { super::HostRegion::per_tensor(places) })
+            }
         }
     }
 

@@ -227,38 +227,71 @@ impl<'a> Delivery<'a> {
     }
 }
 
-/// Host memory a sink lends the readers, to read (and convert) into directly: each tensor's
-/// loaded bytes at [`crate::plan::PlannedTensor::dst_range`] of it.
-#[derive(Debug, Clone, Copy)]
+/// Host memory a sink lends the readers, to read (and convert) into directly: one region laid
+/// out as the plan's destinations (each tensor's loaded bytes at
+/// [`crate::plan::PlannedTensor::dst_range`] of it), or one place per planned tensor (caller
+/// buffers).
+#[derive(Debug, Clone)]
 pub struct HostRegion {
-    ptr: NonNull<u8>,
-    len: usize,
+    places: RegionPlaces,
+}
+
+#[derive(Debug, Clone)]
+enum RegionPlaces {
+    One { ptr: NonNull<u8>, len: usize },
+    PerTensor(Vec<(NonNull<u8>, usize)>),
 }
 
 impl HostRegion {
-    /// A region of `len` bytes at `ptr`.
+    /// A region of `len` bytes at `ptr`, laid out as the plan's destinations.
     ///
     /// # Safety
     /// `ptr` must be valid for writes of `len` bytes from the sink's `host_region` call until the
     /// load returned (readers still queued when `finish` is called on an error path are drained
-    /// after it), and nothing else (the sink included) may access those bytes meanwhile.
+    /// after it). Readers write each byte once, before the delivery that reports it; nothing
+    /// else may write those bytes meanwhile, and nothing may read a byte before that delivery
+    /// (a stream hands a tensor out once its last delivery came).
     pub unsafe fn new(ptr: NonNull<u8>, len: usize) -> Self {
-        HostRegion { ptr, len }
+        HostRegion { places: RegionPlaces::One { ptr, len } }
     }
 
-    /// Start of the region.
-    pub fn ptr(&self) -> NonNull<u8> {
-        self.ptr
+    /// Planned tensor `i`'s loaded bytes at `places[i]`, a pointer and a length that must be the
+    /// tensor's loaded size.
+    ///
+    /// # Safety
+    /// As for [`HostRegion::new`], for each place.
+    pub unsafe fn per_tensor(places: Vec<(NonNull<u8>, usize)>) -> Self {
+        HostRegion { places: RegionPlaces::PerTensor(places) }
     }
 
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the region is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// Where the loaded bytes `dst` (a [`crate::plan::PlannedTensor::dst_range`]) of planned
+    /// tensor `tensor`, whose destination starts at `dst_offset`, are written; `None` when they
+    /// fall outside the region or the tensor's place.
+    ///
+    /// ```
+    /// let mut buf = [0u8; 64];
+    /// let ptr = std::ptr::NonNull::new(buf.as_mut_ptr()).unwrap();
+    /// // SAFETY (of the example): `buf` outlives the region, and nothing else uses it.
+    /// let one = unsafe { weightstream::sink::HostRegion::new(ptr, 64) };
+    /// assert_eq!(one.destination(0, 0, &(8..16)), Some(ptr.as_ptr().wrapping_add(8)));
+    /// assert_eq!(one.destination(0, 0, &(60..70)), None);
+    /// let per = unsafe { weightstream::sink::HostRegion::per_tensor(vec![(ptr, 64)]) };
+    /// assert_eq!(per.destination(0, 256, &(260..264)), Some(ptr.as_ptr().wrapping_add(4)));
+    /// assert_eq!(per.destination(1, 0, &(0..1)), None);
+    /// ```
+    pub fn destination(&self, tensor: usize, dst_offset: u64, dst: &Range<u64>) -> Option<*mut u8> {
+        let (ptr, len, start, end) = match &self.places {
+            RegionPlaces::One { ptr, len } => (*ptr, *len, dst.start, dst.end),
+            RegionPlaces::PerTensor(places) => {
+                let (ptr, len) = *places.get(tensor)?;
+                (ptr, len, dst.start.checked_sub(dst_offset)?, dst.end.checked_sub(dst_offset)?)
+            }
+        };
+        if start > end || end > len as u64 {
+            return None;
+        }
+        // SAFETY: start <= end <= len, so the pointer stays inside (or one past) the place.
+        Some(unsafe { ptr.as_ptr().add(start as usize) })
     }
 }
 

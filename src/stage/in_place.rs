@@ -96,11 +96,9 @@ impl Stage for InPlaceStage<'_> {
             };
             let t = &self.plan.tensors[p.tensor];
             let dst = t.dst_range(p.tensor_offset, p.len);
-            if dst.end > self.region.len() as u64 {
+            let Some(dst_ptr) = self.region.destination(p.tensor, t.dst_offset, &dst) else {
                 return Err(internal(format!("tensor `{}` planned outside the destination", t.name)));
-            }
-            // SAFETY: dst.end <= region length (checked), so the pointer stays in the region.
-            let dst_ptr = unsafe { self.region.ptr().as_ptr().add(dst.start as usize) };
+            };
             let fd = self.fds[e.file];
             match &mut self.reader {
                 InPlaceReader::Engine(queue) => {
