@@ -158,8 +158,8 @@ unsafe extern "C" fn capsule_destructor_versioned(capsule: *mut ffi::PyObject) {
     // SAFETY: as in `capsule_destructor_legacy`.
     if unsafe { ffi::PyCapsule_IsValid(capsule, VERSIONED_NAME.as_ptr()) } == 1 {
         // SAFETY: the name matched, so the pointer is the struct stored by `export`.
-        let m = unsafe { ffi::PyCapsule_GetPointer(capsule, VERSIONED_NAME.as_ptr()) }
-            .cast::<DLManagedTensorVersioned>();
+        let m =
+            unsafe { ffi::PyCapsule_GetPointer(capsule, VERSIONED_NAME.as_ptr()) }.cast::<DLManagedTensorVersioned>();
         // SAFETY: not consumed: the deleter was never called.
         unsafe { delete_versioned(m) };
     }
@@ -192,7 +192,11 @@ pub fn export(py: Python<'_>, spec: ExportSpec, versioned: bool) -> PyResult<Py<
         (Box::into_raw(block).cast(), VERSIONED_NAME, Some(capsule_destructor_versioned))
     } else {
         let block = Box::new(Block {
-            managed: DLManagedTensor { dl_tensor: tensor, manager_ctx: std::ptr::null_mut(), deleter: Some(delete_legacy) },
+            managed: DLManagedTensor {
+                dl_tensor: tensor,
+                manager_ctx: std::ptr::null_mut(),
+                deleter: Some(delete_legacy),
+            },
             shape,
             strides,
             _keep: spec.keep,

@@ -14,7 +14,11 @@ const POLL: Duration = Duration::from_millis(50);
 /// Run `work` on a scoped thread while this thread waits without the GIL. Returns its result
 /// and, when a signal handler raised meanwhile (Ctrl-C), that exception: `token` was cancelled
 /// and the work has returned (usually `Cancelled`).
-pub fn run<T: Send>(py: Python<'_>, token: &CancelToken, work: impl FnOnce() -> T + Send) -> PyResult<(T, Option<PyErr>)> {
+pub fn run<T: Send>(
+    py: Python<'_>,
+    token: &CancelToken,
+    work: impl FnOnce() -> T + Send,
+) -> PyResult<(T, Option<PyErr>)> {
     thread::scope(|s| {
         let caller = thread::current();
         let handle = thread::Builder::new()

@@ -193,7 +193,8 @@ impl RawLoader {
             if got != want && !host_ok {
                 return Err(bad(name, format!("the destination is on DLPack device {got:?}, the loader on {device}")));
             }
-            let elements: Option<u64> = im.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?));
+            let elements: Option<u64> =
+                im.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?));
             let bytes = elements
                 .and_then(|e| e.checked_mul(u64::from(im.dtype.bits)))
                 .map(|b| b.div_ceil(8))
@@ -203,7 +204,11 @@ impl RawLoader {
                 if !accepts(info.dtype, im.dtype) {
                     return Err(bad(
                         name,
-                        format!("dtype mismatch: the tensor loads as {}, the destination is {}", info.dtype, dl_dtype_name(im.dtype)),
+                        format!(
+                            "dtype mismatch: the tensor loads as {}, the destination is {}",
+                            info.dtype,
+                            dl_dtype_name(im.dtype)
+                        ),
                     ));
                 }
                 let shape: Vec<u64> = im.shape.iter().map(|&d| d as u64).collect();

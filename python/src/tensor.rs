@@ -169,13 +169,7 @@ impl RawTensor {
     /// The same memory, exported as unsigned integers of the dtype's width (for consumers that
     /// lack the dtype: numpy has no bf16 or fp8; view the result as the `ml_dtypes` type).
     fn raw(&self) -> RawTensor {
-        RawTensor {
-            name: self.name.clone(),
-            shape: self.shape.clone(),
-            keep: self.keep.clone(),
-            raw: true,
-            ..*self
-        }
+        RawTensor { name: self.name.clone(), shape: self.shape.clone(), keep: self.keep.clone(), raw: true, ..*self }
     }
 
     /// A DLPack capsule over the tensor's memory (no copy): DLPack 1.0 (`dltensor_versioned`)
