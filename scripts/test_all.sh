@@ -13,6 +13,8 @@ cargo test
 echo "== python package (.venv)"
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/pip install -q --disable-pip-version-check safetensors numpy ml_dtypes maturin pytest
+# --no-build-isolation uses the venv's maturin, which its build hook finds on PATH.
+export PATH="$PWD/.venv/bin:$PATH"
 if [ "${WEIGHTSTREAM_PY_PROFILE:-release}" = dev ]; then export MATURIN_PEP517_ARGS="--profile dev"; fi
 .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./python
 

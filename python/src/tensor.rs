@@ -186,18 +186,13 @@ impl RawTensor {
         // The data is complete when a load returns (its copies were waited for): any consumer
         // stream may read it, so `stream` needs no synchronisation.
         if stream.is_some() && self.device.device_type == dlpack::KDL_CPU {
-            let is_none_or_cpu = stream.as_ref().is_some_and(|s| s.is_none());
-            if !is_none_or_cpu {
-                return Err(PyValueError::new_err("stream must be None for a CPU tensor"));
-            }
+            return Err(PyValueError::new_err("stream must be None for a CPU tensor"));
         }
         if copy == Some(true) {
             return Err(PyBufferError::new_err("weightstream exports without copying: copy=True is not supported"));
         }
         if let Some((ty, id)) = dl_device {
-            let same = (ty, id) == (self.device.device_type, self.device.device_id)
-                || (ty == dlpack::KDL_CUDA_HOST && self.device.device_type == dlpack::KDL_CPU);
-            if !same {
+            if (ty, id) != (self.device.device_type, self.device.device_id) {
                 return Err(PyBufferError::new_err(format!(
                     "tensor `{}` is on {}, not on DLPack device ({ty}, {id}); copy it with its framework",
                     self.name,

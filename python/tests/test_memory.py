@@ -155,8 +155,9 @@ def test_other_threads_run_during_a_load(big):
         stop.set()
         th.join()
     del arrays
-    # With the GIL held for the whole load the thread would not tick at all.
-    assert during >= max(5, took * 100), f"{during} ticks in {took:.2f} s"
+    # With the GIL held for the whole load the thread would not tick at all; free, it ticks up
+    # to 1000 times a second (2% of that is asked: the 2-core CI machine is shared).
+    assert during >= max(5, took * 20), f"{during} ticks in {took:.2f} s"
 
 
 def test_ctrl_c_cancels_a_load_promptly(big):
@@ -183,4 +184,4 @@ def test_ctrl_c_cancels_a_load_promptly(big):
     assert "KeyboardInterrupt" in err, err
     assert "_raw.load" in err, err  # raised inside the load, which was cancelled
     assert p.returncode != 0
-    assert took < 2.0, f"took {took:.2f} s to stop"
+    assert took < 3.0, f"took {took:.2f} s to stop"

@@ -4,7 +4,7 @@ loads one tensor, ``get_slice(name)[...]`` loads only the block of rows it cover
 from . import _options as O
 from ._errors import MissingTensorError, UsageError
 from ._frameworks import converter
-from ._loader import Loader
+from ._loader import _default_loader
 from ._weightstream import read_metadata
 
 
@@ -30,7 +30,7 @@ class safe_open:
 
     def __init__(self, path, framework="pt", device="cpu"):
         self._path = O.path(path)
-        self._loader = Loader(device=device)
+        self._loader = _default_loader(device)  # shared per device: one staging ring
         self._framework = self._loader._framework(framework)
         self._conv = converter(self._framework)
         self._infos = {t[0]: t for t in self._loader.describe(self._path)}
