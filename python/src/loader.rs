@@ -200,7 +200,20 @@ impl RawLoader {
                 .map(|b| b.div_ceil(8))
                 .and_then(|b| usize::try_from(b).ok())
                 .ok_or_else(|| bad(name, "the destination's size overflows".into()))?;
-            if let Some(info) = by_name.get(name.as_str()) {
+            let packed = |d: Dtype| matches!(d, Dtype::F4 | Dtype::F6_E2M3 | Dtype::F6_E3M2);
+            if let Some(info) = by_name.get(name.as_str()).filter(|i| packed(i.dtype)) {
+                // Elements below a byte: no DLPack dtype holds them; a uint8 buffer of its bytes does.
+                let u8_ok = im.dtype == dlpack::DLDataType { code: dlpack::KDL_UINT, bits: 8, lanes: 1 };
+                if !u8_ok || bytes as u64 != info.byte_len {
+                    return Err(bad(
+                        name,
+                        format!(
+                            "{} packs elements below a byte: give a uint8 destination of its {} bytes",
+                            info.dtype, info.byte_len
+                        ),
+                    ));
+                }
+            } else if let Some(info) = by_name.get(name.as_str()) {
                 if !accepts(info.dtype, im.dtype) {
                     return Err(bad(
                         name,
@@ -265,12 +278,16 @@ fn export_capsule<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     })?;
     let kwargs = pyo3::types::PyDict::new(py);
     kwargs.set_item("max_version", (1, 0))?;
-    match method.call((), Some(&kwargs)) {
-        Ok(c) => Ok(c),
+    // A producer without DLPack 1.0 (numpy < 2.1) refuses the keyword: ask for legacy then.
+    let capsule = match method.call((), Some(&kwargs)) {
         Err(e) if e.is_instance_of::<PyTypeError>(py) => method.call0(),
-        Err(e) if e.is_instance_of::<pyo3::exceptions::PyBufferError>(py) => {
-            Err(PyValueError::new_err(format!("cannot fill this destination in place: {e}")))
+        other => other,
+    };
+    capsule.map_err(|e| {
+        if e.is_instance_of::<pyo3::exceptions::PyBufferError>(py) {
+            PyValueError::new_err(format!("cannot fill this destination in place: {e}"))
+        } else {
+            e
         }
-        Err(e) => Err(e),
-    }
+    })
 }
