@@ -217,7 +217,7 @@ pub fn export(py: Python<'_>, spec: ExportSpec, versioned: bool) -> PyResult<Py<
         return Err(PyErr::fetch(py));
     }
     // SAFETY: `PyCapsule_New` returned a new reference.
-    Ok(unsafe { Py::from_owned_ptr(py, capsule) })
+    Ok(unsafe { Bound::from_owned_ptr(py, capsule) }.unbind())
 }
 
 /// A tensor a consumer exported to us (`load_into` destinations): its layout, read from the
