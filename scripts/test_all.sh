@@ -19,4 +19,4 @@ if [ "${WEIGHTSTREAM_PY_PROFILE:-release}" = dev ]; then export MATURIN_PEP517_A
 .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./python
 
 echo "== python tests"
-.venv/bin/python -m pytest -q -rs python/tests
+.venv/bin/python -m pytest -q -rfEs python/tests

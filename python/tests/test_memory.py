@@ -71,6 +71,7 @@ def test_memory_returns_when_the_arrays_die(medium):
     assert (view == 1).all()
     del view
     gc.collect()
+    print(f"RssAnon: +{(loaded - before) / MiB:.0f} MiB loaded, +{(rss_anon() - before) / MiB:.0f} MiB after")
     assert rss_anon() - before < 64 * MiB, "the arena was not freed with its last array"
 
 
@@ -134,6 +135,7 @@ def test_iterate_stays_within_window_plus_ring(big):
         del t
         peak = max(peak, rss_anon() - start)
     assert n == 64
+    print(f"iterate: RssAnon peak +{peak / MiB:.0f} MiB (bound {(window + ring) / MiB + 64:.0f})")
     assert peak <= window + ring + 64 * MiB, f"RssAnon grew {peak / MiB:.0f} MiB"
 
 
@@ -158,6 +160,7 @@ def test_other_threads_run_during_a_load(big):
         stop.set()
         th.join()
     del arrays
+    print(f"GIL: {during} ticks in {took:.2f} s")
     # With the GIL held for the whole load the thread would not tick at all; free, it ticks up
     # to 1000 times a second (2% of that is asked: the 2-core CI machine is shared).
     assert during >= max(5, took * 20), f"{during} ticks in {took:.2f} s"
@@ -179,23 +182,30 @@ def test_ctrl_c_cancels_a_load_promptly(big, how):
         BIG = {str(big)!r}
         loader = ws.Loader(threads=1, staging="1MiB", staging_count=2, direct=True)
         out = {{name: np.empty(shape, np.uint8) for name, _, _, shape, _ in loader.describe(BIG)}}
-        print("ready", flush=True)
+        import time
+        t0 = time.perf_counter()
+        {body}
+        print("ready", time.perf_counter() - t0, flush=True)
         while True:
             {body}
         """
     )
     p = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "ready"
-    time.sleep(0.7)
+    ready, whole = p.stdout.readline().split()
+    assert ready == "ready"
+    whole = float(whole)  # one uninterrupted load
+    time.sleep(min(0.5, whole / 3))
     sent = time.perf_counter()
     p.send_signal(signal.SIGINT)
     try:
-        _, err = p.communicate(timeout=10)
+        _, err = p.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         p.kill()
         pytest.fail("the load did not stop on SIGINT")
     took = time.perf_counter() - sent
     assert "KeyboardInterrupt" in err, err
-    assert where in err, err  # raised inside the load, which was cancelled
+    assert where in err, err  # raised inside the call
+    print(f"{how}: stopped in {took:.2f} s; a whole load takes {whole:.2f} s")
     assert p.returncode != 0
-    assert took < 3.0, f"took {took:.2f} s to stop"
+    # Cancelled, not run to its end: well under a whole load (and the process's exit).
+    assert took < max(1.0, whole / 2), f"took {took:.2f} s to stop; a whole load takes {whole:.2f} s"

@@ -231,3 +231,16 @@ def test_iterate_yields_what_load_gives(gen):
     with pytest.raises(StopIteration):
         next(it)
     assert os.path.exists(p)
+
+
+def test_framework_pt_without_torch_says_how_to_get_it(gen):
+    try:
+        import torch  # noqa: F401
+
+        pytest.skip("torch is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="pip install torch"):
+        ws.load_file(gen / "mixed.safetensors")  # raised before anything is read
+    with pytest.raises(ImportError, match="pip install torch"):
+        ws.safe_open(gen / "mixed.safetensors", framework="pt")

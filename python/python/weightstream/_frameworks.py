@@ -75,7 +75,12 @@ def to_torch(t):
 
 
 def converter(framework):
-    return to_numpy if framework == "np" else to_torch
+    """The conversion for ``framework``, its module imported now (before any load)."""
+    if framework == "np":
+        _np()
+        return to_numpy
+    _torch()
+    return to_torch
 
 
 def destination(obj, name):

@@ -59,9 +59,8 @@ class Loader:
 
             >>> arrays = ws.Loader().load("model.safetensors", framework="np", only="*.weight")  # doctest: +SKIP
         """
-        fw = self._framework(framework)
+        conv = converter(self._framework(framework))
         raws = self._raw.load(O.path(path), O.opts(dtype, only, shard, split))
-        conv = converter(fw)
         return {t.name: conv(t) for t in raws}
 
     def iterate(self, path, *, window="1GiB", framework="pt", dtype=None, only=None, shard=None, split=None):
@@ -76,10 +75,10 @@ class Loader:
             >>> for name, t in loader.iterate(path, window="512MiB"):     # doctest: +SKIP
             ...     params[name].data.copy_(t)
         """
-        fw = self._framework(framework)
+        conv = converter(self._framework(framework))
         window = O.size(window, "window")
         stream = self._raw.stream(O.path(path), O.opts(dtype, only, shard, split), window)
-        return _iterate(stream, converter(fw))
+        return _iterate(stream, conv)
 
     def load_into(self, path, tensors, *, dtype=None, shard=None, split=None):
         """Fill existing tensors in place: ``tensors`` maps names to numpy arrays, torch tensors
