@@ -166,16 +166,18 @@ def test_other_threads_run_during_a_load(big):
     assert during >= max(5, took * 20), f"{during} ticks in {took:.2f} s"
 
 
+# Almost all of each loop's time is spent waiting on the Rust call, where the signal usually
+# lands; now and then it lands in the package's Python around the call instead.
 CTRL_C_LOOPS = {
-    "load": ("raws = self._raw.load", "loader.load(BIG, framework='np')"),
-    "iterate": ("for t in stream", "for _ in loader.iterate(BIG, window='64MiB', framework='np'): pass"),
-    "load_into": ("self._raw.load_into", "loader.load_into(BIG, out)"),
+    "load": "loader.load(BIG, framework='np')",
+    "iterate": "for _ in loader.iterate(BIG, window='64MiB', framework='np'): pass",
+    "load_into": "loader.load_into(BIG, out)",
 }
 
 
 @pytest.mark.parametrize("how", sorted(CTRL_C_LOOPS))
 def test_ctrl_c_cancels_a_load_promptly(big, how):
-    where, body = CTRL_C_LOOPS[how]
+    body = CTRL_C_LOOPS[how]
     child = textwrap.dedent(
         f"""
         import numpy as np, weightstream as ws
@@ -204,7 +206,7 @@ def test_ctrl_c_cancels_a_load_promptly(big, how):
         pytest.fail("the load did not stop on SIGINT")
     took = time.perf_counter() - sent
     assert "KeyboardInterrupt" in err, err
-    assert where in err, err  # raised inside the call
+    assert "/weightstream/_" in err, err  # raised inside the call
     print(f"{how}: stopped in {took:.2f} s; a whole load takes {whole:.2f} s")
     assert p.returncode != 0
     # Cancelled, not run to its end: well under a whole load (and the process's exit).
