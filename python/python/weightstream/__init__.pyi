@@ -1,0 +1,132 @@
+"""Type stubs of the public API of ``weightstream`` (docstrings with examples are in the
+modules: ``_loader.py``, ``_open.py``)."""
+
+from os import PathLike
+from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+
+from ._weightstream import Tensor as Tensor
+from ._weightstream import __version__ as __version__
+from ._weightstream import cuda_available as cuda_available
+
+Path = Union[str, PathLike[str]]
+Device = Union[str, int, Any]  # "cpu" | "cuda" | "cuda:N" | "auto" | N | torch.device
+Framework = Literal["pt", "np", "torch", "numpy"]
+DType = Union[str, Any]  # "bf16" | "f16" | "f32" | torch/numpy/ml_dtypes dtypes of those
+Size = Union[int, str]  # 1073741824 | "1GiB" | "512M"
+Globs = Union[str, Sequence[str], None]
+Split = Union[Mapping[str, int], Sequence[Tuple[str, int]], None]
+
+class WeightstreamError(Exception): ...
+class FormatError(WeightstreamError, ValueError): ...
+class ReadError(WeightstreamError, OSError): ...
+class DeviceError(WeightstreamError, RuntimeError): ...
+class UsageError(WeightstreamError, ValueError): ...
+class MissingTensorError(WeightstreamError, KeyError): ...
+class CancelledError(WeightstreamError): ...
+class InternalError(WeightstreamError, RuntimeError): ...
+
+def load_file(
+    path: Path,
+    device: Device = "cpu",
+    *,
+    framework: Framework = "pt",
+    dtype: Optional[DType] = None,
+    only: Globs = None,
+    shard: Optional[Tuple[int, int]] = None,
+    split: Split = None,
+) -> Dict[str, Any]:
+    """Load a checkpoint (file, index.json, directory, Hugging Face cache folder) into
+    ``{name: tensor}``: torch tensors (``"pt"``) or numpy arrays (``"np"``, CPU only).
+
+    Example::
+
+        >>> arrays = weightstream.load_file("model.safetensors", framework="np")
+    """
+
+class Loader:
+    """Loads checkpoints, keeping its staging ring between loads.
+
+    Example::
+
+        >>> loader = weightstream.Loader(device="cuda:0", staging="16MiB", threads=8)
+        >>> for name, t in loader.iterate("model/", window="1GiB"):
+        ...     params[name].copy_(t)
+    """
+
+    def __init__(
+        self,
+        device: Device = "cpu",
+        *,
+        staging: Optional[Size] = None,
+        staging_count: Optional[int] = None,
+        threads: Optional[int] = None,
+        io: Optional[Literal["auto", "pread", "uring"]] = None,
+        direct: bool = False,
+    ) -> None: ...
+    @property
+    def device(self) -> str: ...
+    def load(
+        self,
+        path: Path,
+        *,
+        framework: Framework = "pt",
+        dtype: Optional[DType] = None,
+        only: Globs = None,
+        shard: Optional[Tuple[int, int]] = None,
+        split: Split = None,
+    ) -> Dict[str, Any]: ...
+    def iterate(
+        self,
+        path: Path,
+        *,
+        window: Size = "1GiB",
+        framework: Framework = "pt",
+        dtype: Optional[DType] = None,
+        only: Globs = None,
+        shard: Optional[Tuple[int, int]] = None,
+        split: Split = None,
+    ) -> Iterator[Tuple[str, Any]]: ...
+    def load_into(
+        self,
+        path: Path,
+        tensors: Union[Mapping[str, Any], Sequence[Tuple[str, Any]]],
+        *,
+        dtype: Optional[DType] = None,
+        shard: Optional[Tuple[int, int]] = None,
+        split: Split = None,
+    ) -> int: ...
+    def describe(
+        self,
+        path: Path,
+        *,
+        dtype: Optional[DType] = None,
+        only: Globs = None,
+        shard: Optional[Tuple[int, int]] = None,
+        split: Split = None,
+    ) -> List[Tuple[str, str, str, List[int], int]]: ...
+
+class _Slice:
+    def get_shape(self) -> List[int]: ...
+    def get_dtype(self) -> str: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, key: Any) -> Any: ...
+
+class safe_open:
+    """A lazy handle, as ``safetensors.safe_open``: headers at open, one tensor per
+    ``get_tensor``, only the covered block per ``get_slice(name)[...]``.
+
+    Example::
+
+        >>> with weightstream.safe_open("model.safetensors", framework="np") as f:
+        ...     rows = f.get_slice("lm_head.weight")[0:128]
+    """
+
+    def __init__(self, path: Path, framework: Framework = "pt", device: Device = "cpu") -> None: ...
+    def __enter__(self) -> "safe_open": ...
+    def __exit__(self, *exc: Any) -> Literal[False]: ...
+    def keys(self) -> List[str]: ...
+    def offset_keys(self) -> List[str]: ...
+    def metadata(self) -> Optional[Dict[str, str]]: ...
+    def get_tensor(self, name: str) -> Any: ...
+    def get_tensors(self) -> Dict[str, Any]: ...
+    def get_slice(self, name: str) -> _Slice: ...

@@ -1,0 +1,152 @@
+"""``Loader`` (reuse: the staging ring stays between loads) and ``load_file``."""
+
+import threading
+
+from . import _options as O
+from ._frameworks import converter, destination
+from ._weightstream import RawLoader
+
+
+class Loader:
+    """Loads checkpoints; build it once, load many times (its staging ring is kept).
+
+    Args:
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"``, ``"auto"`` (a GPU when there is
+            one), an int N or a ``torch.device``.
+        staging: size of each staging buffer, an int or ``"16MiB"`` (default: measured per
+            target, 16 MiB for a GPU, 4 MiB for host loads).
+        staging_count: number of staging buffers (default 8).
+        threads: reader threads (default: the read engine's).
+        io: ``"auto"``, ``"pread"`` or ``"uring"``.
+        direct: read with O_DIRECT (past the page cache).
+
+    Example::
+
+        >>> import weightstream as ws
+        >>> loader = ws.Loader(device="cpu")
+        >>> for path in ["a.safetensors", "b.safetensors"]:          # doctest: +SKIP
+        ...     arrays = loader.load(path, framework="np")
+    """
+
+    def __init__(self, device="cpu", *, staging=None, staging_count=None, threads=None, io=None, direct=False):
+        if io is not None and io not in ("auto", "pread", "uring"):
+            raise O.UsageError(f"io: expected 'auto', 'pread' or 'uring', got {io!r}")
+        self._raw = RawLoader(
+            device=O.device(device),
+            staging_size=None if staging is None else O.size(staging, "staging"),
+            staging_count=O.count(staging_count, "staging_count"),
+            threads=O.count(threads, "threads"),
+            io=io,
+            direct=bool(direct),
+        )
+
+    @property
+    def device(self):
+        """The device this loader loads to (``"auto"`` resolved)."""
+        return self._raw.device
+
+    def _framework(self, framework):
+        fw = O.framework(framework)
+        if fw == "np" and self.device != "cpu":
+            raise O.UsageError(f"framework='np' loads to the CPU only; this loader's device is {self.device}")
+        return fw
+
+    def load(self, path, *, framework="pt", dtype=None, only=None, shard=None, split=None):
+        """Load ``path`` (a file, an ``index.json``, a directory or a Hugging Face cache folder)
+        into ``{name: tensor}`` in file order, as :func:`load_file` does.
+
+        Example::
+
+            >>> arrays = ws.Loader().load("model.safetensors", framework="np", only="*.weight")  # doctest: +SKIP
+        """
+        conv = converter(self._framework(framework))
+        raws = self._raw.load(O.path(path), O.opts(dtype, only, shard, split))
+        return {t.name: conv(t) for t in raws}
+
+    def iterate(self, path, *, window="1GiB", framework="pt", dtype=None, only=None, shard=None, split=None):
+        """Yield ``(name, tensor)`` in file order as tensors land, with at most ``window`` bytes
+        loaded ahead of what you still hold: memory stays bounded whatever the model's size.
+        Each tensor owns its memory; drop it when it is copied. Stopping early (``break``)
+        stops the reads.
+
+        Example (a framework's weight-loading loop)::
+
+            >>> params = dict(model.named_parameters())                    # doctest: +SKIP
+            >>> for name, t in loader.iterate(path, window="512MiB"):     # doctest: +SKIP
+            ...     params[name].data.copy_(t)
+        """
+        conv = converter(self._framework(framework))
+        window = O.size(window, "window")
+        stream = self._raw.stream(O.path(path), O.opts(dtype, only, shard, split), window)
+        return _iterate(stream, conv)
+
+    def load_into(self, path, tensors, *, dtype=None, shard=None, split=None):
+        """Fill existing tensors in place: ``tensors`` maps names to numpy arrays, torch tensors
+        (a module's ``state_dict()``) or any object with ``__dlpack__``, each contiguous, writable,
+        on this loader's device, of the tensor's loaded shape and dtype (a mismatch raises
+        :class:`UsageError` naming the tensor). Nothing else is allocated; tensors of the
+        checkpoint that ``tensors`` does not name are skipped. Returns the bytes loaded.
+
+        Example::
+
+            >>> out = {"w": np.empty((4, 4), np.float32)}                  # doctest: +SKIP
+            >>> ws.Loader().load_into("model.safetensors", out)           # doctest: +SKIP
+        """
+        items = tensors.items() if hasattr(tensors, "items") else tensors
+        dests = [(name, destination(obj, name)) for name, obj in items]
+        return self._raw.load_into(O.path(path), dests, O.opts(dtype, None, shard, split))
+
+    def describe(self, path, *, dtype=None, only=None, shard=None, split=None):
+        """What a load would produce, from the headers alone: a list of
+        ``(name, dtype, stored_dtype, shape, nbytes)`` in file order."""
+        return self._raw.describe(O.path(path), O.opts(dtype, only, shard, split))
+
+
+def _iterate(stream, conv):
+    try:
+        for t in stream:
+            yield t.name, conv(t)
+    finally:
+        stream.close()
+
+
+_default_loaders = {}
+_default_lock = threading.Lock()
+
+
+def _default_loader(device):
+    """One loader per device for ``load_file`` (its staging ring is reused by the next call)."""
+    dev = O.device(device)
+    with _default_lock:
+        loader = _default_loaders.get(dev)
+        if loader is None:
+            loader = _default_loaders[dev] = Loader(device=dev)
+        return loader
+
+
+def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shard=None, split=None):
+    """Load a checkpoint into ``{name: tensor}``, like ``safetensors.torch.load_file`` /
+    ``safetensors.numpy.load_file``.
+
+    Args:
+        path: a ``.safetensors`` file, a ``model.safetensors.index.json``, a directory of them
+            or a Hugging Face cache folder (``models--org--name``).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, an int or a ``torch.device``.
+        framework: ``"pt"`` (torch tensors) or ``"np"`` (numpy arrays, CPU only; bf16 and fp8
+            as ``ml_dtypes`` types, as ``safetensors.numpy`` returns them).
+        dtype: convert F16/BF16/F32/F64 tensors to ``"bf16"``, ``"f16"`` or ``"f32"``.
+        only: a glob or list of globs: load only the tensors whose names match.
+        shard: ``(rank, world)``: with ``split``, load this rank's share of split tensors.
+        split: ``{"*.q_proj.weight": 0, ...}``: the dimension each matching tensor splits along
+            (first match wins; the others load whole).
+
+    Tensors are handed over without a copy and keep their memory alive; one allocation holds
+    a load's tensors and is freed when the last of them dies.
+
+    Example::
+
+        >>> import weightstream as ws
+        >>> arrays = ws.load_file("model.safetensors", framework="np")          # doctest: +SKIP
+        >>> tensors = ws.load_file("Qwen2-7B/", device="cuda:0", dtype="bf16")  # doctest: +SKIP
+    """
+    return _default_loader(device).load(path, framework=framework, dtype=dtype, only=only, shard=shard, split=split)

@@ -1,0 +1,42 @@
+//! weightstream errors as Python exceptions: the classes live in `weightstream/_errors.py`
+//! (they inherit from `ValueError` / `OSError` as well as from `WeightstreamError`).
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use weightstream::{Error, ErrorKind};
+
+/// The exception class for an error kind: its name in `weightstream._errors`.
+fn class_name(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Format | ErrorKind::Source => "FormatError",
+        ErrorKind::Io => "ReadError",
+        ErrorKind::Device => "DeviceError",
+        ErrorKind::Usage => "UsageError",
+        ErrorKind::Cancelled => "CancelledError",
+        _ => "InternalError",
+    }
+}
+
+/// An exception of class `name` from `weightstream._errors` with `message`.
+pub fn raise(py: Python<'_>, name: &str, message: String) -> PyErr {
+    let class = py.import("weightstream._errors").and_then(|m| m.getattr(name));
+    match class {
+        Ok(class) => match class.call1((message.clone(),)) {
+            Ok(instance) => PyErr::from_value(instance),
+            Err(e) => e,
+        },
+        // The package's Python half is missing (the extension imported on its own).
+        Err(_) => PyRuntimeError::new_err(message),
+    }
+}
+
+/// A weightstream error as the Python exception of its kind; the message names the file and,
+/// when known, the tensor.
+pub fn to_py(py: Python<'_>, err: Error) -> PyErr {
+    raise(py, class_name(err.kind()), err.to_string())
+}
+
+/// A bad option value (`ValueError`).
+pub fn usage(py: Python<'_>, message: impl Into<String>) -> PyErr {
+    raise(py, "UsageError", message.into())
+}

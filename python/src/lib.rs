@@ -1,0 +1,47 @@
+//! `weightstream._weightstream`: the Rust half of the `weightstream` Python package, a thin
+//! layer over the `weightstream` crate. Loading is the crate's; this layer parses options,
+//! runs loads with the GIL released (interruptible by Ctrl-C), and exports tensors through
+//! DLPack. The Python half (`python/python/weightstream/`) turns them into framework tensors.
+
+mod dlpack;
+mod errors;
+mod interrupt;
+mod loader;
+mod stream;
+mod tensor;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use pyo3::prelude::*;
+
+/// The `__metadata__` of a checkpoint's files (merged, the first file's value first), or `None`
+/// when there is none. Reads headers only.
+#[pyfunction]
+fn read_metadata(py: Python<'_>, path: PathBuf) -> PyResult<Option<BTreeMap<String, String>>> {
+    let ckpt = py.detach(|| weightstream::Checkpoint::open(&path)).map_err(|e| errors::to_py(py, e))?;
+    let mut merged = BTreeMap::new();
+    for f in &ckpt.files {
+        for (k, v) in &f.header.metadata {
+            merged.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    Ok((!merged.is_empty()).then_some(merged))
+}
+
+/// Whether a CUDA device is usable here.
+#[pyfunction]
+fn cuda_available(py: Python<'_>) -> bool {
+    py.detach(weightstream::sink::cuda_available)
+}
+
+#[pymodule]
+fn _weightstream(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<tensor::RawTensor>()?;
+    m.add_class::<loader::RawLoader>()?;
+    m.add_class::<stream::RawStream>()?;
+    m.add_function(wrap_pyfunction!(read_metadata, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    Ok(())
+}
