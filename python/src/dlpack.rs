@@ -38,6 +38,8 @@ pub const KDL_BOOL: u8 = 6;
 
 /// `DLPACK_FLAG_BITMASK_READ_ONLY`.
 const FLAG_READ_ONLY: u64 = 1;
+/// `DLPACK_FLAG_BITMASK_IS_COPIED`: the producer handed out a copy, not its own memory.
+const FLAG_IS_COPIED: u64 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,15 +288,31 @@ pub fn import(capsule: &Bound<'_, PyAny>) -> PyResult<Imported> {
         return Err(PyErr::fetch(capsule.py()));
     }
     // SAFETY: the producer keeps the struct valid until its deleter is called (by `Imported`).
-    let (t, flags, release) = unsafe {
+    let (t, flags, major, release) = unsafe {
         if versioned {
             let m = ptr.cast::<DLManagedTensorVersioned>();
-            (&(*m).dl_tensor, (*m).flags, Release::Versioned(m))
+            (&(*m).dl_tensor, (*m).flags, (*m).version.major, Release::Versioned(m))
         } else {
             let m = ptr.cast::<DLManagedTensor>();
-            (&(*m).dl_tensor, 0, Release::Legacy(m))
+            (&(*m).dl_tensor, 0, 1, Release::Legacy(m))
         }
     };
+    if major != 1 || flags & FLAG_IS_COPIED != 0 {
+        // Dropping it calls the producer's deleter, as DLPack asks of a consumer that refuses.
+        drop(Imported {
+            data: 0,
+            device: t.device,
+            dtype: t.dtype,
+            shape: Vec::new(),
+            contiguous: false,
+            read_only: true,
+            release,
+        });
+        return Err(PyBufferError::new_err(match major {
+            1 => "the destination's __dlpack__ returned a copy: it cannot be filled in place".to_string(),
+            m => format!("the destination speaks DLPack {m}.x; this build reads 1.x"),
+        }));
+    }
     let ndim = usize::try_from(t.ndim).unwrap_or(0);
     // SAFETY: DLPack: `shape` holds `ndim` entries, `strides` too when not null.
     let shape = if ndim == 0 { Vec::new() } else { unsafe { std::slice::from_raw_parts(t.shape, ndim) }.to_vec() };

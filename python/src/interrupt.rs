@@ -2,6 +2,7 @@
 //! released, wakes every 50 ms to run Python's signal handlers, and on an exception
 //! (KeyboardInterrupt) cancels the load, waits for it to stop, and hands the exception back.
 
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
 
@@ -19,18 +20,24 @@ pub fn run<T: Send>(
     token: &CancelToken,
     work: impl FnOnce() -> T + Send,
 ) -> PyResult<(T, Option<PyErr>)> {
+    // The worker raises `done` before it wakes the waiter, which loops on it (a thread only
+    // counts as finished later, so waiting on that alone could sleep a whole poll in vain).
+    let done_flag = std::sync::atomic::AtomicBool::new(false);
+    let done = &done_flag;
     thread::scope(|s| {
         let caller = thread::current();
         let handle = thread::Builder::new()
             .name("weightstream-load".into())
             .spawn_scoped(s, move || {
                 let out = work();
+                done.store(true, Ordering::Release);
                 caller.unpark();
                 out
             })
             .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start a load thread: {e}")))?;
         let mut interrupted = None;
-        while !handle.is_finished() {
+        // A panicking worker never raises `done`: it finishes, though.
+        while !done.load(Ordering::Acquire) && !handle.is_finished() {
             py.detach(|| thread::park_timeout(POLL));
             if interrupted.is_none() {
                 if let Err(e) = py.check_signals() {

@@ -238,7 +238,7 @@ impl RawLoader {
         let mut ranges: Vec<(u64, u64, &str)> = imported
             .iter()
             .filter(|(_, _, len)| *len > 0)
-            .map(|(n, im, len)| (im.data, im.data + *len as u64, n.as_str()))
+            .map(|(n, im, len)| (im.data, im.data.saturating_add(*len as u64), n.as_str()))
             .collect();
         ranges.sort();
         if let Some(w) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
@@ -278,6 +278,8 @@ fn export_capsule<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     })?;
     let kwargs = pyo3::types::PyDict::new(py);
     kwargs.set_item("max_version", (1, 0))?;
+    // Its own memory or nothing: a copy would be filled and thrown away.
+    kwargs.set_item("copy", false)?;
     // A producer without DLPack 1.0 (numpy < 2.1) refuses the keyword: ask for legacy then.
     let capsule = match method.call((), Some(&kwargs)) {
         Err(e) if e.is_instance_of::<PyTypeError>(py) => method.call0(),

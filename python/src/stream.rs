@@ -58,7 +58,12 @@ impl RawStream {
                 Err(to_py(py, e))
             }
             Some(Ok(t)) => {
-                *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+                // Put back, unless `close()` ran meanwhile: then it ends here, and is joined.
+                if self.token.is_cancelled() {
+                    py.detach(move || drop(stream));
+                } else {
+                    *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+                }
                 RawTensor::from_streamed(t)
             }
         }

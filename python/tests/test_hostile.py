@@ -21,7 +21,10 @@ CHILD = textwrap.dedent(
             f()
         except ws.WeightstreamError as e:
             ok = isinstance(e, (ValueError, OSError))
-            named = ("safetensors" in str(e) or "index" in str(e) or "bad" in str(e))
+            # The file (or, for a checkpoint folder or index, the folder it lies in) is named.
+            import os
+            here = os.path.abspath(path)
+            named = os.path.basename(here) in str(e) or os.path.basename(os.path.dirname(here)) in str(e)
             verdict = "ok" if ok and named else "unnamed"
             if len(str(e)) > 2000 or "\x1b" in str(e):
                 verdict = "unescaped-or-uncut"

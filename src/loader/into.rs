@@ -198,6 +198,10 @@ impl Loader {
     ) -> Result<(&'static str, u64, u64, bool, u64)> {
         use crate::sink::cuda::{CudaDevice, CudaSink};
         let dev = CudaDevice::open(ordinal)?;
+        // Work already queued on the destinations (a framework's zero-fill, or a previous owner
+        // of the block in its caching allocator) runs on streams ours do not wait for: let it
+        // finish before the copies start, or it could land after them.
+        dev.synchronize()?;
         let places = ordered
             .iter()
             .map(|d| match d {

@@ -105,7 +105,9 @@ class Loader:
 def _iterate(stream, conv):
     try:
         for t in stream:
-            yield t.name, conv(t)
+            item = (t.name, conv(t))
+            del t  # the caller's tensor alone keeps the memory, not this frame
+            yield item
     finally:
         stream.close()
 

@@ -115,8 +115,8 @@ class _Slice:
         key = key if isinstance(key, tuple) else (key,)
         if sum(k is Ellipsis for k in key) > 1:
             raise IndexError("an index can only have a single ellipsis ('...')")
-        if Ellipsis in key:
-            i = key.index(Ellipsis)
+        if any(k is Ellipsis for k in key):  # by identity: `in` would compare arrays
+            i = next(j for j, k in enumerate(key) if k is Ellipsis)
             fill = len(self._shape) - (len(key) - 1)
             key = key[:i] + (slice(None),) * max(fill, 0) + key[i + 1:]
         if len(key) > len(self._shape):
@@ -149,17 +149,23 @@ class _Slice:
                 block = (dim, lo, hi)
             if block:
                 break
-        if block is None or block[1] == block[2]:
-            # The whole tensor, or an empty selection (indexed from the whole tensor, so that
-            # its shape and dtype come out as numpy/torch make them).
-            t = h._conv(h._loader._raw.load(h._path, O.opts(exact=[self._name]))[0])
-            return t if block is None else t[tuple(key)]
+        if block is None:
+            return h._conv(h._loader._raw.load(h._path, O.opts(exact=[self._name]))[0])
         dim, lo, hi = block
+        empty = lo == hi
+        if empty:
+            # An empty selection: one entry of the dimension (not the whole tensor) is loaded
+            # and indexed empty, so that the shape and dtype come out as numpy/torch make them.
+            n = self._shape[dim]
+            lo = min(lo, n - 1) if n else 0
+            hi = min(lo + 1, n)
         raw = h._loader._raw.load(h._path, O.opts(exact=[self._name], slice_=(self._name, dim, lo, hi)))[0]
         t = h._conv(raw)
         local = []
         for d, k in enumerate(key):
-            if d == dim:
+            if d == dim and empty:
+                k = slice(0, 0, 1)
+            elif d == dim:
                 if isinstance(k, int):
                     k -= lo
                 else:  # a negative step's stop may fall before the block: then it is open
@@ -168,4 +174,13 @@ class _Slice:
             local.append(k)
         if all(isinstance(k, slice) and (k.start, k.step) == (0, 1) and k.stop >= s for k, s in zip(local, raw.shape)):
             return t
+        if type(t).__module__.startswith("torch") and any(isinstance(k, slice) and k.step < 0 for k in local):
+            # torch slices take no negative step: such a dimension is gathered (a copy).
+            import torch
+
+            for d, k in enumerate(local):
+                if isinstance(k, slice) and k.step < 0:
+                    idx = torch.arange(*k.indices(t.shape[d]), device=t.device)
+                    t = t.index_select(d, idx)
+                    local[d] = slice(None)
         return t[tuple(local)]
