@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One GPU session: CUDA tests, demo, same-run baselines, tuning sweep, conversion, sanitizer.
 # Run on the GPU machine from the project root with the binaries built by
-# ../shared/gpu/build-for-device.sh in .gpu/bin and the loader wheels in .whl (optional).
+# ../shared/gpu/build-for-device.sh in .gpu/bin and the loader wheels in .whl (optional). For the
+# `python` part also carry our own abi3 wheel and pytest's, built/fetched on the build machine:
+#   (cd python && maturin build --release -o ../.whl)
+#   pip download --no-deps --only-binary=:all: -d .whl pytest iniconfig pluggy packaging
 #   usage: scripts/gpu_bench.sh OUTDIR [part...]
-#   parts: tests demo compare sweep convert sanitize zero-copy (the experimental --zero-copy)
+#   parts: tests python demo compare sweep convert sanitize zero-copy (the experimental --zero-copy)
 set -uo pipefail
 out=${1:?outdir}; shift
-parts=${*:-tests demo compare sweep convert sanitize zero-copy}
+parts=${*:-tests python demo compare sweep convert sanitize zero-copy}
 B=.gpu/bin
 W=$B/weightstream
 export WEIGHTSTREAM_PYTHON=python3 PYTHONUNBUFFERED=1
@@ -37,6 +40,9 @@ save_file(t, path)
 PY
 }
 for p in $parts; do case $p in
+python)
+  # The Python package on torch + CUDA (python/tests/test_gpu.py); it skips in one line without.
+  timeout 300 python3 -m pytest -q -rfEs python/tests/test_gpu.py 2>&1 | tail -20 | tee "$out/python.log" ;;
 tests)
   for t in cuda_load cuda_stream cuda_convert load_host convert_load pipeline_stages stream; do echo "== $t"; timeout 300 $B/$t-test --nocapture 2>&1 | grep -E "^test |result|SKIPPED|peak RSS|panicked|error" ; done | tee "$out/tests.log" ;;
 demo)
