@@ -19,18 +19,7 @@ static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn gpu() -> Option<std::sync::MutexGuard<'static, ()>> {
     let guard = GPU.lock().unwrap_or_else(|p| p.into_inner());
-    let ok = match device_count() {
-        Ok(n) if n > 0 => true,
-        Ok(_) => {
-            println!("SKIPPED: CUDA driver present but no device");
-            false
-        }
-        Err(e) => {
-            println!("SKIPPED: {e}");
-            false
-        }
-    };
-    ok.then_some(guard)
+    common::cuda_device_present().then_some(guard)
 }
 
 fn write_mixed(dir: &Path) -> PathBuf {

@@ -9,26 +9,12 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use weightstream::format::{write_file, WriteTensor};
-use weightstream::sink::cuda::{device_count, CudaDevice, SCRATCH_BUDGET};
+use weightstream::sink::cuda::{CudaDevice, SCRATCH_BUDGET};
 use weightstream::{Device, Dtype, Loader, StreamedTensor};
-
-fn gpu() -> bool {
-    match device_count() {
-        Ok(n) if n > 0 => true,
-        Ok(_) => {
-            println!("SKIPPED: CUDA driver present but no device");
-            false
-        }
-        Err(e) => {
-            println!("SKIPPED: {e}");
-            false
-        }
-    }
-}
 
 #[test]
 fn a_device_stream_stays_within_its_window_and_equals_a_host_load() {
-    if !gpu() {
+    if !common::cuda_device_present() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

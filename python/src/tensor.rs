@@ -92,11 +92,7 @@ impl RawTensor {
         model
             .tensors()
             .map(|t| {
-                let data = match (t.host_bytes(), t.device_ptr()) {
-                    (Some(b), _) => b.as_ptr() as u64,
-                    (None, Some(p)) => p,
-                    (None, None) => return Err(PyValueError::new_err("a tensor on the null device has no memory")),
-                };
+                let data = address(t.host_bytes(), t.device_ptr())?;
                 Ok(RawTensor {
                     name: t.name().to_string(),
                     dtype: t.dtype(),
@@ -113,11 +109,7 @@ impl RawTensor {
 
     /// A streamed tensor; it owns its share of the batch it landed in.
     pub fn from_streamed(t: StreamedTensor) -> PyResult<RawTensor> {
-        let data = match (t.host_bytes(), t.device_ptr()) {
-            (Some(b), _) => b.as_ptr() as u64,
-            (None, Some(p)) => p,
-            (None, None) => return Err(PyValueError::new_err("a tensor on the null device has no memory")),
-        };
+        let data = address(t.host_bytes(), t.device_ptr())?;
         Ok(RawTensor {
             name: t.name().to_string(),
             dtype: t.dtype(),
@@ -220,5 +212,14 @@ impl RawTensor {
 
     fn __repr__(&self) -> String {
         format!("Tensor(name={:?}, dtype={}, shape={:?}, device={})", self.name, self.dtype, self.shape, self.device())
+    }
+}
+
+/// The address of a tensor's bytes: in host memory, or on its device.
+fn address(host: Option<&[u8]>, device_ptr: Option<u64>) -> PyResult<u64> {
+    match (host, device_ptr) {
+        (Some(b), _) => Ok(b.as_ptr() as u64),
+        (None, Some(p)) => Ok(p),
+        (None, None) => Err(PyValueError::new_err("a tensor on the null device has no memory")),
     }
 }

@@ -5,7 +5,6 @@ use std::path::Path;
 use super::Loader;
 use crate::error::Result;
 use crate::format::Dtype;
-use crate::plan::Plan;
 use crate::source::Checkpoint;
 
 /// One tensor as a load with the loader's options would produce it: its loaded dtype and shape
@@ -42,9 +41,7 @@ impl Loader {
     /// ```
     pub fn describe(&self, path: impl AsRef<Path>) -> Result<Vec<TensorInfo>> {
         let ckpt = Checkpoint::open(path.as_ref())?;
-        let (_, only, shard) = self.prepare()?;
-        let select = |n: &str| only.as_ref().is_none_or(|g| g.is_match(n));
-        let plan = Plan::new_sharded(&ckpt, &select, &|n, d| self.out_dtype(n, d), shard.as_ref())?;
+        let (_, plan) = self.plan_of(&ckpt, &|_| true)?;
         Ok(plan
             .tensors
             .into_iter()

@@ -97,6 +97,7 @@ impl Loader {
         let in_only = |n: &str| only.as_ref().is_none_or(|g| g.is_match(n));
         let select = |n: &str| dests.contains_key(n) && in_only(n);
         let plan = Plan::new_sharded(&ckpt, &select, &|n, d| self.out_dtype(n, d), shard.as_ref())?;
+        super::check_conversions(&plan)?;
         if plan.tensors.len() < dests.len() {
             let mut missing: Vec<&String> =
                 dests.keys().filter(|n| !plan.tensors.iter().any(|t| &t.name == *n)).collect();

@@ -272,6 +272,7 @@ impl Loader {
         // The checkpoint is ours: the model takes its names and shapes instead of copies.
         let select = |n: &str| select.as_ref().is_none_or(|g| g.is_match(n));
         let plan = Plan::new_taking(&mut ckpt, &select, &|n, d| self.out_dtype(n, d), shard.as_ref())?;
+        check_conversions(&plan)?;
         // Nothing reads the headers' tensor lists after planning: free them before the load.
         for f in &mut ckpt.files {
             f.header.tensors = Vec::new();
@@ -392,24 +393,22 @@ impl Loader {
     /// Load an already opened checkpoint.
     pub fn load_checkpoint(&self, ckpt: &Checkpoint) -> Result<LoadedModel> {
         let started = Instant::now();
-        let (device, select, shard) = self.prepare()?;
-        let select = |n: &str| select.as_ref().is_none_or(|g| g.is_match(n));
-        let plan = Plan::new_sharded(ckpt, &select, &|n, d| self.out_dtype(n, d), shard.as_ref())?;
+        let (device, plan) = self.plan_of(ckpt, &|_| true)?;
         self.load_plan(ckpt, plan, device, started)
     }
 
-    /// Run the load `plan` of `ckpt`.
+    /// The device and the plan of `ckpt` under these options, for the tensors that `keep` also
+    /// accepts; a conversion the loader cannot do is an error naming the tensor.
+    fn plan_of(&self, ckpt: &Checkpoint, keep: &dyn Fn(&str) -> bool) -> Result<(Device, Plan)> {
+        let (device, only, shard) = self.prepare()?;
+        let select = |n: &str| keep(n) && only.as_ref().is_none_or(|g| g.is_match(n));
+        let plan = Plan::new_sharded(ckpt, &select, &|n, d| self.out_dtype(n, d), shard.as_ref())?;
+        check_conversions(&plan)?;
+        Ok((device, plan))
+    }
+
+    /// Run the load `plan` of `ckpt` (its conversions checked).
     fn load_plan(&self, ckpt: &Checkpoint, plan: Plan, device: Device, started: Instant) -> Result<LoadedModel> {
-        for t in plan.tensors.iter().filter(|t| t.converts()) {
-            if !crate::convert::supported(t.stored_dtype, t.dtype) {
-                return Err(Error::UnsupportedConversion {
-                    file: plan.files[t.file].path.clone(),
-                    tensor: t.name.clone(),
-                    from: t.stored_dtype.name(),
-                    to: t.dtype.name(),
-                });
-            }
-        }
         let strategy = self.strategy(device, &plan);
         // Data is read through the descriptors the headers were read from (O_DIRECT: a second
         // descriptor of the same open file).
@@ -459,5 +458,18 @@ impl Loader {
         let mut model = LoadedModel::new(device, tensors, out.storage, stats);
         model.trace = trace;
         Ok(model)
+    }
+}
+
+/// Every conversion of `plan` is one the loader can do, or an error naming the tensor.
+fn check_conversions(plan: &Plan) -> Result<()> {
+    match plan.tensors.iter().find(|t| t.converts() && !crate::convert::supported(t.stored_dtype, t.dtype)) {
+        Some(t) => Err(Error::UnsupportedConversion {
+            file: plan.files[t.file].path.clone(),
+            tensor: t.name.clone(),
+            from: t.stored_dtype.name(),
+            to: t.dtype.name(),
+        }),
+        None => Ok(()),
     }
 }

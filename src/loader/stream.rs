@@ -101,7 +101,7 @@ impl Loader {
     /// ```
     pub fn stream(&self, path: impl AsRef<Path>, window_bytes: u64) -> Result<TensorStream> {
         let ckpt = Checkpoint::open(path.as_ref())?;
-        let (device, only, shard) = self.prepare()?;
+        let (device, plan) = self.plan_of(&ckpt, &|_| true)?;
         if self.zero_copy {
             return Err(Error::usage("stream does not support --zero-copy yet: it loads through the ring"));
         }
@@ -112,18 +112,6 @@ impl Loader {
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(Error::CudaNotBuilt),
             _ => return Err(Error::usage(format!("stream hands tensors out in host or CUDA memory, not {device}"))),
-        }
-        let select = |n: &str| only.as_ref().is_none_or(|g| g.is_match(n));
-        let plan = Plan::new_sharded(&ckpt, &select, &|n, d| self.out_dtype(n, d), shard.as_ref())?;
-        for t in plan.tensors.iter().filter(|t| t.converts()) {
-            if !crate::convert::supported(t.stored_dtype, t.dtype) {
-                return Err(Error::UnsupportedConversion {
-                    file: plan.files[t.file].path.clone(),
-                    tensor: t.name.clone(),
-                    from: t.stored_dtype.name(),
-                    to: t.dtype.name(),
-                });
-            }
         }
         let cut = batches(&plan, window_bytes)?;
         let window = Arc::new(Window::new(window_bytes));

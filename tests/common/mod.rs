@@ -202,3 +202,19 @@ impl SplitMix {
         z ^ (z >> 31)
     }
 }
+
+/// Whether a CUDA device is usable here; prints one `SKIPPED` line saying why when not.
+#[cfg(feature = "cuda")]
+pub fn cuda_device_present() -> bool {
+    match weightstream::sink::cuda::device_count() {
+        Ok(n) if n > 0 => true,
+        Ok(_) => {
+            println!("SKIPPED: CUDA driver present but no device");
+            false
+        }
+        Err(e) => {
+            println!("SKIPPED: {e}");
+            false
+        }
+    }
+}
