@@ -189,8 +189,7 @@ impl ShardIndex {
             tensor: tensor.map(str::to_string),
             message,
         };
-        let raw: RawIndex =
-            serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid index JSON: {e}"), None))?;
+        let raw: RawIndex = serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid index JSON: {e}"), None))?;
         let RawWeightMap { entries, shard_names } = raw.weight_map;
         // Each shard is checked once, when the first tensor that names it comes (in file order).
         let mut checked: Vec<Option<PathBuf>> = vec![None; shard_names.len()];

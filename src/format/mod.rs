@@ -6,10 +6,10 @@ pub(crate) mod index;
 mod writer;
 
 pub use dtype::{Dtype, UnknownDtype};
+pub(crate) use header::header_len_of;
 pub use header::{
     parse_header, read_header, read_header_from, Header, TensorInfo, MAX_HEADER_LEN, MAX_METADATA_KEYS, MAX_RANK,
     MAX_TENSORS,
 };
-pub(crate) use header::header_len_of;
 pub use index::{ShardIndex, MAX_INDEX_LEN, MAX_INDEX_TENSORS};
 pub use writer::{header_json, write_file, write_to_vec, WriteTensor};

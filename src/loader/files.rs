@@ -54,7 +54,9 @@ impl Loader {
         };
         let handles = match self.direct {
             true => direct.iter().map(File::as_raw_fd).collect(),
-            false => files.iter().map(|f| f.local_file("a local read").map(|f| f.as_raw_fd())).collect::<Result<_>>()?,
+            false => {
+                files.iter().map(|f| f.local_file("a local read").map(|f| f.as_raw_fd())).collect::<Result<_>>()?
+            }
         };
         Ok(ReadFiles {
             handles,
@@ -66,7 +68,8 @@ impl Loader {
 
     #[cfg(feature = "remote")]
     fn remote_files(&self, files: &[&crate::source::CheckpointFile]) -> Result<ReadFiles> {
-        let refuse = |what: &str| Err(Error::usage(format!("{what} applies to local files, not {}", files[0].path.display())));
+        let refuse =
+            |what: &str| Err(Error::usage(format!("{what} applies to local files, not {}", files[0].path.display())));
         if self.direct {
             return refuse("O_DIRECT");
         }

@@ -133,8 +133,17 @@ impl Loader {
                 }
                 let shape = (count, window as u64);
                 let (bytes, pinned) = std::thread::scope(|scope| {
-                    let mut stage =
-                        ZeroCopyStage::new(scope, &dev, plan, &sched, &files.handles, registrars, shape, self.fault, self.trace)?;
+                    let mut stage = ZeroCopyStage::new(
+                        scope,
+                        &dev,
+                        plan,
+                        &sched,
+                        &files.handles,
+                        registrars,
+                        shape,
+                        self.fault,
+                        self.trace,
+                    )?;
                     let bytes = pipeline::run(plan, &sched, &mut stage, &mut sink, obs)?;
                     Ok::<_, Error>((bytes, stage.staging_bytes()))
                 })?;

@@ -196,7 +196,9 @@ impl Loader {
         // As a whole load would: in place (reading and converting into the batch), or through
         // the ring where in place cannot honour the options (O_DIRECT, io_uring converting).
         let (_, bytes, _) = match self.strategy(Device::Cpu, part, files.is_remote()) {
-            Strategy::InPlace { convert_on_workers } => self.in_place(part, files, &mut sink, convert_on_workers, obs)?,
+            Strategy::InPlace { convert_on_workers } => {
+                self.in_place(part, files, &mut sink, convert_on_workers, obs)?
+            }
             _ => {
                 let (count, size) = self.ring_dims_for(Device::Cpu, files.is_remote());
                 let mut ring = self.pool.host(count, size)?;

@@ -114,7 +114,9 @@ impl CheckpointFile {
         match &self.access {
             FileAccess::Local(f) => Ok(f),
             #[cfg(feature = "remote")]
-            FileAccess::Remote(_) => Err(Error::usage(format!("{what} needs a local file, not {}", self.path.display()))),
+            FileAccess::Remote(_) => {
+                Err(Error::usage(format!("{what} needs a local file, not {}", self.path.display())))
+            }
         }
     }
 
@@ -180,7 +182,10 @@ impl Checkpoint {
 
     #[cfg(not(feature = "remote"))]
     fn open_remote(url: &Path, _: &RemoteOptions) -> Result<Checkpoint> {
-        Err(Error::BadSource { file: url.into(), message: "weightstream was built without the `remote` feature".into() })
+        Err(Error::BadSource {
+            file: url.into(),
+            message: "weightstream was built without the `remote` feature".into(),
+        })
     }
 
     /// The files, checked together.

@@ -23,8 +23,8 @@ use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore};
 use url::Url;
 
-pub use store::OWN_KEYS;
 pub(crate) use store::spawn as spawn_remote;
+pub use store::OWN_KEYS;
 
 use super::{CheckpointFile, RemoteOptions};
 use crate::error::{Error, RemoteFailure, RemoteFault, Result};
@@ -104,13 +104,17 @@ impl RemoteObject {
     /// once as it streams in.
     pub(crate) async fn read_into(&self, range: Range<u64>, dst: &mut [u8]) -> std::result::Result<(), RemoteFault> {
         let want = dst.len();
-        let got = self.store.get_opts(&self.location, self.get_options(range)).await.map_err(RemoteFault::from_store)?;
+        let got =
+            self.store.get_opts(&self.location, self.get_options(range)).await.map_err(RemoteFault::from_store)?;
         self.check_same(&got.meta)?;
         let mut body = got.into_stream();
         let mut filled = 0usize;
         while let Some(chunk) = body.try_next().await.map_err(RemoteFault::from_store)? {
             let end = filled.checked_add(chunk.len()).filter(|&e| e <= want).ok_or_else(|| {
-                RemoteFault::new(RemoteFailure::Protocol, format!("the server sent more than the {want} bytes asked for"))
+                RemoteFault::new(
+                    RemoteFailure::Protocol,
+                    format!("the server sent more than the {want} bytes asked for"),
+                )
             })?;
             dst[filled..end].copy_from_slice(&chunk);
             filled = end;
@@ -157,11 +161,8 @@ fn classify_chain(e: &(dyn std::error::Error + 'static)) -> RemoteFailure {
     }
     // `object_store` keeps its retry error private; its text carries the final status.
     let text = e.to_string();
-    let status = text
-        .split("status code: ")
-        .nth(1)
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse::<u16>().ok());
+    let status =
+        text.split("status code: ").nth(1).and_then(|rest| rest.get(..3)).and_then(|code| code.parse::<u16>().ok());
     match status {
         Some(404) => RemoteFailure::NotFound,
         Some(401 | 403) => RemoteFailure::Denied,
@@ -235,8 +236,11 @@ async fn list_prefix(
     at: &store::Location,
 ) -> Result<(Vec<(Url, ObjectPath)>, Option<ShardIndex>)> {
     let prefix = (!at.path.as_ref().is_empty()).then_some(&at.path);
-    let listed =
-        at.store.list_with_delimiter(prefix).await.map_err(|e| remote_error(url.as_str(), RemoteFault::from_store(e)))?;
+    let listed = at
+        .store
+        .list_with_delimiter(prefix)
+        .await
+        .map_err(|e| remote_error(url.as_str(), RemoteFault::from_store(e)))?;
     if listed.objects.len() > MAX_LISTED_OBJECTS {
         let n = listed.objects.len();
         return Err(Error::BadSource {
@@ -411,5 +415,4 @@ mod tests {
         assert!(child(&dir, "c:a.safetensors").is_err());
         assert!(child(&dir, "").is_err());
     }
-
 }

@@ -32,7 +32,10 @@ pub(crate) fn parse_url(text: &str) -> Result<Url> {
     let url = Url::parse(text).map_err(|e| bad(text, format!("not a valid URL: {e}")))?;
     if !url.username().is_empty() || url.password().is_some() {
         // Credentials in a URL end up in logs and error messages: refuse them.
-        return Err(bad(text, "credentials in the URL are not accepted; use storage options or the environment".into()));
+        return Err(bad(
+            text,
+            "credentials in the URL are not accepted; use storage options or the environment".into(),
+        ));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(bad(text, "a query or fragment in the URL is not supported".into()));
@@ -189,10 +192,8 @@ mod tests {
     #[test]
     fn unknown_storage_options_are_errors() {
         let url = parse_url("s3://bucket/m.safetensors").unwrap();
-        let opts = RemoteOptions {
-            storage_options: vec![("no_such_key".into(), "1".into())],
-            ..RemoteOptions::default()
-        };
+        let opts =
+            RemoteOptions { storage_options: vec![("no_such_key".into(), "1".into())], ..RemoteOptions::default() };
         let err = store_for(&url, &opts).err().expect("an unknown key is refused");
         assert!(err.to_string().contains("no_such_key"), "{err}");
     }
