@@ -49,7 +49,7 @@ pub(crate) fn store_for(url: &Url, opts: &RemoteOptions) -> Result<Location> {
     let (scheme, path) = ObjectStoreScheme::parse(url).map_err(|e| bad(url.as_str(), e.to_string()))?;
     let retry = retry_config(url, opts)?;
     let store_opts = || opts.storage_options.iter().filter(|(k, _)| !OWN_KEYS.contains(&k.as_str()));
-    let key_error = |k: &str, e: object_store::Error| bad(url.as_str(), format!("storage option `{k}`: {e}"));
+    let key_error = |k: &str, e: object_store::Error| Error::usage(format!("{url}: storage option `{k}`: {e}"));
     let built: std::result::Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
         ObjectStoreScheme::AmazonS3 => {
             let mut b = AmazonS3Builder::from_env().with_url(url.as_str()).with_retry(retry);
