@@ -34,11 +34,14 @@
 //!   listings). Reached with the account key and a path-style endpoint, not with
 //!   `azure_storage_use_emulator` (that one takes its address from the `AZURITE_BLOB_STORAGE_URL`
 //!   environment variable only, default port 10000).
-//! - fake-gcs-server: ranged GET and HEAD, ETag `"<md5 base64>"`, generation as the version;
-//!   it IGNORES `If-Match` (answers 200/206 with a stale ETag), and object_store's XML-API upload
-//!   (`PUT /bucket/object`) is refused ("invalid uploadType"): [`GcsServer::put`] uploads through
-//!   the JSON API. (PyPI's `gcp-storage-emulator` does not work at all: no `ETag` header on any
-//!   response, so object_store fails with `MissingEtag`; no HEAD (501); `If-Match` ignored.)
+//! - fake-gcs-server: ranged GET and HEAD, ETag `"<md5 base64>"`, generation as the version
+//!   (a GET pinned to a replaced generation gets 404: `NotFound`); it IGNORES `If-Match`
+//!   (answers 200/206 with a stale ETag). object_store's XML-API upload (`PUT /bucket/object`)
+//!   is refused ("invalid uploadType"): [`GcsServer::put`] uploads through the JSON API. The XML
+//!   API is routed by the `Host` header: the server starts with `-public-host 127.0.0.1`, which
+//!   matches any port, so a proxy in front of it works. (PyPI's `gcp-storage-emulator` does not
+//!   work at all: no `ETag` header on any response, so object_store fails with `MissingEtag`; no
+//!   HEAD (501); `If-Match` ignored.)
 
 use std::collections::HashMap;
 use std::fs;
@@ -446,6 +449,8 @@ pub trait RemoteServer {
     fn put(&self, key: &str, bytes: &[u8]);
     /// Deletes an object.
     fn delete(&self, key: &str);
+    /// The server's output so far (for a failing test's message).
+    fn server_log(&self) -> String;
     /// The store at the root of the bucket (container, server), direct.
     fn store(&self) -> Arc<dyn ObjectStore> {
         self.store_via(&self.endpoint(), None)
@@ -560,6 +565,10 @@ impl RemoteServer for S3Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    fn server_log(&self) -> String {
+        self.process.log_text()
+    }
+
     fn url_via(&self, _endpoint: &str, key: &str) -> String {
         format!("s3://{BUCKET}/{key}")
     }
@@ -668,6 +677,10 @@ impl RemoteServer for HttpServer {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    fn server_log(&self) -> String {
+        self.process.log_text()
+    }
+
     fn url_via(&self, endpoint: &str, key: &str) -> String {
         format!("{}/{key}", endpoint.trim_end_matches('/'))
     }
@@ -771,6 +784,10 @@ impl RemoteServer for AzureServer {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    fn server_log(&self) -> String {
+        self.process.log_text()
+    }
+
     fn url_via(&self, _endpoint: &str, key: &str) -> String {
         format!("az://{BUCKET}/{key}")
     }
@@ -839,8 +856,9 @@ impl GcsServer {
         command
             .args(["-scheme", "http", "-host", "127.0.0.1", "-backend", "memory"])
             .args(["-port", &port.to_string()])
-            // The XML API (object_store's GET and HEAD) is routed by this host.
-            .args(["-public-host", &format!("127.0.0.1:{port}")])
+            // The XML API (object_store's GET and HEAD) is routed by the Host header; a public
+            // host without a port matches 127.0.0.1 on any port (so also through a proxy).
+            .args(["-public-host", "127.0.0.1"])
             .arg("-data")
             .arg(&data)
             .args(["-log-level", "warn"])
@@ -858,6 +876,10 @@ impl GcsServer {
 impl RemoteServer for GcsServer {
     fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn server_log(&self) -> String {
+        self.process.log_text()
     }
 
     fn url_via(&self, _endpoint: &str, key: &str) -> String {
