@@ -111,7 +111,9 @@ fn layouts_equal_local(server: &dyn RemoteServer, name: &str) {
             ("64 KiB GETs, 3 in flight", loader_for(server).remote_request_size(64 << 10).remote_concurrency(3)),
             (
                 "short reads of 4099 bytes",
-                loader_for(server).remote_request_size(64 << 10).inject_fault(weightstream::io::Fault::ShortReads(4099)),
+                loader_for(server)
+                    .remote_request_size(64 << 10)
+                    .inject_fault(weightstream::io::Fault::ShortReads(4099)),
             ),
             ("64 KiB ring slots", loader_for(server).staging_size(64 << 10).staging_count(3)),
         ] {
@@ -213,12 +215,15 @@ fn replaced_object_is_an_error<S: RemoteServer + Sync>(server: &S, name: &str) {
             }
         }));
     let err = std::thread::scope(|scope| {
-        scope.spawn(|| {
+        scope.spawn(move || {
             if asked.recv().is_ok() {
                 server.put("m.safetensors", &changed);
                 done.send(()).unwrap();
             }
         });
+        // The loader (and the request sender in its callback) dies here on every path, so the
+        // thread above ends even if no progress was reported.
+        let loader = loader;
         loader.load(&url).expect_err("an object replaced mid-load must not load")
     });
     assert_changed(&err, &url, name);
@@ -243,6 +248,14 @@ fn s3_object_replaced_during_a_load_is_an_error() {
 fn http_object_replaced_during_a_load_is_an_error() {
     let Some(http) = HttpServer::start() else { return };
     replaced_object_is_an_error(&http, "http");
+}
+
+/// fake-gcs-server ignores `If-Match`: the answer's ETag, compared with the header read's,
+/// catches the change.
+#[test]
+fn gcs_object_replaced_during_a_load_is_an_error() {
+    let Some(gcs) = GcsServer::start() else { return };
+    replaced_object_is_an_error(&gcs, "gcs");
 }
 
 #[test]
@@ -324,10 +337,7 @@ fn a_stalled_server_times_out() {
         .storage_option("max_retries", "1")
         .load(&url)
         .expect_err("a stalled server");
-    assert!(
-        matches!(err, Error::Remote { failure: RemoteFailure::TimedOut, .. }),
-        "expected a timeout, got {err:?}"
-    );
+    assert!(matches!(err, Error::Remote { failure: RemoteFailure::TimedOut, .. }), "expected a timeout, got {err:?}");
     assert!(started.elapsed() < Duration::from_secs(20), "gave up in {:?}", started.elapsed());
 }
 
@@ -345,7 +355,10 @@ fn missing_objects_buckets_and_bad_credentials() {
     let loader = loader_for(&s3);
     let missing = s3.url("nothere.safetensors");
     let err = loader.load(&missing).expect_err("missing key");
-    assert!(matches!(&err, Error::Remote { failure: RemoteFailure::NotFound, file, .. } if file == Path::new(&missing)), "{err:?}");
+    assert!(
+        matches!(&err, Error::Remote { failure: RemoteFailure::NotFound, file, .. } if file == Path::new(&missing)),
+        "{err:?}"
+    );
     let other_bucket = "s3://no-such-bucket-ws/m.safetensors";
     let err = loader.load(other_bucket).expect_err("missing bucket");
     assert!(matches!(&err, Error::Remote { failure: RemoteFailure::NotFound, .. }), "{err:?}");
@@ -397,7 +410,10 @@ fn malformed_files_served_remotely_fail_as_local_ones_do() {
         ("not_utf8", with_header(&[b'{', 0xff, 0xfe, b'}'], 0)),
         ("offsets_past_data", with_header(br#"{"a":{"dtype":"U8","shape":[10],"data_offsets":[0,10]}}"#, 4)),
         ("truncated_data", good[..8 + header_len + 7].to_vec()),
-        ("shape_overflow", with_header(br#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#, 4)),
+        (
+            "shape_overflow",
+            with_header(br#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#, 4),
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     for (name, bytes) in &cases {
