@@ -33,7 +33,12 @@ pub fn raise(py: Python<'_>, name: &str, message: String) -> PyErr {
 /// A weightstream error as the Python exception of its kind; the message names the file and,
 /// when known, the tensor.
 pub fn to_py(py: Python<'_>, err: Error) -> PyErr {
-    raise(py, class_name(err.kind()), err.to_string())
+    let class = match err {
+        // Whatever its kind: an OSError, as a failed download is.
+        Error::Remote { .. } => "RemoteError",
+        _ => class_name(err.kind()),
+    };
+    raise(py, class, err.to_string())
 }
 
 /// A bad option value (`ValueError`).

@@ -21,6 +21,7 @@ from ._errors import (
     InternalError,
     MissingTensorError,
     ReadError,
+    RemoteError,
     UsageError,
     WeightstreamError,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "WeightstreamError",
     "FormatError",
     "ReadError",
+    "RemoteError",
     "DeviceError",
     "UsageError",
     "MissingTensorError",

@@ -15,6 +15,12 @@ class ReadError(WeightstreamError, OSError):
     """Reading failed: a missing file, a short file, an I/O error, no memory."""
 
 
+class RemoteError(ReadError):
+    """A request to an object store or HTTP server failed after its retries: the object or bucket
+    is missing, access was denied, the server failed or stalled, or the object changed during the
+    load. The message names the URL (and the tensor, for data requests)."""
+
+
 class DeviceError(WeightstreamError, RuntimeError):
     """The CUDA driver or device failed (missing, out of memory, a failed call)."""
 
@@ -42,6 +48,7 @@ __all__ = [
     "WeightstreamError",
     "FormatError",
     "ReadError",
+    "RemoteError",
     "DeviceError",
     "UsageError",
     "MissingTensorError",
