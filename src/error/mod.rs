@@ -457,6 +457,7 @@ pub(crate) struct RemoteFault {
     pub message: String,
 }
 
+#[cfg_attr(not(feature = "remote"), allow(dead_code))] // made by the remote engine alone
 impl RemoteFault {
     pub(crate) fn new(failure: RemoteFailure, message: String) -> Self {
         RemoteFault { failure, message }

@@ -8,11 +8,15 @@ use std::sync::Arc;
 
 use super::Loader;
 use crate::error::{Error, Result};
-use crate::io::{open_engine, EngineOptions, FaultyEngine, IoKind, RawEngine};
+#[cfg(feature = "remote")]
+use crate::io::IoKind;
+use crate::io::{open_engine, EngineOptions, FaultyEngine, RawEngine};
 use crate::plan::Plan;
+use crate::source::Checkpoint;
 #[cfg(feature = "remote")]
 use crate::source::FileAccess;
-use crate::source::{Checkpoint, RemoteOptions};
+#[cfg(feature = "remote")]
+use crate::source::RemoteOptions;
 
 /// The planned files, open for reading.
 pub(super) struct ReadFiles {

@@ -110,6 +110,7 @@ impl CheckpointFile {
     }
 
     /// The open local file, or an error saying that `what` needs one.
+    #[cfg_attr(not(feature = "remote"), allow(unused_variables))]
     pub fn local_file(&self, what: &str) -> Result<&Arc<File>> {
         match &self.access {
             FileAccess::Local(f) => Ok(f),
