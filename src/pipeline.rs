@@ -56,10 +56,17 @@ pub(crate) fn run(
     let mut cx = Cleanup { stage, sink, finished: false };
     let total = sched.bytes_to_read();
     let mut done = 0u64;
+    // A read that ended because the load was cancelled (a remote engine drops its requests) is
+    // the cancellation, not a read error.
+    let cancel = obs.cancel;
+    let failed = |e: StageError| match cancel {
+        Some(t) if t.is_cancelled() => Error::Cancelled,
+        _ => name(plan, sched, e),
+    };
     loop {
         obs.check_cancel()?;
-        cx.stage.fill().map_err(|e| name(plan, sched, e))?;
-        let Some(landed) = cx.stage.next().map_err(|e| name(plan, sched, e))? else { break };
+        cx.stage.fill().map_err(failed)?;
+        let Some(landed) = cx.stage.next().map_err(failed)? else { break };
         let first = &sched.extents[landed.extents.start];
         let file = &plan.files[first.file].path;
         let delivering = Instant::now();

@@ -341,6 +341,36 @@ fn a_stalled_server_times_out() {
     assert!(started.elapsed() < Duration::from_secs(20), "gave up in {:?}", started.elapsed());
 }
 
+/// Cancelling a load whose server stalls ends it at once (its requests dropped), not after the
+/// server's timeout and retries.
+#[test]
+fn cancelling_a_load_from_a_stalled_server_ends_it_at_once() {
+    let Some(http) = HttpServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("m.safetensors"), &tensors(6));
+    http.put("m.safetensors", &std::fs::read(dir.path().join("m.safetensors")).unwrap());
+    let proxy = FaultProxy::start(&http.endpoint(), Schedule::PassThrough);
+    let url = http.url_via(&proxy.endpoint(), "m.safetensors");
+    let token = weightstream::CancelToken::new();
+    let loader = Loader::new()
+        .device(Device::Cpu)
+        .cancel_token(token.clone())
+        .storage_option("timeout", "60s")
+        .remote_request_size(64 << 10);
+    let ckpt = loader.open(&url).unwrap();
+    proxy.set_schedule(Schedule::AlwaysStall);
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        token.cancel();
+        Instant::now()
+    });
+    let err = loader.load_checkpoint(&ckpt).expect_err("a cancelled load");
+    let cancelled_at = canceller.join().unwrap();
+    assert!(matches!(err, Error::Cancelled), "expected Cancelled, got {err:?}");
+    assert!(cancelled_at.elapsed() < Duration::from_secs(5), "ended {:?} after the cancel", cancelled_at.elapsed());
+    assert!(proxy.requests() > 3, "data requests reached the stalled server");
+}
+
 fn small_file() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write(&dir.path().join("m.safetensors"), &tensors(5)[..2]);

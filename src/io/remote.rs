@@ -7,13 +7,15 @@
 //! taken when the header was read.
 
 use std::io;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::{select, try_join_all, Either};
 use tokio::sync::{watch, Semaphore};
 
 use super::{RawCompletion, RawEngine, RawRead};
+use crate::cancel::CancelToken;
 use crate::error::{RemoteFailure, RemoteFault};
 use crate::source::remote::spawn_remote;
 use crate::source::RemoteObject;
@@ -27,7 +29,13 @@ pub struct RemoteEngine {
     done_tx: Sender<RawCompletion>,
     done_rx: Receiver<RawCompletion>,
     in_flight: usize,
+    /// The load's token: a wait notices it within [`CANCEL_POLL`] and drops the requests.
+    token: Option<CancelToken>,
 }
+
+/// How often a wait looks at the load's cancel token: a stalled server must not hold a
+/// cancelled load for its timeout.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
 
 /// A buffer address that may cross to the runtime's threads: the submit contract keeps it
 /// valid and ours alone until the read's completion is returned.
@@ -37,7 +45,12 @@ struct Dest(usize);
 impl RemoteEngine {
     /// An engine over `objects` (a read's `fd` indexes them), with at most `concurrency` GETs of
     /// at most `request_size` bytes in flight.
-    pub fn new(objects: Vec<Arc<RemoteObject>>, concurrency: usize, request_size: usize) -> Self {
+    pub fn new(
+        objects: Vec<Arc<RemoteObject>>,
+        concurrency: usize,
+        request_size: usize,
+        token: Option<CancelToken>,
+    ) -> Self {
         let (done_tx, done_rx) = channel();
         RemoteEngine {
             objects: Arc::new(objects),
@@ -47,6 +60,7 @@ impl RemoteEngine {
             done_tx,
             done_rx,
             in_flight: 0,
+            token,
         }
     }
 }
@@ -84,9 +98,20 @@ impl RawEngine for RemoteEngine {
     }
 
     fn wait(&mut self) -> io::Result<RawCompletion> {
-        let c = self.done_rx.recv().map_err(|_| io::Error::other("the remote runtime stopped"))?;
-        self.in_flight -= 1;
-        Ok(c)
+        loop {
+            match self.done_rx.recv_timeout(CANCEL_POLL) {
+                Ok(c) => {
+                    self.in_flight -= 1;
+                    return Ok(c);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.token.as_ref().is_some_and(CancelToken::is_cancelled) {
+                        self.cancel();
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(io::Error::other("the remote runtime stopped")),
+            }
+        }
     }
 
     fn cancel(&mut self) {

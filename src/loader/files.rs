@@ -40,7 +40,18 @@ impl ReadFiles {
 
 impl Loader {
     /// Open the checkpoint at `path` as this loader would: a local path, or a remote URL reached
-    /// with the loader's storage options.
+    /// with the loader's storage options. [`Loader::load_checkpoint`] then loads it; a remote
+    /// object that changed in between is an [`Error::Remote`] of kind `Changed`.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let p = dir.path().join("m.safetensors");
+    /// # weightstream::format::write_file(&p, &[weightstream::format::WriteTensor::new("w", weightstream::Dtype::U8, vec![1], &[1])], &Default::default())?;
+    /// let loader = weightstream::Loader::new().device(weightstream::Device::Cpu);
+    /// let ckpt = loader.open(&p)?;
+    /// assert_eq!(loader.load_checkpoint(&ckpt)?.len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn open(&self, path: impl AsRef<std::path::Path>) -> Result<Checkpoint> {
         Checkpoint::open_with(path, &self.remote)
     }
@@ -103,7 +114,8 @@ impl Loader {
         #[cfg(feature = "remote")]
         if let Some(objects) = &files.remote {
             let RemoteOptions { concurrency, request_size, .. } = self.remote;
-            let engine = Box::new(crate::io::RemoteEngine::new(objects.clone(), concurrency, request_size));
+            let engine =
+                Box::new(crate::io::RemoteEngine::new(objects.clone(), concurrency, request_size, self.cancel.clone()));
             return Ok(self.with_fault(engine));
         }
         let _ = files;

@@ -266,14 +266,24 @@ impl Loader {
         self
     }
 
-    /// Ranged GETs in flight at most, for remote sources (default 8).
+    /// Ranged GETs in flight at most, for remote sources (default 8, at most 1024).
+    ///
+    /// ```
+    /// let loader = weightstream::Loader::new().remote_concurrency(16).remote_request_size(16 << 20);
+    /// # drop(loader);
+    /// ```
     pub fn remote_concurrency(mut self, requests: usize) -> Self {
         self.remote.concurrency = requests.clamp(1, 1024);
         self
     }
 
     /// Bytes of one ranged GET at most, for remote sources (default 8 MiB; rounded to 4 KiB,
-    /// at least 64 KiB).
+    /// at least 64 KiB). A staging slot holds at least one request.
+    ///
+    /// ```
+    /// let loader = weightstream::Loader::new().remote_request_size(4 << 20);
+    /// # drop(loader);
+    /// ```
     pub fn remote_request_size(mut self, bytes: usize) -> Self {
         self.remote.request_size = round_to_multiple(bytes.max(MIN_STAGING_SIZE), DIRECT_ALIGN as usize);
         self

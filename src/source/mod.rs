@@ -110,6 +110,16 @@ impl CheckpointFile {
     }
 
     /// The open local file, or an error saying that `what` needs one.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let p = dir.path().join("m.safetensors");
+    /// # weightstream::format::write_file(&p, &[weightstream::format::WriteTensor::new("w", weightstream::Dtype::U8, vec![1], &[1])], &Default::default())?;
+    /// let f = weightstream::source::CheckpointFile::open(&p)?;
+    /// assert!(!f.is_remote());
+    /// assert!(f.local_file("an mmap")?.metadata()?.len() > 8);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[cfg_attr(not(feature = "remote"), allow(unused_variables))]
     pub fn local_file(&self, what: &str) -> Result<&Arc<File>> {
         match &self.access {
@@ -161,6 +171,17 @@ impl Checkpoint {
     }
 
     /// [`Checkpoint::open`], a remote URL reached with `remote`'s storage options.
+    ///
+    /// ```no_run
+    /// use weightstream::{source::RemoteOptions, Checkpoint};
+    /// let remote = RemoteOptions {
+    ///     storage_options: vec![("aws_endpoint".into(), "http://127.0.0.1:9000".into())],
+    ///     ..RemoteOptions::default()
+    /// };
+    /// let ckpt = Checkpoint::open_with("s3://models/llama/", &remote)?;
+    /// println!("{} files, {} bytes", ckpt.files.len(), ckpt.total_bytes());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn open_with(path: impl AsRef<Path>, remote: &RemoteOptions) -> Result<Checkpoint> {
         let path = path.as_ref();
         if is_remote(path) {
