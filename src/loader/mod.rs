@@ -385,6 +385,19 @@ impl Loader {
         self.ring_dims_for(device, false)
     }
 
+    /// The staging ring a load of a remote source to `device` uses: `(buffers, bytes each)`, as
+    /// set, else a slot per GET in flight and two more, each holding a whole GET.
+    ///
+    /// ```
+    /// use weightstream::{Device, Loader};
+    /// assert_eq!(Loader::new().remote_ring_dims(Device::Cpu), (10, 8 << 20));
+    /// assert_eq!(Loader::new().remote_ring_dims(Device::Cuda(0)), (8, 16 << 20));
+    /// assert_eq!(Loader::new().remote_concurrency(16).remote_ring_dims(Device::Cpu), (18, 8 << 20));
+    /// ```
+    pub fn remote_ring_dims(&self, device: Device) -> (usize, usize) {
+        self.ring_dims_for(device, true)
+    }
+
     /// [`Loader::ring_dims`] for local files, or for remote objects (`remote`), where by default
     /// a slot holds a whole request and the ring holds every request in flight and two slots
     /// more (10 × 8 MiB for host loads, 8 × 16 MiB for CUDA, with the default 8 × 8 MiB GETs).
