@@ -37,10 +37,46 @@ pub struct RemoteEngine {
 /// cancelled load for its timeout.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
 
-/// A buffer address that may cross to the runtime's threads: the submit contract keeps it
-/// valid and ours alone until the read's completion is returned.
+/// A read's buffer, lent to the runtime's threads.
 #[derive(Clone, Copy)]
-struct Dest(usize);
+struct Dest(*mut u8);
+
+// SAFETY: under `RawEngine::submit`'s contract the buffer stays valid, and is written by this
+// read alone, until its completion is returned; the read's parts write disjoint ranges of it.
+unsafe impl Send for Dest {}
+// SAFETY: as for Send: the parts only ever write disjoint ranges through it.
+unsafe impl Sync for Dest {}
+
+impl Dest {
+    /// The address `offset` bytes in (a method, so that a future captures the whole `Dest`).
+    fn at(self, offset: usize) -> *mut u8 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Sends a read's completion exactly once: with its result, or, if the task is dropped before
+/// it has one (it panicked), with an error, so that a wait never hangs on it.
+struct Completer {
+    tx: Sender<RawCompletion>,
+    tag: u64,
+    sent: bool,
+}
+
+impl Completer {
+    fn send(mut self, result: io::Result<usize>) {
+        self.sent = true;
+        let _ = self.tx.send(RawCompletion { tag: self.tag, result });
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        if !self.sent {
+            let result = Err(io::Error::other("a remote read ended without a result"));
+            let _ = self.tx.send(RawCompletion { tag: self.tag, result });
+        }
+    }
+}
 
 impl RemoteEngine {
     /// An engine over `objects` (a read's `fd` indexes them), with at most `concurrency` GETs of
@@ -76,10 +112,13 @@ impl RawEngine for RemoteEngine {
             .and_then(|i| self.objects.get(i))
             .cloned()
             .ok_or_else(|| io::Error::other(format!("no remote object {}", read.fd)))?;
-        let (tx, permits, size) = (self.done_tx.clone(), Arc::clone(&self.permits), self.request_size);
+        let (permits, size) = (Arc::clone(&self.permits), self.request_size);
+        let completer = Completer { tx: self.done_tx.clone(), tag: read.tag, sent: false };
         let mut cancelled = self.cancel.subscribe();
-        let dest = Dest(read.buf as usize);
+        let dest = Dest(read.buf);
         let task = async move {
+            // Declared first, so dropped last: after the fetch, whose writes end with it.
+            let completer = completer;
             let fetch = std::pin::pin!(fetch(&object, read.offset, dest, read.len, size, &permits));
             let stop = std::pin::pin!(async move {
                 let _ = cancelled.wait_for(|c| *c).await;
@@ -90,7 +129,7 @@ impl RawEngine for RemoteEngine {
                 Either::Left((r, _)) => r.map(|()| read.len).map_err(RemoteFault::into_io),
                 Either::Right(_) => Err(io::Error::other("remote read cancelled")),
             };
-            let _ = tx.send(RawCompletion { tag: read.tag, result });
+            completer.send(result);
         };
         spawn_remote(task).map_err(io::Error::other)?;
         self.in_flight += 1;
@@ -150,7 +189,7 @@ async fn fetch(
             // `dest` is valid, and written by this read alone, until its completion is returned;
             // the parts are disjoint (`start..start + n` within `0..len`), and each slice lives
             // only inside this future, which is dropped or finished before the completion is sent.
-            let dst = unsafe { std::slice::from_raw_parts_mut((dest.0 + start) as *mut u8, n) };
+            let dst = unsafe { std::slice::from_raw_parts_mut(dest.at(start), n) };
             let at = offset + start as u64;
             object.read_into(at..at + n as u64, dst).await
         }
