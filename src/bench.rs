@@ -191,6 +191,12 @@ impl BenchReport {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn run(ckpt: &Checkpoint, base: &Loader, strategies: &[BenchStrategy], opts: &BenchOptions) -> Result<BenchReport> {
+    if ckpt.files.iter().any(|f| f.is_remote()) && (opts.cold || strategies.iter().any(|s| s.is_baseline())) {
+        return Err(Error::usage(
+            "a remote source is benchmarked with the pipeline strategies only (no --cold, no mmap-copy or \
+             read-all: they read local files); scripts/remote_bench.sh compares remote loaders",
+        ));
+    }
     let device = base.resolved_device();
     let runs = opts.runs.max(1);
     let warmup = usize::from(!opts.cold);

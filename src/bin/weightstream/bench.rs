@@ -38,7 +38,10 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let loader = args.loader.loader();
     let ckpt = loader.open(&args.path)?;
-    let strategies = if args.strategies.is_empty() {
+    let remote = ckpt.files.iter().any(|f| f.is_remote());
+    let strategies = if args.strategies.is_empty() && remote {
+        vec![BenchStrategy::Pipeline]
+    } else if args.strategies.is_empty() {
         vec![BenchStrategy::Pipeline, BenchStrategy::MmapCopy, BenchStrategy::ReadAll]
     } else {
         args.strategies.clone()
