@@ -81,10 +81,11 @@ pub(crate) fn mmap_copy(ckpt: &Checkpoint, device: Device, truncate_after_map: b
     let mut target = BaselineTarget::new(device)?;
     for f in &ckpt.files {
         let io = |e| Error::Io { file: f.path.clone(), tensor: None, source: e };
+        let file = f.local_file("the mmap baseline")?;
         // SAFETY: a read-only map of a file validated a moment ago; as in the baselines it
         // models, a concurrent truncation would fault (the reason our pipeline avoids mmap):
         // `bench` runs this in a child process, where SIGBUS ends the child only.
-        let map = unsafe { memmap2::Mmap::map(&*f.file) }.map_err(io)?;
+        let map = unsafe { memmap2::Mmap::map(&**file) }.map_err(io)?;
         if truncate_after_map {
             let w = std::fs::OpenOptions::new().write(true).open(&f.path).map_err(io)?;
             w.set_len(f.header.data_start).map_err(io)?;

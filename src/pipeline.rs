@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, RemoteFault, Result};
 use crate::loader::CancelToken;
 use crate::plan::{Plan, Schedule};
 use crate::progress::{Progress, ProgressFn};
@@ -113,7 +113,10 @@ pub(crate) fn name(plan: &Plan, sched: &Schedule, e: StageError) -> Error {
     let file = plan.files[extent.file].path.clone();
     let tensor = || sched.tensor_at(plan, e.extent, e.at).map(str::to_string);
     match e.fault {
-        StageFault::Io(source) => Error::Io { file, tensor: tensor(), source },
+        StageFault::Io(source) => match RemoteFault::inside(&source) {
+            Some(f) => Error::Remote { file, tensor: tensor(), failure: f.failure, message: f.message.clone() },
+            None => Error::Io { file, tensor: tensor(), source },
+        },
         StageFault::Eof => Error::UnexpectedEof { file, tensor: tensor(), what: "tensor data", at: e.at },
         StageFault::Engine(source) => Error::ReadEngine { source },
         StageFault::Convert => {

@@ -128,7 +128,7 @@ fn no_slot_is_refilled_before_the_fence_of_its_last_delivery_fired() {
         let engine = ShuffledEngine { done: Vec::new(), rng: Rng(0x1234_5678 + case) };
         let queue = ReadQueue::new(Box::new(engine), 64);
         let read_size = 1024 * (1 + rng.below(4));
-        let fds = vec![ckpt.files[0].file.as_raw_fd()];
+        let fds = vec![ckpt.files[0].local_file("test").unwrap().as_raw_fd()];
         let breaches = Rc::new(RefCell::new(Vec::new()));
         let (fences, fired) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
         let mut sink = RecordingSink {

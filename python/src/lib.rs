@@ -18,8 +18,17 @@ use pyo3::prelude::*;
 /// The `__metadata__` of a checkpoint's files (merged, the first file's value first), or `None`
 /// when there is none. Reads headers only.
 #[pyfunction]
-fn read_metadata(py: Python<'_>, path: PathBuf) -> PyResult<Option<BTreeMap<String, String>>> {
-    let ckpt = py.detach(|| weightstream::Checkpoint::open(&path)).map_err(|e| errors::to_py(py, e))?;
+#[pyo3(signature = (path, storage_options=None))]
+fn read_metadata(
+    py: Python<'_>,
+    path: PathBuf,
+    storage_options: Option<Vec<(String, String)>>,
+) -> PyResult<Option<BTreeMap<String, String>>> {
+    let remote = weightstream::source::RemoteOptions {
+        storage_options: storage_options.unwrap_or_default(),
+        ..Default::default()
+    };
+    let ckpt = py.detach(|| weightstream::Checkpoint::open_with(&path, &remote)).map_err(|e| errors::to_py(py, e))?;
     let mut merged = BTreeMap::new();
     for f in &ckpt.files {
         for (k, v) in &f.header.metadata {

@@ -82,7 +82,9 @@ fn finish<T>(py: Python<'_>, out: (weightstream::Result<T>, Option<PyErr>)) -> P
 #[pymethods]
 impl RawLoader {
     #[new]
-    #[pyo3(signature = (device="auto", staging_size=None, staging_count=None, threads=None, io=None, direct=false))]
+    #[pyo3(signature = (device="auto", staging_size=None, staging_count=None, threads=None, io=None, direct=false,
+                        storage_options=None, remote_concurrency=None, remote_request_size=None))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments, each optional
     fn new(
         py: Python<'_>,
         device: &str,
@@ -91,9 +93,21 @@ impl RawLoader {
         threads: Option<usize>,
         io: Option<&str>,
         direct: bool,
+        storage_options: Option<Vec<(String, String)>>,
+        remote_concurrency: Option<usize>,
+        remote_request_size: Option<usize>,
     ) -> PyResult<Self> {
         let device: Device = device.parse().map_err(|e| to_py(py, e))?;
         let mut l = Loader::new().device(device).direct(direct);
+        for (k, v) in storage_options.unwrap_or_default() {
+            l = l.storage_option(k, v);
+        }
+        if let Some(n) = remote_concurrency {
+            l = l.remote_concurrency(n);
+        }
+        if let Some(b) = remote_request_size {
+            l = l.remote_request_size(b);
+        }
         if let Some(s) = staging_size {
             l = l.staging_size(s);
         }

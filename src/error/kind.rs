@@ -1,6 +1,6 @@
 //! The kind of an [`Error`]: what failed, for callers that branch on it.
 
-use super::Error;
+use super::{Error, RemoteFailure};
 
 /// The kind of an [`Error`]: what failed, independent of the variant's details.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,6 +36,12 @@ impl Error {
         use Error::*;
         match self {
             Io { .. } | UnexpectedEof { .. } | ReadEngine { .. } | HostOutOfMemory { .. } => ErrorKind::Io,
+            // Missing, refused or replaced: the source is wrong. A server that failed or stalled
+            // after its retries: reading failed, and may succeed later.
+            Remote { failure, .. } => match failure {
+                RemoteFailure::NotFound | RemoteFailure::Denied | RemoteFailure::Changed => ErrorKind::Source,
+                _ => ErrorKind::Io,
+            },
             FileTooSmall { .. }
             | HeaderTooLarge { .. }
             | HeaderPastEnd { .. }

@@ -228,6 +228,20 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A request to an object store or HTTP server failed, after its retries: the object is
+    /// missing, access was denied, the server failed or stalled, or the object changed since its
+    /// header was read.
+    #[error("{}: {failure}: {}{}", shown_path(file), shown_message(message), tensor_suffix(tensor))]
+    Remote {
+        /// The object's URL.
+        file: PathBuf,
+        /// The tensor being read, when the request was for tensor data.
+        tensor: Option<String>,
+        /// What kind of failure.
+        failure: RemoteFailure,
+        /// The store's own words.
+        message: String,
+    },
     /// An option or argument that cannot be honoured (a bad glob, size or device string, or a
     /// combination of options that this load cannot do as asked): a usage error, never a silent
     /// downgrade.
@@ -398,6 +412,74 @@ fn shown(tensor: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// A path as an error shows it (see [`shown`]).
+/// What kind of failure a remote request ended in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RemoteFailure {
+    /// The object (or bucket) does not exist.
+    NotFound,
+    /// The credentials were refused or missing.
+    Denied,
+    /// The object changed (size or ETag) since its header was read.
+    Changed,
+    /// The server answered with this status after the retries were spent (5xx, 429, …).
+    Status(u16),
+    /// The request timed out, after its retries.
+    TimedOut,
+    /// The server could not be reached.
+    Unreachable,
+    /// The server's answer broke the protocol (a body longer or shorter than the range asked).
+    Protocol,
+    /// Anything else the store reported.
+    Other,
+}
+
+impl std::fmt::Display for RemoteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RemoteFailure::NotFound => f.write_str("not found"),
+            RemoteFailure::Denied => f.write_str("access denied"),
+            RemoteFailure::Changed => f.write_str("object changed during the load"),
+            RemoteFailure::Status(code) => write!(f, "server answered {code}"),
+            RemoteFailure::TimedOut => f.write_str("timed out"),
+            RemoteFailure::Unreachable => f.write_str("server unreachable"),
+            RemoteFailure::Protocol => f.write_str("bad answer"),
+            RemoteFailure::Other => f.write_str("request failed"),
+        }
+    }
+}
+
+/// A remote read's failure as the read engine reports it (inside an `io::Error`), before the
+/// pipeline names the file and tensor.
+#[derive(Debug)]
+pub(crate) struct RemoteFault {
+    pub failure: RemoteFailure,
+    pub message: String,
+}
+
+impl RemoteFault {
+    pub(crate) fn new(failure: RemoteFailure, message: String) -> Self {
+        RemoteFault { failure, message }
+    }
+
+    /// The fault inside `e`, if it is one.
+    pub(crate) fn inside(e: &io::Error) -> Option<&RemoteFault> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<RemoteFault>())
+    }
+
+    pub(crate) fn into_io(self) -> io::Error {
+        io::Error::other(self)
+    }
+}
+
+impl std::fmt::Display for RemoteFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.failure, self.message)
+    }
+}
+
+impl std::error::Error for RemoteFault {}
+
 fn shown_path(path: &std::path::Path) -> String {
     crate::text::path_for_display(path)
 }
@@ -445,6 +527,7 @@ impl Error {
             | BadIndex { file, .. }
             | TensorInTwoFiles { file, .. }
             | BadSource { file, .. }
+            | Remote { file, .. }
             | UnsupportedConversion { file, .. }
             | BadShard { file, .. }
             | BadDestination { file, .. }

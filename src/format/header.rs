@@ -127,6 +127,12 @@ fn check_prefix(path: &Path, file: &mut File, file_len: u64) -> Result<u64> {
     }
     let mut prefix = [0u8; 8];
     read_exact_at(file, &mut prefix, 0).map_err(|e| eof_or_io(path, e, "the header length", 0))?;
+    header_len_of(path, prefix, file_len)
+}
+
+/// The header length that the 8-byte `prefix` of a file of `file_len` bytes (at least 8)
+/// declares, checked against [`MAX_HEADER_LEN`] and the file size before anything is allocated.
+pub(crate) fn header_len_of(path: &Path, prefix: [u8; 8], file_len: u64) -> Result<u64> {
     let header_len = u64::from_le_bytes(prefix);
     if header_len > MAX_HEADER_LEN {
         return Err(Error::HeaderTooLarge { file: path.into(), len: header_len, limit: MAX_HEADER_LEN });

@@ -171,11 +171,25 @@ impl ShardIndex {
         if bytes.len() as u64 > MAX_INDEX_LEN {
             return Err(bad(format!("index grew past the {MAX_INDEX_LEN} bytes allowed while read"), None));
         }
-        let raw: RawIndex =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid index JSON: {e}"), None))?;
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let canon_dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
         let root = confinement_root(&canon_dir);
+        Self::from_json(path, &bytes, |shard| confine(dir, &root, shard))
+    }
+
+    /// Parse and check index JSON `bytes` read from `path` (named in errors), each shard name
+    /// turned into the shard's path by `shard_path` (or refused with its message).
+    pub(crate) fn from_json(
+        path: &Path,
+        bytes: &[u8],
+        mut shard_path: impl FnMut(&str) -> std::result::Result<PathBuf, String>,
+    ) -> Result<ShardIndex> {
+        let bad = |message: String, tensor: Option<&str>| Error::BadIndex {
+            file: path.into(),
+            tensor: tensor.map(str::to_string),
+            message,
+        };
+        let raw: RawIndex = serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid index JSON: {e}"), None))?;
         let RawWeightMap { entries, shard_names } = raw.weight_map;
         // Each shard is checked once, when the first tensor that names it comes (in file order).
         let mut checked: Vec<Option<PathBuf>> = vec![None; shard_names.len()];
@@ -184,7 +198,7 @@ impl ShardIndex {
             let shard_path = match &checked[number] {
                 Some(p) => p.clone(),
                 None => {
-                    let p = confine(dir, &root, &shard_names[number]).map_err(|m| bad(m, Some(&tensor)))?;
+                    let p = shard_path(&shard_names[number]).map_err(|m| bad(m, Some(&tensor)))?;
                     checked[number] = Some(p.clone());
                     p
                 }
@@ -214,9 +228,8 @@ pub(crate) fn confinement_root(canon_dir: &Path) -> PathBuf {
     repo.unwrap_or(canon_dir).to_path_buf()
 }
 
-/// `shard` joined to `dir`, if it is a plain relative path that stays inside `root` once symlinks
-/// are resolved.
-fn confine(dir: &Path, root: &Path, shard: &str) -> std::result::Result<PathBuf, String> {
+/// `shard` as a relative path, if it is a plain one: not empty, not absolute, no `..`.
+pub(crate) fn plain_relative(shard: &str) -> std::result::Result<&Path, String> {
     let rel = Path::new(shard);
     if shard.is_empty() {
         return Err("empty shard name".into());
@@ -228,6 +241,13 @@ fn confine(dir: &Path, root: &Path, shard: &str) -> std::result::Result<PathBuf,
             _ => return Err(format!("shard `{shard}` is not a plain relative name inside the index's directory")),
         }
     }
+    Ok(rel)
+}
+
+/// `shard` joined to `dir`, if it is a plain relative path that stays inside `root` once symlinks
+/// are resolved.
+fn confine(dir: &Path, root: &Path, shard: &str) -> std::result::Result<PathBuf, String> {
+    let rel = plain_relative(shard)?;
     let joined = dir.join(rel);
     match joined.canonicalize() {
         Ok(real) if real.starts_with(root) => Ok(joined),

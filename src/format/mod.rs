@@ -6,6 +6,7 @@ pub(crate) mod index;
 mod writer;
 
 pub use dtype::{Dtype, UnknownDtype};
+pub(crate) use header::header_len_of;
 pub use header::{
     parse_header, read_header, read_header_from, Header, TensorInfo, MAX_HEADER_LEN, MAX_METADATA_KEYS, MAX_RANK,
     MAX_TENSORS,

@@ -77,4 +77,8 @@ impl RawEngine for FaultyEngine {
             None => self.inner.wait(),
         }
     }
+
+    fn cancel(&mut self) {
+        self.inner.cancel();
+    }
 }

@@ -10,6 +10,8 @@
 mod fault;
 pub(crate) mod pool;
 mod pread;
+#[cfg(feature = "remote")]
+mod remote;
 #[cfg(all(feature = "uring", target_os = "linux"))]
 mod uring;
 
@@ -19,6 +21,8 @@ use std::os::fd::RawFd;
 
 pub use fault::{Fault, FaultyEngine};
 pub use pread::PreadEngine;
+#[cfg(feature = "remote")]
+pub use remote::RemoteEngine;
 #[cfg(all(feature = "uring", target_os = "linux"))]
 pub use uring::UringEngine;
 
@@ -92,6 +96,10 @@ pub trait RawEngine: Send {
     /// Block until one queued read completes, and return it. Must only be called while at
     /// least one read is queued.
     fn wait(&mut self) -> io::Result<RawCompletion>;
+
+    /// Ask the reads in flight to end early (a load failed or was cancelled); each still
+    /// completes through [`RawEngine::wait`]. Engines whose reads end quickly anyway need not.
+    fn cancel(&mut self) {}
 }
 
 /// A read request as the pipeline sees it.
@@ -227,6 +235,9 @@ impl ReadQueue {
     /// Wait for every request in flight, discarding results: after it returns no buffer is in
     /// use by the engine. Called on every error and cancellation path before buffers are freed.
     pub fn drain(&mut self) {
+        if !self.pending.is_empty() {
+            self.engine.cancel();
+        }
         while !self.pending.is_empty() {
             match self.engine.wait() {
                 Ok(c) => {

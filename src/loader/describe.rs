@@ -5,7 +5,6 @@ use std::path::Path;
 use super::Loader;
 use crate::error::Result;
 use crate::format::Dtype;
-use crate::source::Checkpoint;
 
 /// One tensor as a load with the loader's options would produce it: its loaded dtype and shape
 /// (after `dtype` and `shard`), and its size, which is what a [`crate::Destination`] for it must
@@ -40,7 +39,7 @@ impl Loader {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn describe(&self, path: impl AsRef<Path>) -> Result<Vec<TensorInfo>> {
-        let ckpt = Checkpoint::open(path.as_ref())?;
+        let ckpt = self.open(path.as_ref())?;
         let (_, plan) = self.plan_of(&ckpt, &|_| true)?;
         Ok(plan
             .tensors

@@ -1,7 +1,6 @@
 //! Loading into caller-owned memory: [`Loader::load_into`].
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::Instant;
 
@@ -11,7 +10,6 @@ use crate::model::LoadStats;
 use crate::pipeline::Observer;
 use crate::plan::Plan;
 use crate::sink::{Device, HostSink};
-use crate::source::Checkpoint;
 use crate::trace::TraceRecorder;
 
 /// Device memory that [`Loader::load_into`] may fill: a `CUdeviceptr` and its length on a CUDA
@@ -82,7 +80,7 @@ impl Loader {
         destinations: impl IntoIterator<Item = (String, Destination<'a>)>,
     ) -> Result<LoadStats> {
         let started = Instant::now();
-        let ckpt = Checkpoint::open(path.as_ref())?;
+        let ckpt = self.open(path.as_ref())?;
         let (device, only, shard) = self.prepare()?;
         if self.zero_copy {
             return Err(Error::usage("load_into does not support --zero-copy yet: load through the ring"));
@@ -133,14 +131,7 @@ impl Loader {
             ordered.push(d);
         }
         check_device_overlap(&plan, &ordered, &bad)?;
-        let direct_files = match self.direct {
-            true => plan.files.iter().map(|f| ckpt.files[f.source].reopen_direct()).collect::<Result<Vec<_>>>()?,
-            false => Vec::new(),
-        };
-        let fds: Vec<RawFd> = match self.direct {
-            true => direct_files.iter().map(|f| f.as_raw_fd()).collect(),
-            false => plan.files.iter().map(|f| ckpt.files[f.source].file.as_raw_fd()).collect(),
-        };
+        let files = self.read_files(&ckpt, &plan)?;
         let mut trace = self.trace.then(TraceRecorder::new);
         let mut obs =
             Observer { progress: self.progress.as_ref(), cancel: self.cancel.as_ref(), trace: trace.as_mut() };
@@ -156,14 +147,14 @@ impl Loader {
                 let mut sink = HostSink::into_buffers(buffers);
                 // As a load would: in place (reading and converting into the buffers: one copy),
                 // or through the ring where in place cannot honour the options.
-                let (io, bytes, staging) = match self.strategy(device, &plan) {
+                let (io, bytes, staging) = match self.strategy(device, &plan, files.is_remote()) {
                     run::Strategy::InPlace { convert_on_workers } => {
-                        self.in_place(&plan, fds, &mut sink, convert_on_workers, &mut obs)?
+                        self.in_place(&plan, &files, &mut sink, convert_on_workers, &mut obs)?
                     }
                     _ => {
-                        let (count, size) = self.ring_dims(device);
+                        let (count, size) = self.ring_dims_for(device, files.is_remote());
                         let mut ring = self.pool.host(count, size)?;
-                        let run = self.through_ring(&plan, fds, &mut ring, &mut sink, &mut obs);
+                        let run = self.through_ring(&plan, &files, &mut ring, &mut sink, &mut obs);
                         self.pool.give_back_host(ring);
                         run?
                     }
@@ -171,10 +162,10 @@ impl Loader {
                 (io, bytes, staging, false, 0)
             }
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => self.load_into_device(ordinal, &plan, fds, ordered, &mut obs)?,
+            Device::Cuda(ordinal) => self.load_into_device(ordinal, &plan, &files, ordered, &mut obs)?,
             _ => return Err(Error::usage(format!("load_into fills host or CUDA memory, not {device}"))),
         };
-        drop(direct_files);
+        drop(files);
         Ok(LoadStats {
             device,
             io,
@@ -193,7 +184,7 @@ impl Loader {
         &self,
         ordinal: usize,
         plan: &Plan,
-        fds: Vec<RawFd>,
+        files: &super::files::ReadFiles,
         ordered: Vec<Destination<'_>>,
         obs: &mut Observer<'_>,
     ) -> Result<(&'static str, u64, u64, bool, u64)> {
@@ -214,7 +205,7 @@ impl Loader {
             true => Some(self.pool.converter(&dev)?),
             false => None,
         };
-        let (count, size) = self.ring_dims(Device::Cuda(ordinal));
+        let (count, size) = self.ring_dims_for(Device::Cuda(ordinal), files.is_remote());
         let mut ring = self.pool.pinned(&dev, count, size)?;
         // SAFETY: each place comes from a `DevicePlace`, whose maker promised device memory of
         // this ordinal valid until the load returns; sizes were checked against the plan and
@@ -222,7 +213,7 @@ impl Loader {
         let mut sink = unsafe {
             CudaSink::into_pointers(&dev, places, self.streams, plan.converts(), size, self.trace, converter)?
         };
-        let run = self.through_ring(plan, fds, &mut ring, &mut sink, obs);
+        let run = self.through_ring(plan, files, &mut ring, &mut sink, obs);
         let scratch = sink.scratch_bytes();
         drop(sink);
         self.pool.give_back_pinned(ordinal, ring);

@@ -2,6 +2,7 @@
 //! options, and a staging pool per device shared by clones.
 
 mod describe;
+mod files;
 mod into;
 mod parts;
 mod run;
@@ -10,8 +11,6 @@ mod stream;
 pub use describe::TensorInfo;
 pub use into::{Destination, DevicePlace};
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +25,7 @@ use crate::plan::Plan;
 use crate::pool::StagingPool;
 use crate::progress::ProgressFn;
 use crate::sink::Device;
-use crate::source::Checkpoint;
+use crate::source::{Checkpoint, RemoteOptions};
 use crate::stage::ring::DIRECT_ALIGN;
 use crate::trace::TraceRecorder;
 use run::Strategy;
@@ -87,6 +86,7 @@ pub struct Loader {
     splits: Vec<(String, usize)>,
     slices: Vec<(String, usize, std::ops::Range<u64>)>,
     fault: Option<Fault>,
+    remote: RemoteOptions,
     pool: Arc<StagingPool>,
 }
 
@@ -135,6 +135,7 @@ impl Loader {
             splits: Vec::new(),
             slices: Vec::new(),
             fault: None,
+            remote: RemoteOptions::default(),
             pool: Arc::default(),
         }
     }
@@ -250,6 +251,34 @@ impl Loader {
         self
     }
 
+    /// Set an `object_store` configuration key for remote sources (`aws_endpoint`,
+    /// `aws_region`, `allow_http`, `timeout`, …; see [`RemoteOptions::storage_options`]),
+    /// applied after the environment's `AWS_*`, `GOOGLE_*` and `AZURE_*` variables.
+    ///
+    /// ```
+    /// let loader = weightstream::Loader::new()
+    ///     .storage_option("aws_endpoint", "http://127.0.0.1:9000")
+    ///     .storage_option("aws_region", "us-east-1");
+    /// # drop(loader);
+    /// ```
+    pub fn storage_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.remote.storage_options.push((key.into(), value.into()));
+        self
+    }
+
+    /// Ranged GETs in flight at most, for remote sources (default 8).
+    pub fn remote_concurrency(mut self, requests: usize) -> Self {
+        self.remote.concurrency = requests.clamp(1, 1024);
+        self
+    }
+
+    /// Bytes of one ranged GET at most, for remote sources (default 8 MiB; rounded to 4 KiB,
+    /// at least 64 KiB).
+    pub fn remote_request_size(mut self, bytes: usize) -> Self {
+        self.remote.request_size = round_to_multiple(bytes.max(MIN_STAGING_SIZE), DIRECT_ALIGN as usize);
+        self
+    }
+
     /// Inject a read fault (tests of the error paths).
     #[doc(hidden)]
     pub fn inject_fault(mut self, fault: Fault) -> Self {
@@ -264,10 +293,11 @@ impl Loader {
     }
 
     /// Load the checkpoint at `path` (a file, an index, a directory, or a Hugging Face cache
-    /// folder).
+    /// folder; with the `remote` feature also an `s3://`, `gs://`, `az://` or `http(s)://` URL of
+    /// such a file, index or prefix).
     pub fn load(&self, path: impl AsRef<Path>) -> Result<LoadedModel> {
         let started = Instant::now();
-        let mut ckpt = Checkpoint::open(path.as_ref())?;
+        let mut ckpt = self.open(path.as_ref())?;
         let (device, select, shard) = self.prepare()?;
         // The checkpoint is ours: the model takes its names and shapes instead of copies.
         let select = |n: &str| select.as_ref().is_none_or(|g| g.is_match(n));
@@ -342,11 +372,24 @@ impl Loader {
     /// assert_eq!(Loader::new().staging_count(2).ring_dims(Device::Cuda(0)), (2, 16 << 20));
     /// ```
     pub fn ring_dims(&self, device: Device) -> (usize, usize) {
+        self.ring_dims_for(device, false)
+    }
+
+    /// [`Loader::ring_dims`] for local files, or for remote objects (`remote`), where by default
+    /// a slot holds a whole request and the ring holds every request in flight and two slots
+    /// more (10 × 8 MiB for host loads, 8 × 16 MiB for CUDA, with the default 8 × 8 MiB GETs).
+    pub(crate) fn ring_dims_for(&self, device: Device, remote: bool) -> (usize, usize) {
         let default_size = match device {
             Device::Cpu | Device::Null if !self.direct => 4 << 20,
             _ => 16 << 20,
         };
-        (self.staging_count.unwrap_or(8), self.staging_size.unwrap_or(default_size))
+        let (mut count, mut size) = (8, default_size);
+        if remote {
+            let request = self.remote.request_size;
+            size = size.max(request);
+            count = count.max((self.remote.concurrency * request).div_ceil(size) + 2).min(MAX_STAGING_COUNT);
+        }
+        (self.staging_count.unwrap_or(count), self.staging_size.unwrap_or(size))
     }
 
     /// The options that no load can honour, whatever the checkpoint.
@@ -378,9 +421,11 @@ impl Loader {
     }
 
     /// The strategy for `plan` on `device`: every option is honoured, or this is an error.
-    fn strategy(&self, device: Device, plan: &Plan) -> Strategy {
+    fn strategy(&self, device: Device, plan: &Plan, remote: bool) -> Strategy {
         match device {
             _ if self.zero_copy => Strategy::ZeroCopy,
+            // Remote reads coalesce small tensors into large GETs through the ring.
+            Device::Cpu if remote => Strategy::Ring,
             // O_DIRECT needs 4 KiB-aligned buffers, which arena places (256 bytes) are not; an
             // io_uring asked for is honoured through the ring, the workers read with pread.
             Device::Cpu if !(self.direct || plan.converts() && self.io == IoKind::Uring) => {
@@ -409,29 +454,22 @@ impl Loader {
 
     /// Run the load `plan` of `ckpt` (its conversions checked).
     fn load_plan(&self, ckpt: &Checkpoint, plan: Plan, device: Device, started: Instant) -> Result<LoadedModel> {
-        let strategy = self.strategy(device, &plan);
         // Data is read through the descriptors the headers were read from (O_DIRECT: a second
-        // descriptor of the same open file).
-        let direct_files = match self.direct {
-            true => plan.files.iter().map(|f| ckpt.files[f.source].reopen_direct()).collect::<Result<Vec<File>>>()?,
-            false => Vec::new(),
-        };
-        let fds: Vec<RawFd> = match self.direct {
-            true => direct_files.iter().map(File::as_raw_fd).collect(),
-            false => plan.files.iter().map(|f| ckpt.files[f.source].file.as_raw_fd()).collect(),
-        };
+        // descriptor of the same open file), or from the objects as their headers found them.
+        let files = self.read_files(ckpt, &plan)?;
+        let strategy = self.strategy(device, &plan, files.is_remote());
         let mut trace = self.trace.then(TraceRecorder::new);
         let mut obs =
             Observer { progress: self.progress.as_ref(), cancel: self.cancel.as_ref(), trace: trace.as_mut() };
         let out = match device {
-            Device::Cpu | Device::Null => self.load_host(device, strategy, &plan, fds, &mut obs)?,
+            Device::Cpu | Device::Null => self.load_host(device, strategy, &plan, &files, &mut obs)?,
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => self.load_cuda(ordinal, strategy, &plan, fds, &mut obs)?,
+            Device::Cuda(ordinal) => self.load_cuda(ordinal, strategy, &plan, &files, &mut obs)?,
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(Error::CudaNotBuilt),
             Device::Auto => return Err(Error::internal("device `auto` left unresolved")),
         };
-        drop(direct_files);
+        drop(files);
         let stats = LoadStats {
             device,
             io: out.io,

@@ -1,11 +1,10 @@
 //! Running a load once its strategy is chosen: which stage, which sink, which staging memory.
 
-use std::os::fd::RawFd;
-
+use super::files::ReadFiles;
 use super::{Loader, MAX_IN_FLIGHT};
 use crate::convert::workers::ReadConvertWorkers;
 use crate::error::{Error, Result};
-use crate::io::{open_engine, EngineOptions, FaultyEngine, RawEngine, ReadQueue};
+use crate::io::ReadQueue;
 use crate::model::Storage;
 use crate::pipeline::{self, Observer};
 use crate::plan::{Plan, Schedule, ScheduleOptions};
@@ -42,7 +41,7 @@ impl Loader {
         device: Device,
         strategy: Strategy,
         plan: &Plan,
-        fds: Vec<RawFd>,
+        files: &ReadFiles,
         obs: &mut Observer<'_>,
     ) -> Result<Outcome> {
         let mut arena = match device {
@@ -56,11 +55,11 @@ impl Loader {
             None => &mut null_sink,
         };
         let (io, bytes_read, staging_bytes) = match strategy {
-            Strategy::InPlace { convert_on_workers } => self.in_place(plan, fds, sink, convert_on_workers, obs)?,
+            Strategy::InPlace { convert_on_workers } => self.in_place(plan, files, sink, convert_on_workers, obs)?,
             Strategy::Ring => {
-                let (count, size) = self.ring_dims(device);
+                let (count, size) = self.ring_dims_for(device, files.is_remote());
                 let mut ring = self.pool.host(count, size)?;
-                let run = self.through_ring(plan, fds, &mut ring, sink, obs);
+                let run = self.through_ring(plan, files, &mut ring, sink, obs);
                 self.pool.give_back_host(ring);
                 run?
             }
@@ -75,7 +74,7 @@ impl Loader {
     pub(super) fn in_place(
         &self,
         plan: &Plan,
-        fds: Vec<RawFd>,
+        files: &ReadFiles,
         sink: &mut dyn Sink,
         convert_on_workers: bool,
         obs: &mut Observer<'_>,
@@ -92,11 +91,11 @@ impl Loader {
             )
         } else {
             let depth = self.queue_depth.max(self.threads * 2).min(MAX_IN_FLIGHT);
-            let queue = ReadQueue::new(self.engine(depth)?, depth);
+            let queue = ReadQueue::new(self.engine(depth, files)?, depth);
             let io = queue.engine_name();
             (InPlaceReader::Engine(queue), io)
         };
-        let mut stage = InPlaceStage::new(plan, &sched, fds, region, reader, self.trace);
+        let mut stage = InPlaceStage::new(plan, &sched, files.handles.clone(), region, reader, self.trace);
         let bytes = pipeline::run(plan, &sched, &mut stage, sink, obs)?;
         Ok((io, bytes, stage.staging_bytes()))
     }
@@ -108,14 +107,14 @@ impl Loader {
         ordinal: usize,
         strategy: Strategy,
         plan: &Plan,
-        fds: Vec<RawFd>,
+        files: &ReadFiles,
         obs: &mut Observer<'_>,
     ) -> Result<Outcome> {
         use crate::sink::cuda::{CudaDevice, CudaSink, DeviceArena};
         use crate::stage::zero_copy::ZeroCopyStage;
         let dev = CudaDevice::open(ordinal)?;
         let arena = DeviceArena::alloc(&dev, plan.dst_len as usize)?;
-        let (count, size) = self.ring_dims(Device::Cuda(ordinal));
+        let (count, size) = self.ring_dims_for(Device::Cuda(ordinal), files.is_remote());
         let converter = match plan.converts() {
             true => Some(self.pool.converter(&dev)?),
             false => None,
@@ -134,8 +133,17 @@ impl Loader {
                 }
                 let shape = (count, window as u64);
                 let (bytes, pinned) = std::thread::scope(|scope| {
-                    let mut stage =
-                        ZeroCopyStage::new(scope, &dev, plan, &sched, &fds, registrars, shape, self.fault, self.trace)?;
+                    let mut stage = ZeroCopyStage::new(
+                        scope,
+                        &dev,
+                        plan,
+                        &sched,
+                        &files.handles,
+                        registrars,
+                        shape,
+                        self.fault,
+                        self.trace,
+                    )?;
                     let bytes = pipeline::run(plan, &sched, &mut stage, &mut sink, obs)?;
                     Ok::<_, Error>((bytes, stage.staging_bytes()))
                 })?;
@@ -147,7 +155,7 @@ impl Loader {
             _ => {
                 let mut ring = self.pool.pinned(&dev, count, size)?;
                 let mut sink = CudaSink::new(&dev, &arena, self.streams, plan.converts(), size, self.trace, converter)?;
-                let run = self.through_ring(plan, fds, &mut ring, &mut sink, obs);
+                let run = self.through_ring(plan, files, &mut ring, &mut sink, obs);
                 if let (Some(t), Ok(_)) = (obs.trace.as_deref_mut(), &run) {
                     sink.write_trace(t)?;
                 }
@@ -173,30 +181,25 @@ impl Loader {
     pub(super) fn through_ring(
         &self,
         plan: &Plan,
-        fds: Vec<RawFd>,
+        files: &ReadFiles,
         ring: &mut crate::stage::StagingRing,
         sink: &mut dyn Sink,
         obs: &mut Observer<'_>,
     ) -> Result<(&'static str, u64, u64)> {
         let (count, size) = (ring.slot_count(), ring.slot_size());
         let sched = Schedule::new(plan, ScheduleOptions::coalesced(self.ring_extent_len(size)));
-        let depth = self.staged_depth(count, size);
-        let queue = ReadQueue::new(self.engine(depth)?, depth);
-        let read_size = self.staged_read_size(size) as u64;
-        let mut stage = RingStage::new(&sched, fds, ring, queue, self.direct, read_size, self.trace);
+        // A remote read is one GET (or a few): as large as a request may be.
+        let read_size = match files.is_remote() {
+            true => self.remote.request_size.clamp(DIRECT_ALIGN as usize, size),
+            false => self.staged_read_size(size),
+        };
+        let depth = (count * (size.div_ceil(read_size) + 1)).min(MAX_IN_FLIGHT);
+        let queue = ReadQueue::new(self.engine(depth, files)?, depth);
+        let mut stage =
+            RingStage::new(&sched, files.handles.clone(), ring, queue, self.direct, read_size as u64, self.trace);
         let io = stage.engine_name();
         let bytes = pipeline::run(plan, &sched, &mut stage, sink, obs)?;
         Ok((io, bytes, stage.staging_bytes()))
-    }
-
-    fn engine(&self, depth: usize) -> Result<Box<dyn RawEngine>> {
-        let opts = EngineOptions { kind: self.io, queue_depth: depth.max(64), threads: self.threads };
-        let engine = open_engine(&opts, self.direct)
-            .map_err(|e| Error::usage(format!("cannot start the {:?} read engine: {e}", self.io)))?;
-        Ok(match self.fault {
-            Some(f) => Box::new(FaultyEngine::new(engine, f)),
-            None => engine,
-        })
     }
 
     /// Largest extent through a slot: the slot, less room for O_DIRECT's alignment.
@@ -209,13 +212,6 @@ impl Loader {
     fn staged_read_size(&self, slot_size: usize) -> usize {
         let min = (slot_size / 1024).div_ceil(DIRECT_ALIGN as usize) * DIRECT_ALIGN as usize;
         self.read_size.max(min)
-    }
-
-    /// Reads in flight at most on the staged path: every slot's reads (one more per slot for
-    /// O_DIRECT's alignment), bounded by what an io_uring can hold.
-    fn staged_depth(&self, count: usize, slot_size: usize) -> usize {
-        let per_slot = slot_size.div_ceil(self.staged_read_size(slot_size)) + 1;
-        count.saturating_mul(per_slot).min(MAX_IN_FLIGHT)
     }
 }
 

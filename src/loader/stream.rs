@@ -1,13 +1,12 @@
 //! [`Loader::stream`]: a producer thread that loads a checkpoint batch by batch into fresh
 //! buffers within a window, handing each tensor out as it lands.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
+use super::files::ReadFiles;
 use super::run::Strategy;
 use super::Loader;
 use crate::error::{Error, Result};
@@ -100,7 +99,7 @@ impl Loader {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn stream(&self, path: impl AsRef<Path>, window_bytes: u64) -> Result<TensorStream> {
-        let ckpt = Checkpoint::open(path.as_ref())?;
+        let ckpt = self.open(path.as_ref())?;
         let (device, plan) = self.plan_of(&ckpt, &|_| true)?;
         if self.zero_copy {
             return Err(Error::usage("stream does not support --zero-copy yet: it loads through the ring"));
@@ -161,27 +160,18 @@ impl Loader {
         for range in cut {
             let part = plan.part(range);
             window.take(part.dst_len)?;
-            let direct_files = match self.direct {
-                true => {
-                    part.files.iter().map(|f| ckpt.files[f.source].reopen_direct()).collect::<Result<Vec<File>>>()?
-                }
-                false => Vec::new(),
-            };
-            let fds: Vec<RawFd> = match self.direct {
-                true => direct_files.iter().map(File::as_raw_fd).collect(),
-                false => part.files.iter().map(|f| ckpt.files[f.source].file.as_raw_fd()).collect(),
-            };
+            let files = self.read_files(ckpt, &part)?;
             let mut obs = Observer { progress: None, cancel: self.cancel.as_ref(), trace: None };
             let bytes = match device {
                 #[cfg(feature = "cuda")]
                 Device::Cuda(_) => {
                     let dev = dev.as_ref().ok_or_else(|| Error::internal("a CUDA stream without its device"))?;
-                    self.stream_cuda_batch(dev, &part, fds, stop, tx, &mut obs)?
+                    self.stream_cuda_batch(dev, &part, &files, stop, tx, &mut obs)?
                 }
-                _ => self.stream_host_batch(&part, fds, stop, tx, &mut obs)?,
+                _ => self.stream_host_batch(&part, &files, stop, tx, &mut obs)?,
             };
             read.fetch_add(bytes, Ordering::Relaxed);
-            drop(direct_files);
+            drop(files);
         }
         Ok(())
     }
@@ -189,7 +179,7 @@ impl Loader {
     fn stream_host_batch(
         &self,
         part: &Plan,
-        fds: Vec<RawFd>,
+        files: &ReadFiles,
         stop: &crate::CancelToken,
         tx: &Sender<Result<StreamedTensor>>,
         obs: &mut Observer<'_>,
@@ -205,12 +195,14 @@ impl Loader {
         let mut sink = Handout::new(BatchSink::new(batch), part, stop, emit);
         // As a whole load would: in place (reading and converting into the batch), or through
         // the ring where in place cannot honour the options (O_DIRECT, io_uring converting).
-        let (_, bytes, _) = match self.strategy(Device::Cpu, part) {
-            Strategy::InPlace { convert_on_workers } => self.in_place(part, fds, &mut sink, convert_on_workers, obs)?,
+        let (_, bytes, _) = match self.strategy(Device::Cpu, part, files.is_remote()) {
+            Strategy::InPlace { convert_on_workers } => {
+                self.in_place(part, files, &mut sink, convert_on_workers, obs)?
+            }
             _ => {
-                let (count, size) = self.ring_dims(Device::Cpu);
+                let (count, size) = self.ring_dims_for(Device::Cpu, files.is_remote());
                 let mut ring = self.pool.host(count, size)?;
-                let run = self.through_ring(part, fds, &mut ring, &mut sink, obs);
+                let run = self.through_ring(part, files, &mut ring, &mut sink, obs);
                 self.pool.give_back_host(ring);
                 run?
             }
@@ -224,7 +216,7 @@ impl Loader {
         &self,
         dev: &Arc<crate::sink::cuda::CudaDevice>,
         part: &Plan,
-        fds: Vec<RawFd>,
+        files: &ReadFiles,
         stop: &crate::CancelToken,
         tx: &Sender<Result<StreamedTensor>>,
         obs: &mut Observer<'_>,
@@ -242,7 +234,7 @@ impl Loader {
             true => Some(self.pool.converter(dev)?),
             false => None,
         };
-        let (count, size) = self.ring_dims(Device::Cuda(dev.ordinal()));
+        let (count, size) = self.ring_dims_for(Device::Cuda(dev.ordinal()), files.is_remote());
         let mut ring = self.pool.pinned(dev, count, size)?;
         // SAFETY: every place lies inside `batch` (the plan's destinations rebased to 0, each
         // with its loaded size, within dst_len), on `dev`, and they do not overlap; `batch` is
@@ -251,7 +243,7 @@ impl Loader {
         let inner =
             unsafe { CudaSink::into_pointers(dev, places, self.streams, part.converts(), size, false, converter)? };
         let mut sink = Handout::new(inner, part, stop, emit);
-        let run = self.through_ring(part, fds, &mut ring, &mut sink, obs);
+        let run = self.through_ring(part, files, &mut ring, &mut sink, obs);
         let finished = run.and_then(|(_, bytes, _)| sink.finish_batch().map(|()| bytes));
         drop(sink);
         self.pool.give_back_pinned(dev.ordinal(), ring);

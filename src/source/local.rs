@@ -78,8 +78,8 @@ pub(super) fn check_confined(index: &ShardIndex, files: &[CheckpointFile]) -> Re
     let canon_dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
     let root = crate::format::index::confinement_root(&canon_dir);
     for f in files {
-        let real =
-            std::fs::read_link(format!("/proc/self/fd/{}", f.file.as_raw_fd())).map_err(|e| Error::io(&f.path, e))?;
+        let real = std::fs::read_link(format!("/proc/self/fd/{}", f.local_file("an index's shard")?.as_raw_fd()))
+            .map_err(|e| Error::io(&f.path, e))?;
         if !real.starts_with(&root) {
             return Err(Error::BadIndex {
                 file: index.path.clone(),

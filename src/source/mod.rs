@@ -3,15 +3,19 @@
 //!
 //! A path may be a single `.safetensors` file, a `*.safetensors.index.json`, a directory (its
 //! index if it has one, else all its `*.safetensors` files), or a Hugging Face cache folder
-//! `models--org--name` (resolved through `refs/main` to `snapshots/<rev>`).
+//! `models--org--name` (resolved through `refs/main` to `snapshots/<rev>`). With the `remote`
+//! feature (on by default) it may also be an `s3://`, `gs://`, `az://` or `http(s)://` URL of
+//! the same layouts ([`remote`]).
 //!
-//! Each file is opened once, and its data is read through the descriptor its header was read
-//! from: a file renamed over (a checkpoint re-saved next to a running server) cannot mix new
+//! Each local file is opened once, and its data is read through the descriptor its header was
+//! read from: a file renamed over (a checkpoint re-saved next to a running server) cannot mix new
 //! bytes into old offsets. Only regular files are opened (a FIFO would block `open` forever),
-//! and a shard of an index must be, once opened, inside the index's tree. Object-store sources
-//! will plug in here.
+//! and a shard of an index must be, once opened, inside the index's tree. A remote object is
+//! pinned to the ETag its header was read at in the same spirit.
 
 mod local;
+#[cfg(feature = "remote")]
+pub mod remote;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -19,9 +23,61 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use local::open_regular;
+#[cfg(feature = "remote")]
+pub use remote::RemoteObject;
 
 use crate::error::{Error, Result};
 use crate::format::{read_header_from, Header, ShardIndex};
+
+/// Whether `path` is a URL of a remote source (`s3://`, `gs://`, `az://`, `http(s)://`, …)
+/// rather than a local path.
+///
+/// ```
+/// use weightstream::source::is_remote;
+/// assert!(is_remote("s3://bucket/model"));
+/// assert!(is_remote("https://example.com/m.safetensors"));
+/// assert!(!is_remote("model/m.safetensors"));
+/// ```
+pub fn is_remote(path: impl AsRef<std::path::Path>) -> bool {
+    let Some(text) = path.as_ref().to_str() else { return false };
+    let Some((scheme, rest)) = text.split_once("://") else { return false };
+    !rest.is_empty()
+        && matches!(scheme, "s3" | "s3a" | "gs" | "az" | "adl" | "azure" | "abfs" | "abfss" | "http" | "https")
+}
+
+/// How remote sources are reached and read (used with the `remote` feature).
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// `object_store` configuration keys and values, applied after the environment's
+    /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`): `aws_endpoint`, `aws_region`, `allow_http`,
+    /// `timeout`, … Two keys are weightstream's own: `max_retries` (default 10) and
+    /// `retry_timeout` (default 3m) bound the retries of one request. An unknown key is an
+    /// error.
+    pub storage_options: Vec<(String, String)>,
+    /// Ranged GETs in flight at most.
+    pub concurrency: usize,
+    /// Bytes asked for by one GET at most.
+    pub request_size: usize,
+}
+
+impl Default for RemoteOptions {
+    /// 8 GETs of 8 MiB in flight (Run:ai Model Streamer's object-storage default, measured on
+    /// the loopback in BENCHMARKS.md).
+    fn default() -> Self {
+        RemoteOptions { storage_options: Vec::new(), concurrency: 8, request_size: 8 << 20 }
+    }
+}
+
+/// How a file's data is reached.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum FileAccess {
+    /// A local file, open: the descriptor its header was read from.
+    Local(Arc<File>),
+    /// An object of a store or an HTTP server, as its header read found it.
+    #[cfg(feature = "remote")]
+    Remote(Arc<RemoteObject>),
+}
 
 /// One file of a checkpoint, open, and its validated header.
 #[derive(Debug, Clone)]
@@ -30,8 +86,8 @@ pub struct CheckpointFile {
     pub path: PathBuf,
     /// Its header.
     pub header: Header,
-    /// The open file its header was read from; the data is read through it too.
-    pub file: Arc<File>,
+    /// How its data is read: the open file its header was read from, or the remote object.
+    pub access: FileAccess,
 }
 
 impl CheckpointFile {
@@ -50,13 +106,29 @@ impl CheckpointFile {
         let mut file = open_regular(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let header = read_header_from(path, &mut file, len)?;
-        Ok(CheckpointFile { path: path.to_path_buf(), header, file: Arc::new(file) })
+        Ok(CheckpointFile { path: path.to_path_buf(), header, access: FileAccess::Local(Arc::new(file)) })
+    }
+
+    /// The open local file, or an error saying that `what` needs one.
+    pub fn local_file(&self, what: &str) -> Result<&Arc<File>> {
+        match &self.access {
+            FileAccess::Local(f) => Ok(f),
+            #[cfg(feature = "remote")]
+            FileAccess::Remote(_) => {
+                Err(Error::usage(format!("{what} needs a local file, not {}", self.path.display())))
+            }
+        }
+    }
+
+    /// Whether the file is a remote object.
+    pub fn is_remote(&self) -> bool {
+        !matches!(self.access, FileAccess::Local(_))
     }
 
     /// A second descriptor of the same file opened with O_DIRECT (through `/proc/self/fd`, so
     /// it is the file the header was read from even if the path now names another one).
     pub fn reopen_direct(&self) -> Result<File> {
-        local::reopen_direct(&self.file, &self.path)
+        local::reopen_direct(self.local_file("O_DIRECT")?, &self.path)
     }
 }
 
@@ -81,13 +153,43 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Resolve `path`, read and validate every file's header, and check the files together (an
-    /// index's tensors are in their shards; no tensor is in two files).
+    /// index's tensors are in their shards; no tensor is in two files). A remote URL is reached
+    /// with the environment's credentials and endpoint ([`Checkpoint::open_with`] takes more).
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
-        let (files, index) = resolve(path.as_ref())?;
+        Self::open_with(path, &RemoteOptions::default())
+    }
+
+    /// [`Checkpoint::open`], a remote URL reached with `remote`'s storage options.
+    pub fn open_with(path: impl AsRef<Path>, remote: &RemoteOptions) -> Result<Checkpoint> {
+        let path = path.as_ref();
+        if is_remote(path) {
+            return Self::open_remote(path, remote);
+        }
+        let (files, index) = resolve(path)?;
         let files = files.into_iter().map(CheckpointFile::open).collect::<Result<Vec<_>>>()?;
         if let Some(index) = &index {
             local::check_confined(index, &files)?;
         }
+        Self::checked(files, index)
+    }
+
+    #[cfg(feature = "remote")]
+    fn open_remote(url: &Path, remote: &RemoteOptions) -> Result<Checkpoint> {
+        let text = url.to_str().ok_or_else(|| Error::BadSource { file: url.into(), message: "not UTF-8".into() })?;
+        let (files, index) = remote::open(text, remote)?;
+        Self::checked(files, index)
+    }
+
+    #[cfg(not(feature = "remote"))]
+    fn open_remote(url: &Path, _: &RemoteOptions) -> Result<Checkpoint> {
+        Err(Error::BadSource {
+            file: url.into(),
+            message: "weightstream was built without the `remote` feature".into(),
+        })
+    }
+
+    /// The files, checked together.
+    fn checked(files: Vec<CheckpointFile>, index: Option<ShardIndex>) -> Result<Checkpoint> {
         // One file without an index: its header already has unique names (checked by the
         // parser), and a map of a million names would cost more than the header itself.
         if files.len() == 1 && index.is_none() {

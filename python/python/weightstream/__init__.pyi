@@ -34,8 +34,10 @@ def load_file(
     only: Globs = None,
     shard: Optional[Tuple[int, int]] = None,
     split: Split = None,
+    storage_options: Optional[Dict[str, Union[str, int, bool]]] = None,
 ) -> Dict[str, Any]:
-    """Load a checkpoint (file, index.json, directory, Hugging Face cache folder) into
+    """Load a checkpoint (file, index.json, directory, Hugging Face cache folder, or an
+    s3://, gs://, az://, http(s):// URL of one) into
     ``{name: tensor}``: torch tensors (``"pt"``) or numpy arrays (``"np"``, CPU only).
 
     Example::
@@ -62,6 +64,9 @@ class Loader:
         threads: Optional[int] = None,
         io: Optional[Literal["auto", "pread", "uring"]] = None,
         direct: bool = False,
+        storage_options: Optional[Dict[str, Union[str, int, bool]]] = None,
+        remote_concurrency: Optional[int] = None,
+        remote_request_size: Optional[Size] = None,
     ) -> None: ...
     @property
     def device(self) -> str: ...
@@ -121,7 +126,14 @@ class safe_open:
         ...     rows = f.get_slice("lm_head.weight")[0:128]
     """
 
-    def __init__(self, path: Path, framework: Framework = "pt", device: Device = "cpu") -> None: ...
+    def __init__(
+        self,
+        path: Path,
+        framework: Framework = "pt",
+        device: Device = "cpu",
+        *,
+        storage_options: Optional[Dict[str, Union[str, int, bool]]] = None,
+    ) -> None: ...
     def __enter__(self) -> "safe_open": ...
     def __exit__(self, *exc: Any) -> Literal[False]: ...
     def keys(self) -> List[str]: ...

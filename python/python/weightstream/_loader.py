@@ -28,9 +28,22 @@ class Loader:
         ...     arrays = loader.load(path, framework="np")
     """
 
-    def __init__(self, device="cpu", *, staging=None, staging_count=None, threads=None, io=None, direct=False):
+    def __init__(
+        self,
+        device="cpu",
+        *,
+        staging=None,
+        staging_count=None,
+        threads=None,
+        io=None,
+        direct=False,
+        storage_options=None,
+        remote_concurrency=None,
+        remote_request_size=None,
+    ):
         if io is not None and io not in ("auto", "pread", "uring"):
             raise O.UsageError(f"io: expected 'auto', 'pread' or 'uring', got {io!r}")
+        self._storage_options = O.storage_options(storage_options)
         self._raw = RawLoader(
             device=O.device(device),
             staging_size=None if staging is None else O.size(staging, "staging"),
@@ -38,6 +51,9 @@ class Loader:
             threads=O.count(threads, "threads"),
             io=io,
             direct=bool(direct),
+            storage_options=self._storage_options,
+            remote_concurrency=O.count(remote_concurrency, "remote_concurrency"),
+            remote_request_size=None if remote_request_size is None else O.size(remote_request_size, "remote_request_size"),
         )
 
     @property
@@ -126,13 +142,16 @@ def _default_loader(device):
         return loader
 
 
-def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shard=None, split=None):
+def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shard=None, split=None, storage_options=None):
     """Load a checkpoint into ``{name: tensor}``, like ``safetensors.torch.load_file`` /
     ``safetensors.numpy.load_file``.
 
     Args:
         path: a ``.safetensors`` file, a ``model.safetensors.index.json``, a directory of them
-            or a Hugging Face cache folder (``models--org--name``).
+            or a Hugging Face cache folder (``models--org--name``); or an ``s3://``, ``gs://``,
+            ``az://`` or ``http(s)://`` URL of a file, an index or a prefix (credentials and
+            endpoint from the ``AWS_*``, ``GOOGLE_*``, ``AZURE_*`` environment variables and
+            ``storage_options``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, an int or a ``torch.device``.
         framework: ``"pt"`` (torch tensors) or ``"np"`` (numpy arrays, CPU only; bf16 and fp8
             as ``ml_dtypes`` types, as ``safetensors.numpy`` returns them).
@@ -141,6 +160,9 @@ def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shar
         shard: ``(rank, world)``: with ``split``, load this rank's share of split tensors.
         split: ``{"*.q_proj.weight": 0, ...}``: the dimension each matching tensor splits along
             (first match wins; the others load whole).
+        storage_options: ``{"aws_endpoint": "http://...", "aws_region": "us-east-1", ...}``:
+            ``object_store`` options for a remote ``path`` (plus ``max_retries`` and
+            ``retry_timeout``); an unknown key raises :class:`UsageError`.
 
     Tensors are handed over without a copy and keep their memory alive; one allocation holds
     a load's tensors and is freed when the last of them dies.
@@ -151,4 +173,5 @@ def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shar
         >>> arrays = ws.load_file("model.safetensors", framework="np")          # doctest: +SKIP
         >>> tensors = ws.load_file("Qwen2-7B/", device="cuda:0", dtype="bf16")  # doctest: +SKIP
     """
-    return _default_loader(device).load(path, framework=framework, dtype=dtype, only=only, shard=shard, split=split)
+    loader = _default_loader(device) if storage_options is None else Loader(device, storage_options=storage_options)
+    return loader.load(path, framework=framework, dtype=dtype, only=only, shard=shard, split=split)

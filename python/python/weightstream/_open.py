@@ -4,7 +4,7 @@ loads one tensor, ``get_slice(name)[...]`` loads only the block of rows it cover
 from . import _options as O
 from ._errors import MissingTensorError, UsageError
 from ._frameworks import converter
-from ._loader import _default_loader
+from ._loader import Loader, _default_loader
 from ._weightstream import read_metadata
 
 
@@ -28,13 +28,16 @@ class safe_open:
         ...     rows = f.get_slice("lm_head.weight")[0:128]                # reads 128 rows only
     """
 
-    def __init__(self, path, framework="pt", device="cpu"):
+    def __init__(self, path, framework="pt", device="cpu", *, storage_options=None):
         self._path = O.path(path)
-        self._loader = _default_loader(device)  # shared per device: one staging ring
+        if storage_options is None:
+            self._loader = _default_loader(device)  # shared per device: one staging ring
+        else:
+            self._loader = Loader(device, storage_options=storage_options)
         self._framework = self._loader._framework(framework)
         self._conv = converter(self._framework)
         self._infos = {t[0]: t for t in self._loader.describe(self._path)}
-        self._metadata = read_metadata(self._path)
+        self._metadata = read_metadata(self._path, self._loader._storage_options)
         self._open = True
 
     def __enter__(self):

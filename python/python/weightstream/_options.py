@@ -150,3 +150,24 @@ def path(value):
         return os.fspath(value)
     except TypeError:
         raise UsageError(f"path: expected a str or os.PathLike, got {type(value).__name__}") from None
+
+
+def storage_options(value):
+    """``None``, or a mapping of ``object_store`` option names to values (str, int or bool), as
+    the ``[(key, value)]`` list the Rust layer takes."""
+    if value is None:
+        return None
+    if not hasattr(value, "items"):
+        raise UsageError(f"storage_options: expected a dict, got {type(value).__name__}")
+    out = []
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise UsageError(f"storage_options: keys are str, got {type(k).__name__}")
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, (int, float, str)):
+            v = str(v)
+        else:
+            raise UsageError(f"storage_options[{k!r}]: expected a str, int or bool, got {type(v).__name__}")
+        out.append((k, v))
+    return out

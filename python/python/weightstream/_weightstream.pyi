@@ -73,6 +73,9 @@ class RawLoader:
         threads: Optional[int] = None,
         io: Optional[str] = None,
         direct: bool = False,
+        storage_options: Optional[List[Tuple[str, str]]] = None,
+        remote_concurrency: Optional[int] = None,
+        remote_request_size: Optional[int] = None,
     ) -> None: ...
     @property
     def device(self) -> str: ...
@@ -83,7 +86,9 @@ class RawLoader:
     def stream(self, path: Union[str, PathLike[str]], opts: _Opts, window: int) -> RawStream: ...
     def load_into(self, path: Union[str, PathLike[str]], destinations: List[Tuple[str, Any]], opts: _Opts) -> int: ...
 
-def read_metadata(path: Union[str, PathLike[str]]) -> Optional[Dict[str, str]]:
+def read_metadata(
+    path: Union[str, PathLike[str]], storage_options: Optional[List[Tuple[str, str]]] = None
+) -> Optional[Dict[str, str]]:
     """The ``__metadata__`` of a checkpoint's files (merged), or None."""
 
 def cuda_available() -> bool:

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use weightstream::bench::{self, BenchOptions, BenchStrategy};
-use weightstream::{Checkpoint, Result};
+use weightstream::Result;
 
 use crate::load::LoaderArgs;
 
@@ -36,7 +36,8 @@ pub struct Args {
 
 /// Run `bench`.
 pub fn run(args: Args) -> Result<()> {
-    let ckpt = Checkpoint::open(&args.path)?;
+    let loader = args.loader.loader();
+    let ckpt = loader.open(&args.path)?;
     let strategies = if args.strategies.is_empty() {
         vec![BenchStrategy::Pipeline, BenchStrategy::MmapCopy, BenchStrategy::ReadAll]
     } else {
@@ -48,7 +49,7 @@ pub fn run(args: Args) -> Result<()> {
         trace: args.trace.clone(),
         child_exe: std::env::current_exe().ok(),
     };
-    let report = bench::run(&ckpt, &args.loader.loader(), &strategies, &opts)?;
+    let report = bench::run(&ckpt, &loader, &strategies, &opts)?;
     let fastest = report.fastest_baseline();
     let ratio = |r: &bench::BenchRow| fastest.map(|f| f / r.median()).filter(|x| x.is_finite());
     if args.json {

@@ -12,11 +12,14 @@ use weightstream::Checkpoint;
 /// Arguments of `inspect`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A .safetensors file, an index JSON, a directory, or a Hugging Face cache folder.
+    /// A .safetensors file, an index JSON, a directory, or a Hugging Face cache folder; or an
+    /// s3://, gs://, az:// or http(s):// URL of a file, an index or a prefix.
     pub path: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub remote: crate::load::RemoteArgs,
 }
 
 /// The JSON report: `{"files":[..],"metadata":{..},"total_bytes":N,"tensors":[..]}`. The
@@ -95,7 +98,7 @@ impl<'a> Report<'a> {
 
 /// Run `inspect`.
 pub fn run(args: Args) -> weightstream::Result<()> {
-    let ckpt = Checkpoint::open(&args.path)?;
+    let ckpt = args.remote.apply(weightstream::Loader::new()).open(&args.path)?;
     let report = Report::new(&ckpt);
     let stdout = io::stdout();
     let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());

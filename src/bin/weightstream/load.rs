@@ -54,6 +54,49 @@ pub struct LoaderArgs {
     /// matching rule wins; others load whole).
     #[arg(long = "split", value_name = "GLOB=DIM", value_parser = parse_split)]
     pub splits: Vec<(String, usize)>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// How `s3://`, `gs://`, `az://` and `http(s)://` sources are reached (with `load`, `bench` and
+/// `inspect`).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct RemoteArgs {
+    /// An object_store option for remote sources, after the AWS_*, GOOGLE_* and AZURE_*
+    /// environment variables (repeatable): aws_endpoint=URL, aws_region=R, allow_http=true,
+    /// timeout=30s, max_retries=N, retry_timeout=3m, ...
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub storage_options: Vec<(String, String)>,
+    /// Ranged GETs in flight at most for remote sources (default 8).
+    #[arg(long, value_name = "N")]
+    pub remote_concurrency: Option<usize>,
+    /// Bytes of one ranged GET at most for remote sources (default 8M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub remote_request_size: Option<u64>,
+}
+
+impl RemoteArgs {
+    /// `loader` with these options.
+    pub fn apply(&self, mut loader: Loader) -> Loader {
+        for (k, v) in &self.storage_options {
+            loader = loader.storage_option(k.clone(), v.clone());
+        }
+        if let Some(n) = self.remote_concurrency {
+            loader = loader.remote_concurrency(n);
+        }
+        if let Some(b) = self.remote_request_size {
+            loader = loader.remote_request_size(usize::try_from(b).unwrap_or(usize::MAX));
+        }
+        loader
+    }
+}
+
+/// `KEY=VALUE`.
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
 }
 
 impl LoaderArgs {
@@ -91,14 +134,15 @@ impl LoaderArgs {
         if let Some(r) = self.read_size {
             l = l.read_size(r as usize);
         }
-        l
+        self.remote.apply(l)
     }
 }
 
 /// Arguments of `load`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A .safetensors file, an index JSON, a directory, or a Hugging Face cache folder.
+    /// A .safetensors file, an index JSON, a directory, or a Hugging Face cache folder; or an
+    /// s3://, gs://, az:// or http(s):// URL of a file, an index or a prefix.
     pub path: PathBuf,
     #[command(flatten)]
     pub loader: LoaderArgs,
