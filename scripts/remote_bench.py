@@ -234,8 +234,10 @@ class Contender:
         self.name, self.fn = name, fn
         self.secs, self.rss, self.inner, self.errors = [], [], [], []
 
-    def run(self):
+    def run(self, pre_run):
         try:
+            if pre_run:
+                self.fn()  # untimed: the timed run gets the same first-touch costs as others
             s, rss, inner = self.fn()
         except Exception as err:  # recorded, the rest goes on
             self.errors.append(str(err))
@@ -258,7 +260,7 @@ def build_contenders(a, server, base, files, key, scratch, total, is_dir, root_n
     if s3:
         for kv in (f"aws_endpoint={base}", f"aws_access_key_id={ACCESS_KEY}",
                    f"aws_secret_access_key={SECRET_KEY}", "aws_region=us-east-1",
-                   "aws_allow_http=true"):
+                   "allow_http=true"):
             opts += ["--storage-option", kv]
     cfg = Path(a.workdir) / f"curl_{server}.cfg"
     curl_config(base if not s3 else f"{base}/{BUCKET}", files, a.ceiling_chunk, cfg)
@@ -381,10 +383,12 @@ def sweep(a, base, key, total):
         order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate the start
         log(f"  sweep round {r + 1}/{a.rounds}")
         for c, s in order:
+            cmd = [a.weightstream, "load", url, "--device", a.sweep_device, "--json", "--quiet",
+                   "--remote-concurrency", str(c), "--remote-request-size", str(s), *a.ws_arg]
             try:
-                dt, _, _ = timed([a.weightstream, "load", url, "--device", a.sweep_device,
-                                  "--json", "--quiet", "--remote-concurrency", str(c),
-                                  "--remote-request-size", str(s), *a.ws_arg])
+                if a.pre_run:
+                    timed(cmd)
+                dt, _, _ = timed(cmd)
                 res[(c, s)].append(dt)
             except Exception as err:
                 log(f"    c={c} s={s}: FAILED {err}")
@@ -418,6 +422,9 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="a .safetensors file or a folder of them")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-pre-run", dest="pre_run", action="store_false",
+                    help="skip the untimed run of each command right before its timed run "
+                    "(this VM pays first touches of fresh memory unevenly; see BENCHMARKS.md)")
     ap.add_argument("--servers", default="nginx,s3rver",
                     help="comma list of nginx, s3rver, moto (default nginx,s3rver)")
     ap.add_argument("--weightstream", default="", help="the weightstream binary ('' to skip it)")
@@ -476,9 +483,12 @@ def main():
         for s in servers:
             log(f"starting {s}")
             bases[s] = srv.start_nginx(files) if s == "nginx" else srv.start_s3(s, files, s3_data)
+        pre = ", each timed run right after an untimed one" if a.pre_run else ""
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
         print(f"# remote_bench {time.strftime('%Y-%m-%d %H:%M')}: {a.path} ({total} bytes, "
-              f"{len(files)} file(s)), {a.rounds} rounds, {os.cpu_count()} CPUs, "
-              f"load average {os.getloadavg()[0]:.2f}", flush=True)
+              f"{len(files)} file(s)), {a.rounds} rounds{pre}, {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.2f}, weightstream at {rev or '?'}", flush=True)
         # Warm: the servers' files into the page cache, one untimed pass each.
         for s in servers:
             cfg = Path(work) / f"warm_{s}.cfg"
@@ -496,7 +506,7 @@ def main():
                 for s, conts in results:
                     log(f"  {s}")
                     for c in conts:
-                        c.run()
+                        c.run(a.pre_run)
             print()
             print(table(results, total, a.rounds))
             if "s3rver" in servers and a.runai:
