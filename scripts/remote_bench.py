@@ -372,16 +372,25 @@ def table(results, total, rounds):
     return "\n".join(lines)
 
 
-def sweep(a, base, key, total):
+def sweep(a, base, key, total, files):
     """weightstream against nginx over --remote-concurrency × --remote-request-size."""
     url = f"{base}/{key}"
     concs = [int(x) for x in a.sweep_concurrency.split(",")]
     sizes = [parse_size(x) for x in a.sweep_request_size.split(",")]
     configs = [(c, s) for c in concs for s in sizes]
     res = {cfg: [] for cfg in configs}
+    cfg_file = Path(a.workdir) / "curl_sweep.cfg"
+    curl_config(base, files, a.ceiling_chunk, cfg_file)
+    ceiling = []
     for r in range(a.rounds):
         order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate the start
         log(f"  sweep round {r + 1}/{a.rounds}")
+        try:
+            ceiling.append(timed(["curl", "--silent", "--show-error", "--parallel",
+                                  "--parallel-max", str(a.ceiling_parallel), "-K",
+                                  str(cfg_file)])[0])
+        except Exception as err:
+            log(f"    curl ceiling: FAILED {err}")
         for c, s in order:
             cmd = [a.weightstream, "load", url, "--device", a.sweep_device, "--json", "--quiet",
                    "--remote-concurrency", str(c), "--remote-request-size", str(s), *a.ws_arg]
@@ -395,7 +404,9 @@ def sweep(a, base, key, total):
     hdr = "| --remote-concurrency | " + " | ".join(
         f"--remote-request-size {s // MiB}M" for s in sizes) + " |"
     lines = [f"weightstream load {url.rsplit('/', 1)[-1]} --device {a.sweep_device} from nginx: "
-             "median s (GB/s)", "", hdr, "|---|" + "---|" * len(sizes)]
+             "median s (GB/s)" + (f"; curl ceiling in the same rounds {med(ceiling):.2f} s "
+                                   f"({total / med(ceiling) / 1e9:.2f} GB/s)" if ceiling else ""),
+             "", hdr, "|---|" + "---|" * len(sizes)]
     best = min((med(v), k) for k, v in res.items() if v) if any(res.values()) else None
     for c in concs:
         cells = []
@@ -514,7 +525,7 @@ def main():
                       "its in-process time excludes importing torch.)")
         if (a.sweep or a.sweep_only) and a.weightstream and "nginx" in bases:
             print()
-            print(sweep(a, bases["nginx"], key, total))
+            print(sweep(a, bases["nginx"], key, total, files))
         sys.stdout.flush()
     finally:
         srv.stop()
