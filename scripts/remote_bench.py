@@ -280,8 +280,8 @@ def build_contenders(a, server, base, files, key, scratch, total, is_dir, root_n
             return s, rss, ws_seconds(so)
         return f
     if a.weightstream:
-        out.append(Contender("weightstream load URL --device cpu", ws("cpu")))
-        out.append(Contender("weightstream load URL --device null", ws("null")))
+        for dev in a.devices.split(","):
+            out.append(Contender(f"weightstream load URL --device {dev}", ws(dev)))
 
     def download():
         d = Path(tempfile.mkdtemp(prefix="remote_bench_dl_", dir=scratch))
@@ -299,15 +299,15 @@ def build_contenders(a, server, base, files, key, scratch, total, is_dir, root_n
                 for k, _, _ in files:
                     cmd += ["-o", str(d / k), f"{base}/{k}"]
                 _, rss1, _ = timed(cmd)
-            _, rss2, so = timed([a.weightstream, "load", str(d / key), "--device", "cpu", "--json",
-                                 "--quiet"])
+            _, rss2, so = timed([a.weightstream, "load", str(d / key), "--device",
+                                 a.baseline_device, "--json", "--quiet"])
             return time.perf_counter() - t, max(rss1, rss2), ws_seconds(so)
         finally:
             shutil.rmtree(d, ignore_errors=True)
     if a.weightstream:
         how = "aws s3 cp" if s3 else "curl -o"
-        out.append(Contender(f"download ({how}) + weightstream load LOCAL --device cpu",
-                             download))
+        out.append(Contender(f"download ({how}) + weightstream load LOCAL --device "
+                             f"{a.baseline_device}", download))
 
     if s3 and a.runai:
         renv = dict(env)
@@ -350,6 +350,10 @@ def runai_child(argv):
         raise SystemExit(f"runai: {nbytes} tensor bytes from {expect} file bytes")
 
 
+def fs(x):
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}"
+
+
 def med(xs):
     return statistics.median(xs) if xs else None
 
@@ -366,8 +370,8 @@ def table(results, total, rounds):
                 lines.append(f"| {server} | {c.name} | failed | | | | | 0/{rounds}: {why} |")
                 continue
             frac = f"{ceil / s:.2f}" if ceil else ""
-            inner = f"{med(c.inner):.2f}" if c.inner else ""
-            lines.append(f"| {server} | {c.name} | {s:.2f} | {total / s / 1e9:.2f} | {frac} | "
+            inner = fs(med(c.inner)) if c.inner else ""
+            lines.append(f"| {server} | {c.name} | {fs(s)} | {total / s / 1e9:.2f} | {frac} | "
                          f"{med(c.rss) / MiB:.0f} | {inner} | {len(c.secs)}/{rounds} |")
     return "\n".join(lines)
 
@@ -404,7 +408,7 @@ def sweep(a, base, key, total, files):
     hdr = "| --remote-concurrency | " + " | ".join(
         f"--remote-request-size {s // MiB}M" for s in sizes) + " |"
     lines = [f"weightstream load {url.rsplit('/', 1)[-1]} --device {a.sweep_device} from nginx: "
-             "median s (GB/s)" + (f"; curl ceiling in the same rounds {med(ceiling):.2f} s "
+             "median s (GB/s)" + (f"; curl ceiling in the same rounds {fs(med(ceiling))} s "
                                    f"({total / med(ceiling) / 1e9:.2f} GB/s)" if ceiling else ""),
              "", hdr, "|---|" + "---|" * len(sizes)]
     best = min((med(v), k) for k, v in res.items() if v) if any(res.values()) else None
@@ -412,7 +416,7 @@ def sweep(a, base, key, total, files):
         cells = []
         for s in sizes:
             m = med(res[(c, s)])
-            cell = "failed" if m is None else f"{m:.2f} ({total / m / 1e9:.2f})"
+            cell = "failed" if m is None else f"{fs(m)} ({total / m / 1e9:.2f})"
             if best and (c, s) == best[1]:
                 cell = f"**{cell}**"
             cells.append(cell)
@@ -439,6 +443,10 @@ def main():
     ap.add_argument("--servers", default="nginx,s3rver",
                     help="comma list of nginx, s3rver, moto (default nginx,s3rver)")
     ap.add_argument("--weightstream", default="", help="the weightstream binary ('' to skip it)")
+    ap.add_argument("--devices", default="cpu,null",
+                    help="the remote weightstream loads' targets, one row each (default cpu,null)")
+    ap.add_argument("--baseline-device", default="cpu",
+                    help="the download baseline's local load target (default cpu)")
     ap.add_argument("--ws-arg", action="append", default=[],
                     help="extra argument for every remote weightstream load (repeatable)")
     ap.add_argument("--entry", default="",
@@ -499,7 +507,7 @@ def main():
                              capture_output=True, text=True).stdout.strip()
         print(f"# remote_bench {time.strftime('%Y-%m-%d %H:%M')}: {a.path} ({total} bytes, "
               f"{len(files)} file(s)), {a.rounds} rounds{pre}, {os.cpu_count()} CPUs, "
-              f"load average {os.getloadavg()[0]:.2f}, weightstream at {rev or '?'}", flush=True)
+              f"load average {os.getloadavg()[0]:.2f}, checkout at {rev or '?'}", flush=True)
         # Warm: the servers' files into the page cache, one untimed pass each.
         for s in servers:
             cfg = Path(work) / f"warm_{s}.cfg"

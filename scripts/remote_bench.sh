@@ -16,6 +16,8 @@
 #                            4,8,16 × --remote-request-size 4M,8M,16M (--sweep-device, default cpu)
 #   --s3-data DIR            keep s3rver's objects in DIR between runs (upload once)
 #   --no-runai               skip Run:ai Model Streamer
+#   --devices LIST           the remote loads' targets (default cpu,null; on a GPU host
+#                            cuda,null with --baseline-device cuda)
 #   --ws-arg ARG             extra argument for each remote weightstream load (repeatable)
 # Environment: WEIGHTSTREAM_BIN (default: $CARGO_TARGET_DIR or target/, release/weightstream;
 # built with `cargo build --release` if missing).
