@@ -371,6 +371,38 @@ fn cancelling_a_load_from_a_stalled_server_ends_it_at_once() {
     assert!(proxy.requests() > 3, "data requests reached the stalled server");
 }
 
+/// Dropping a stream whose server stalls returns at once: the stream's own stop reaches the
+/// requests in flight.
+#[test]
+fn dropping_a_stream_from_a_stalled_server_returns_at_once() {
+    let Some(http) = HttpServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let big = common::pattern(11, 8 << 20);
+    let names: Vec<String> = (0..4).map(|i| format!("t{i}")).collect();
+    let ws: Vec<_> =
+        names.iter().map(|n| WriteTensor::new(n.clone(), Dtype::U8, vec![big.len() as u64], &big)).collect();
+    write_file(dir.path().join("m.safetensors"), &ws, &Default::default()).unwrap();
+    http.put("m.safetensors", &std::fs::read(dir.path().join("m.safetensors")).unwrap());
+    let proxy = FaultProxy::start(&http.endpoint(), Schedule::PassThrough);
+    let url = http.url_via(&proxy.endpoint(), "m.safetensors");
+    let loader = Loader::new()
+        .device(Device::Cpu)
+        .storage_option("timeout", "60s")
+        .remote_request_size(64 << 10)
+        .remote_concurrency(2);
+    let mut stream = loader.stream(&url, 64 << 20).unwrap();
+    let first = stream.next().unwrap().unwrap();
+    assert_eq!(first.name(), "t0");
+    // The other 24 MiB go 64 KiB at a time, two at once: most are still to come.
+    proxy.set_schedule(Schedule::AlwaysStall);
+    std::thread::sleep(Duration::from_millis(300));
+    let dropping = Instant::now();
+    drop(stream);
+    assert!(dropping.elapsed() < Duration::from_secs(5), "drop took {:?}", dropping.elapsed());
+    let stalled = proxy.seen().iter().filter(|s| s.outcome == remote_support::Outcome::Stalled).count();
+    assert!(stalled > 0, "requests were stalled while the stream was dropped");
+}
+
 fn small_file() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write(&dir.path().join("m.safetensors"), &tensors(5)[..2]);

@@ -411,7 +411,6 @@ fn shown(tensor: &str) -> std::borrow::Cow<'_, str> {
     crate::text::for_display(tensor)
 }
 
-/// A path as an error shows it (see [`shown`]).
 /// What kind of failure a remote request ended in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -481,6 +480,7 @@ impl std::fmt::Display for RemoteFault {
 
 impl std::error::Error for RemoteFault {}
 
+/// A path as an error shows it (see [`shown`]).
 fn shown_path(path: &std::path::Path) -> String {
     crate::text::path_for_display(path)
 }

@@ -17,7 +17,7 @@ use tokio::sync::{watch, Semaphore};
 use super::{RawCompletion, RawEngine, RawRead};
 use crate::cancel::CancelToken;
 use crate::error::{RemoteFailure, RemoteFault};
-use crate::source::remote::spawn_remote;
+use crate::source::remote::runtime_handle;
 use crate::source::RemoteObject;
 
 /// A read engine over remote objects.
@@ -29,8 +29,10 @@ pub struct RemoteEngine {
     done_tx: Sender<RawCompletion>,
     done_rx: Receiver<RawCompletion>,
     in_flight: usize,
-    /// The load's token: a wait notices it within [`CANCEL_POLL`] and drops the requests.
-    token: Option<CancelToken>,
+    /// The load's tokens (the caller's, a stream's): a wait notices either within
+    /// [`CANCEL_POLL`] and drops the requests.
+    tokens: Vec<CancelToken>,
+    runtime: tokio::runtime::Handle,
 }
 
 /// How often a wait looks at the load's cancel token: a stalled server must not hold a
@@ -80,24 +82,26 @@ impl Drop for Completer {
 
 impl RemoteEngine {
     /// An engine over `objects` (a read's `fd` indexes them), with at most `concurrency` GETs of
-    /// at most `request_size` bytes in flight.
+    /// at most `request_size` bytes in flight, cancelled when any of `tokens` is; an error when
+    /// the runtime for remote requests cannot start.
     pub fn new(
         objects: Vec<Arc<RemoteObject>>,
         concurrency: usize,
         request_size: usize,
-        token: Option<CancelToken>,
-    ) -> Self {
+        tokens: Vec<CancelToken>,
+    ) -> crate::Result<Self> {
         let (done_tx, done_rx) = channel();
-        RemoteEngine {
+        Ok(RemoteEngine {
             objects: Arc::new(objects),
             request_size: request_size.max(1),
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            permits: Arc::new(Semaphore::new(concurrency.clamp(1, Semaphore::MAX_PERMITS))),
             cancel: watch::channel(false).0,
             done_tx,
             done_rx,
             in_flight: 0,
-            token,
-        }
+            tokens,
+            runtime: runtime_handle()?,
+        })
     }
 }
 
@@ -119,20 +123,25 @@ impl RawEngine for RemoteEngine {
         let task = async move {
             // Declared first, so dropped last: after the fetch, whose writes end with it.
             let completer = completer;
-            let fetch = std::pin::pin!(fetch(&object, read.offset, dest, read.len, size, &permits));
-            let stop = std::pin::pin!(async move {
-                let _ = cancelled.wait_for(|c| *c).await;
-            });
-            // Either the reads finish or the load is cancelled; in both cases the fetch future is
-            // dropped (no part of it writes any more) before the completion is sent.
-            let result = match select(fetch, stop).await {
-                Either::Left((r, _)) => r.map(|()| read.len).map_err(RemoteFault::into_io),
-                Either::Right(_) => Err(io::Error::other("remote read cancelled")),
+            // Either the reads finish or the load is cancelled; in both cases the fetch future
+            // is dropped at the end of this block (no part of it writes any more), before the
+            // completion hands the buffer back.
+            let result = {
+                let fetch = std::pin::pin!(fetch(&object, read.offset, dest, read.len, size, &permits));
+                let stop = std::pin::pin!(async move {
+                    let _ = cancelled.wait_for(|c| *c).await;
+                });
+                match select(fetch, stop).await {
+                    Either::Left((r, _)) => r.map(|()| read.len).map_err(RemoteFault::into_io),
+                    Either::Right(_) => Err(io::Error::other("remote read cancelled")),
+                }
             };
             completer.send(result);
         };
-        spawn_remote(task).map_err(io::Error::other)?;
+        // Counted before it can complete; the runtime was checked when the engine was made, so
+        // spawning cannot fail here.
         self.in_flight += 1;
+        self.runtime.spawn(task);
         Ok(())
     }
 
@@ -144,10 +153,11 @@ impl RawEngine for RemoteEngine {
                     return Ok(c);
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if self.token.as_ref().is_some_and(CancelToken::is_cancelled) {
+                    if self.tokens.iter().any(CancelToken::is_cancelled) {
                         self.cancel();
                     }
                 }
+                // The engine holds a sender itself: never, but not a reason to panic.
                 Err(RecvTimeoutError::Disconnected) => return Err(io::Error::other("the remote runtime stopped")),
             }
         }

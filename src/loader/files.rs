@@ -114,8 +114,8 @@ impl Loader {
         #[cfg(feature = "remote")]
         if let Some(objects) = &files.remote {
             let RemoteOptions { concurrency, request_size, .. } = self.remote;
-            let engine =
-                Box::new(crate::io::RemoteEngine::new(objects.clone(), concurrency, request_size, self.cancel.clone()));
+            let tokens = self.cancel.iter().chain(&self.stream_stop).cloned().collect();
+            let engine = Box::new(crate::io::RemoteEngine::new(objects.clone(), concurrency, request_size, tokens)?);
             return Ok(self.with_fault(engine));
         }
         let _ = files;

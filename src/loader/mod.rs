@@ -87,6 +87,9 @@ pub struct Loader {
     slices: Vec<(String, usize, std::ops::Range<u64>)>,
     fault: Option<Fault>,
     remote: RemoteOptions,
+    /// A stream's own stop token (set on the stream producer's clone): engines whose reads
+    /// wait on a server watch it beside `cancel`.
+    stream_stop: Option<CancelToken>,
     pool: Arc<StagingPool>,
 }
 
@@ -136,6 +139,7 @@ impl Loader {
             slices: Vec::new(),
             fault: None,
             remote: RemoteOptions::default(),
+            stream_stop: None,
             pool: Arc::default(),
         }
     }
@@ -266,7 +270,9 @@ impl Loader {
         self
     }
 
-    /// Ranged GETs in flight at most, for remote sources (default 8, at most 1024).
+    /// Ranged GETs in flight at most, for remote sources (default 8; clamped to 1..=1024). The
+    /// staging ring holds every GET in flight and two more: about (concurrency + 2) × request
+    /// size of host memory ([`Loader::remote_ring_dims`]).
     ///
     /// ```
     /// let loader = weightstream::Loader::new().remote_concurrency(16).remote_request_size(16 << 20);
@@ -278,7 +284,8 @@ impl Loader {
     }
 
     /// Bytes of one ranged GET at most, for remote sources (default 8 MiB; rounded to 4 KiB,
-    /// at least 64 KiB). A staging slot holds at least one request.
+    /// at least 64 KiB). A staging slot holds at least one request, and the ring about
+    /// (concurrency + 2) of them.
     ///
     /// ```
     /// let loader = weightstream::Loader::new().remote_request_size(4 << 20);
@@ -410,7 +417,8 @@ impl Loader {
         if remote {
             let request = self.remote.request_size;
             size = size.max(request);
-            count = count.max((self.remote.concurrency * request).div_ceil(size) + 2).min(MAX_STAGING_COUNT);
+            count =
+                count.max(self.remote.concurrency.saturating_mul(request).div_ceil(size) + 2).min(MAX_STAGING_COUNT);
         }
         (self.staging_count.unwrap_or(count), self.staging_size.unwrap_or(size))
     }

@@ -119,7 +119,9 @@ impl Loader {
         let remaining = plan.tensors.len();
         let bytes_read = Arc::new(AtomicU64::new(0));
         let producer = {
-            let (loader, window, stop) = (self.clone(), Arc::clone(&window), stop.clone());
+            let (mut loader, window, stop) = (self.clone(), Arc::clone(&window), stop.clone());
+            // Reads that wait on a server (remote engines) end when the stream is dropped too.
+            loader.stream_stop = Some(stop.clone());
             let read = Arc::clone(&bytes_read);
             std::thread::Builder::new()
                 .name("weightstream-stream".into())

@@ -30,7 +30,8 @@ use crate::error::{Error, Result};
 use crate::format::{read_header_from, Header, ShardIndex};
 
 /// Whether `path` is a URL of a remote source (`s3://`, `gs://`, `az://`, `http(s)://`, …)
-/// rather than a local path.
+/// rather than a local path. A local directory named `s3:` (or `http:`, …) is reached as
+/// `./s3://…`.
 ///
 /// ```
 /// use weightstream::source::is_remote;

@@ -16,8 +16,12 @@ class safe_open:
             folder: their tensors together).
         framework: ``"pt"`` or ``"np"``.
         device: where tensors load: ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        storage_options: for an ``s3://``, ``gs://``, ``az://`` or ``http(s)://`` path, as
+            :func:`load_file` takes them.
 
-    Tensors loaded from the handle stay valid after it is closed.
+    Tensors loaded from the handle stay valid after it is closed. Each ``get_tensor`` reads
+    the file anew: a local file re-saved between two calls (or a remote object replaced) gives
+    the new bytes.
 
     Example::
 

@@ -23,7 +23,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore};
 use url::Url;
 
-pub(crate) use store::spawn as spawn_remote;
+pub(crate) use store::handle as runtime_handle;
 pub use store::OWN_KEYS;
 
 use super::{CheckpointFile, RemoteOptions};
@@ -32,6 +32,9 @@ use crate::format::{header_len_of, parse_header, Header, ShardIndex, MAX_INDEX_L
 
 /// Most objects a listed prefix may hold (a checkpoint has a few hundred files at most).
 const MAX_LISTED_OBJECTS: usize = 100_000;
+
+/// Headers read at once when a checkpoint opens.
+const MAX_HEADER_READS: usize = 8;
 
 /// One object of a remote checkpoint, as it was when its header was read.
 #[derive(Debug)]
@@ -139,6 +142,10 @@ impl RemoteFault {
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
                 RemoteFailure::Denied
             }
+            // A server that ignores `Range` (answers 200 with the whole object), say.
+            object_store::Error::NotSupported { .. } | object_store::Error::NotImplemented { .. } => {
+                RemoteFailure::Protocol
+            }
             other => classify_chain(other),
         };
         RemoteFault::new(failure, e.to_string())
@@ -177,7 +184,8 @@ fn classify_chain(e: &(dyn std::error::Error + 'static)) -> RemoteFailure {
 pub(crate) fn open(url: &str, opts: &RemoteOptions) -> Result<(Vec<CheckpointFile>, Option<ShardIndex>)> {
     let parsed = store::parse_url(url)?;
     let location = store::store_for(&parsed, opts)?;
-    let concurrency = opts.concurrency.max(1);
+    // Each header read may allocate up to the 100 MB limit: a few at a time.
+    let concurrency = opts.concurrency.clamp(1, MAX_HEADER_READS);
     store::run(async move {
         let (objects, index) = resolve(&parsed, &location).await?;
         let store = location.store;
@@ -236,26 +244,35 @@ async fn list_prefix(
     at: &store::Location,
 ) -> Result<(Vec<(Url, ObjectPath)>, Option<ShardIndex>)> {
     let prefix = (!at.path.as_ref().is_empty()).then_some(&at.path);
-    let listed = at
-        .store
-        .list_with_delimiter(prefix)
-        .await
-        .map_err(|e| remote_error(url.as_str(), RemoteFault::from_store(e)))?;
-    if listed.objects.len() > MAX_LISTED_OBJECTS {
-        let n = listed.objects.len();
-        return Err(Error::BadSource {
-            file: url.as_str().into(),
-            message: format!("the prefix holds {n} objects, more than the {MAX_LISTED_OBJECTS} a checkpoint may"),
-        });
+    let under = match prefix {
+        Some(p) => format!("{}/", p.as_ref()),
+        None => String::new(),
+    };
+    // Listed page by page and stopped at the limit: a huge prefix costs bounded memory.
+    let mut listing = at.store.list(prefix);
+    let mut names = Vec::new();
+    let mut seen = 0usize;
+    while let Some(o) = listing.try_next().await.map_err(|e| remote_error(url.as_str(), RemoteFault::from_store(e)))? {
+        seen += 1;
+        if seen > MAX_LISTED_OBJECTS {
+            return Err(Error::BadSource {
+                file: url.as_str().into(),
+                message: format!("the prefix holds more than the {MAX_LISTED_OBJECTS} objects a checkpoint may"),
+            });
+        }
+        // Direct children only, as a directory's entries.
+        if let Some(name) = o.location.as_ref().strip_prefix(&under).filter(|n| !n.contains('/')) {
+            names.push(name.to_string());
+        }
     }
+    drop(listing);
     let mut indexes = Vec::new();
     let mut shards = Vec::new();
-    for o in &listed.objects {
-        let Some(name) = o.location.filename() else { continue };
+    for name in names {
         if name.ends_with(".safetensors.index.json") {
-            indexes.push(name.to_string());
+            indexes.push(name);
         } else if name.ends_with(".safetensors") {
-            shards.push(name.to_string());
+            shards.push(name);
         }
     }
     indexes.sort();

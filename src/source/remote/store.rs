@@ -3,7 +3,7 @@
 //! runtime its requests run on.
 
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
@@ -128,23 +128,40 @@ fn bad(url: &str, message: String) -> Error {
 }
 
 /// The runtime that every remote request runs on: started on first use, shared by all loads.
+///
+/// A child forked after it started has none of its threads (a `DataLoader` worker, a
+/// `multiprocessing` fork): a task spawned there would never run, and its waiter would hang. So
+/// the runtime belongs to the process that built it, and a child builds its own (the parent's is
+/// left alone, leaked: its threads are not there to stop).
 fn runtime() -> Result<&'static tokio::runtime::Runtime> {
-    static RUNTIME: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
-    let built = RUNTIME.get_or_init(|| {
-        // Bodies are copied into staging memory on these threads: a few cores' worth.
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("ws-remote")
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())
-    });
-    built.as_ref().map_err(|e| Error::internal(format!("cannot start the runtime for remote reads: {e}")))
+    static RUNTIME: Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
+    let mut slot = RUNTIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let pid = std::process::id();
+    if let Some((owner, rt)) = *slot {
+        if owner == pid {
+            return Ok(rt);
+        }
+    }
+    // Bodies are copied into staging memory on these threads: a few cores' worth.
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("ws-remote")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::internal(format!("cannot start the runtime for remote reads: {e}")))?;
+    let rt: &'static tokio::runtime::Runtime = Box::leak(Box::new(rt));
+    *slot = Some((pid, rt));
+    Ok(rt)
+}
+
+/// A handle to the remote runtime (of this process).
+pub(crate) fn handle() -> Result<tokio::runtime::Handle> {
+    runtime().map(|rt| rt.handle().clone())
 }
 
 /// Spawn `fut` on the remote runtime.
-pub(crate) fn spawn<F>(fut: F) -> Result<()>
+fn spawn<F>(fut: F) -> Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
