@@ -151,6 +151,31 @@ fn gcs_layouts_equal_local_loads() {
     layouts_equal_local(&gcs, "gcs");
 }
 
+/// A URL that answers with a redirect (as the Hugging Face Hub's `resolve/` URLs do) loads
+/// from where it leads, every layout: the file, the index and its shards, the conventional
+/// names of a prefix.
+#[test]
+fn http_redirects_are_followed() {
+    let Some(http) = HttpServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let local = layouts(dir.path());
+    upload(&http, &local.join("single"), "single");
+    upload(&http, &local.join("sharded"), "sharded");
+    let port: u16 = http.endpoint().rsplit(':').next().unwrap().parse().unwrap();
+    let answer = remote_support::raw_request(port, "HEAD", "/redirect/single/model.safetensors", &[], &[]).unwrap();
+    assert_eq!(answer.status, 302, "the server redirects");
+    for (key, path) in [
+        ("redirect/single/model.safetensors", local.join("single/model.safetensors")),
+        ("redirect/sharded/model.safetensors.index.json", local.join("sharded")),
+        ("redirect/sharded/", local.join("sharded")),
+    ] {
+        let want = Loader::new().device(Device::Cpu).load(&path).unwrap();
+        let url = http.url(key);
+        let got = loader_for(&http).remote_request_size(64 << 10).load(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_same(&got, &want, &url);
+    }
+}
+
 /// The other ways to hand tensors over read remote sources as they read local ones.
 #[test]
 fn stream_load_into_and_describe_read_remote_objects() {

@@ -650,6 +650,10 @@ http {{
     dav_methods PUT DELETE MKCOL;
     create_full_put_path on;
     {propfind}
+    # As the Hugging Face Hub's `resolve/` URLs: a 302 to where the file is served.
+    location /redirect/ {{
+      rewrite ^/redirect/(.*)$ /$1 redirect;
+    }}
   }}
 }}
 ",
