@@ -394,6 +394,23 @@ fn cancelling_a_load_from_a_stalled_server_ends_it_at_once() {
     assert!(matches!(err, Error::Cancelled), "expected Cancelled, got {err:?}");
     assert!(cancelled_at.elapsed() < Duration::from_secs(5), "ended {:?} after the cancel", cancelled_at.elapsed());
     assert!(proxy.requests() > 3, "data requests reached the stalled server");
+
+    // Opening (the header reads) stops on the token too.
+    let token = weightstream::CancelToken::new();
+    let loader = Loader::new().device(Device::Cpu).cancel_token(token.clone()).storage_option("timeout", "60s");
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        token.cancel();
+        Instant::now()
+    });
+    let err = loader.open(&url).expect_err("a cancelled open");
+    let cancelled_at = canceller.join().unwrap();
+    assert!(matches!(err, Error::Cancelled), "expected Cancelled, got {err:?}");
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(5),
+        "open ended {:?} after the cancel",
+        cancelled_at.elapsed()
+    );
 }
 
 /// Dropping a stream whose server stalls returns at once: the stream's own stop reaches the

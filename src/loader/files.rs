@@ -53,7 +53,9 @@ impl Loader {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn open(&self, path: impl AsRef<std::path::Path>) -> Result<Checkpoint> {
-        Checkpoint::open_with(path, &self.remote)
+        // The loader's token stops a remote open too (a stalled server must not hold a Ctrl-C).
+        let remote = RemoteOptions { cancel: self.cancel.clone(), ..self.remote.clone() };
+        Checkpoint::open_with(path, &remote)
     }
 
     /// The files of `plan` (of `ckpt`) open for reading under these options; an option that

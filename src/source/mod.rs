@@ -59,13 +59,15 @@ pub struct RemoteOptions {
     pub concurrency: usize,
     /// Bytes asked for by one GET at most.
     pub request_size: usize,
+    /// Stops the header reads of an open when cancelled ([`crate::Error::Cancelled`]).
+    pub cancel: Option<crate::CancelToken>,
 }
 
 impl Default for RemoteOptions {
     /// 8 GETs of 8 MiB in flight (Run:ai Model Streamer's object-storage default, measured on
     /// the loopback in BENCHMARKS.md).
     fn default() -> Self {
-        RemoteOptions { storage_options: Vec::new(), concurrency: 8, request_size: 8 << 20 }
+        RemoteOptions { storage_options: Vec::new(), concurrency: 8, request_size: 8 << 20, cancel: None }
     }
 }
 

@@ -186,16 +186,20 @@ pub(crate) fn open(url: &str, opts: &RemoteOptions) -> Result<(Vec<CheckpointFil
     let location = store::store_for(&parsed, opts)?;
     // Each header read may allocate up to the 100 MB limit: a few at a time.
     let concurrency = opts.concurrency.clamp(1, MAX_HEADER_READS);
-    store::run(async move {
-        let (objects, index) = resolve(&parsed, &location).await?;
-        let store = location.store;
-        let files = futures_util::stream::iter(objects)
-            .map(|(url, path)| open_object(Arc::clone(&store), url, path))
-            .buffered(concurrency)
-            .try_collect::<Vec<_>>()
-            .await?;
-        Ok((files, index))
-    })?
+    let cancel = opts.cancel.clone();
+    store::run(
+        async move {
+            let (objects, index) = resolve(&parsed, &location).await?;
+            let store = location.store;
+            let files = futures_util::stream::iter(objects)
+                .map(|(url, path)| open_object(Arc::clone(&store), url, path))
+                .buffered(concurrency)
+                .try_collect::<Vec<_>>()
+                .await?;
+            Ok((files, index))
+        },
+        cancel.as_ref(),
+    )?
 }
 
 /// A remote source's failure, as an error naming `url`.

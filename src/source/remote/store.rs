@@ -3,6 +3,7 @@
 //! runtime its requests run on.
 
 use std::future::Future;
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use object_store::{ClientConfigKey, ObjectStore, ObjectStoreScheme, RetryConfig}
 use url::Url;
 
 use super::RemoteOptions;
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 
 /// The keys of [`RemoteOptions::storage_options`] that weightstream reads itself; every other
@@ -160,27 +162,31 @@ pub(crate) fn handle() -> Result<tokio::runtime::Handle> {
     runtime().map(|rt| rt.handle().clone())
 }
 
-/// Spawn `fut` on the remote runtime.
-fn spawn<F>(fut: F) -> Result<()>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    runtime()?.spawn(fut);
-    Ok(())
-}
-
-/// Run `fut` on the remote runtime and wait for its output on this thread. Unlike
+/// Run `fut` on the remote runtime and wait for its output on this thread, or until `cancel`
+/// is cancelled (then the task is aborted: [`Error::Cancelled`]). Unlike
 /// `Runtime::block_on`, this works from any thread, an async runtime's own among them.
-pub(crate) fn run<F>(fut: F) -> Result<F::Output>
+pub(crate) fn run<F>(fut: F, cancel: Option<&CancelToken>) -> Result<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    spawn(async move {
+    let task = runtime()?.spawn(async move {
         let _ = tx.send(fut.await);
-    })?;
-    rx.recv().map_err(|_| Error::internal("a remote request ended without an answer"))
+    });
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(out) => return Ok(out),
+            Err(RecvTimeoutError::Timeout) if cancel.is_some_and(CancelToken::is_cancelled) => {
+                task.abort();
+                return Err(Error::Cancelled);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(Error::internal("a remote request ended without an answer"))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -218,7 +224,7 @@ mod tests {
     #[test]
     fn the_runtime_runs_from_inside_another_runtime() {
         let outer = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let got = outer.block_on(async { run(async { 41 + 1 }) }).unwrap();
+        let got = outer.block_on(async { run(async { 41 + 1 }, None) }).unwrap();
         assert_eq!(got, 42);
     }
 }
