@@ -19,6 +19,12 @@ class Loader:
         threads: reader threads (default: the read engine's).
         io: ``"auto"``, ``"pread"`` or ``"uring"``.
         direct: read with O_DIRECT (past the page cache).
+        storage_options: for ``s3://``, ``gs://``, ``az://`` and ``http(s)://`` paths: a dict of
+            ``object_store`` options (``aws_endpoint``, ``aws_region``, ``allow_http``,
+            ``timeout``, ``max_retries``, ...), applied after the ``AWS_*``, ``GOOGLE_*`` and
+            ``AZURE_*`` environment variables.
+        remote_concurrency: ranged GETs in flight at most (default 8).
+        remote_request_size: bytes of one ranged GET at most, an int or ``"8MiB"`` (default).
 
     Example::
 
