@@ -151,6 +151,50 @@ fn gcs_layouts_equal_local_loads() {
     layouts_equal_local(&gcs, "gcs");
 }
 
+/// A plan of mostly large tensors reads straight into the arena (no ring: staging 0), in
+/// GETs of at most a request, and equals the local load; one of many small ones goes through the
+/// ring.
+fn large_tensors_load_in_place(server: &dyn RemoteServer, name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("large.safetensors");
+    let mut ts = tensors(21)[..2].to_vec();
+    for i in 0..3u64 {
+        let n = 393_216 + 3 + i as usize;
+        ts.push((format!("big.{i}"), Dtype::F32, vec![n as u64], common::pattern(40 + i, n * 4)));
+    }
+    write(&p, &ts);
+    server.put("large.safetensors", &std::fs::read(&p).unwrap());
+    let want = Loader::new().device(Device::Cpu).load(&p).unwrap();
+    let url = server.url("large.safetensors");
+    for (how, loader) in [
+        ("256 KiB GETs", loader_for(server).remote_request_size(256 << 10)),
+        (
+            "256 KiB GETs, short reads",
+            loader_for(server).remote_request_size(256 << 10).inject_fault(weightstream::io::Fault::ShortReads(70_001)),
+        ),
+    ] {
+        let got = loader.load(&url).unwrap_or_else(|e| panic!("{name} ({how}): {e}"));
+        assert_same(&got, &want, &format!("{name} in place ({how})"));
+        assert_eq!(got.stats().staging_bytes, 0, "{name} ({how}): read in place");
+    }
+    // 8 MiB GETs: 3 large GETs against 2 small ones, so the ring.
+    let got = loader_for(server).load(&url).unwrap();
+    assert_same(&got, &want, &format!("{name} through the ring"));
+    assert!(got.stats().staging_bytes > 0, "{name}: through the ring");
+}
+
+#[test]
+fn http_large_tensors_load_in_place() {
+    let Some(http) = HttpServer::start() else { return };
+    large_tensors_load_in_place(&http, "http");
+}
+
+#[test]
+fn s3_large_tensors_load_in_place() {
+    let Some(s3) = S3Server::start() else { return };
+    large_tensors_load_in_place(&s3, "s3");
+}
+
 /// A URL that answers with a redirect (as the Hugging Face Hub's `resolve/` URLs do) loads
 /// from where it leads, every layout: the file, the index and its shards, the conventional
 /// names of a prefix.

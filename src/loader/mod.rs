@@ -455,8 +455,14 @@ impl Loader {
     fn strategy(&self, device: Device, plan: &Plan, remote: bool) -> Strategy {
         match device {
             _ if self.zero_copy => Strategy::ZeroCopy,
-            // Remote reads coalesce small tensors into large GETs through the ring.
-            Device::Cpu if remote => Strategy::Ring,
+            // Remote reads: straight into the arena (one copy, no ring) when the plan is mostly
+            // large tensors; through the ring, whose extents coalesce small tensors into large
+            // GETs, when small ones would be many of the GETs, or when converting (the
+            // read-and-convert workers use pread).
+            Device::Cpu if remote => match !plan.converts() && self.mostly_large(plan) {
+                true => Strategy::InPlace { convert_on_workers: false },
+                false => Strategy::Ring,
+            },
             // O_DIRECT needs 4 KiB-aligned buffers, which arena places (256 bytes) are not; an
             // io_uring asked for is honoured through the ring, the workers read with pread.
             Device::Cpu if !(self.direct || plan.converts() && self.io == IoKind::Uring) => {
@@ -464,6 +470,19 @@ impl Loader {
             }
             _ => Strategy::Ring,
         }
+    }
+
+    /// Whether reading `plan` in place (one GET per tensor piece of at most a request) would
+    /// spend at most a quarter of its GETs on tensors under 1 MiB: each is a round trip that the
+    /// ring would have coalesced.
+    fn mostly_large(&self, plan: &Plan) -> bool {
+        const SMALL: u64 = 1 << 20;
+        let request = self.remote.request_size.max(1) as u64;
+        let (small, large_gets) = plan.tensors.iter().fold((0u64, 0u64), |(s, g), t| match t.len < SMALL {
+            true => (s + 1, g),
+            false => (s, g + t.len.div_ceil(request)),
+        });
+        small.saturating_mul(4) <= small + large_gets
     }
 
     /// Load an already opened checkpoint.

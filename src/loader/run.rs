@@ -79,7 +79,12 @@ impl Loader {
         convert_on_workers: bool,
         obs: &mut Observer<'_>,
     ) -> Result<(&'static str, u64, u64)> {
-        let sched = Schedule::new(plan, ScheduleOptions::per_tensor(self.read_size as u64));
+        // A remote read is a GET: as large as a request may be.
+        let read_size = match files.is_remote() {
+            true => self.remote.request_size,
+            false => self.read_size,
+        };
+        let sched = Schedule::new(plan, ScheduleOptions::per_tensor(read_size as u64));
         let region = sink.host_region().ok_or_else(|| Error::internal("in-place load without host memory"))?;
         let (reader, io) = if convert_on_workers {
             (
