@@ -177,6 +177,20 @@ fn large_tensors_load_in_place(server: &dyn RemoteServer, name: &str) {
         assert_same(&got, &want, &format!("{name} in place ({how})"));
         assert_eq!(got.stats().staging_bytes, 0, "{name} ({how}): read in place");
     }
+    // load_into and stream choose the same way: in place into the caller's buffers and batches.
+    let loader = loader_for(server).remote_request_size(256 << 10);
+    let mut bufs: Vec<(String, Vec<u8>)> =
+        want.tensors().map(|t| (t.name().to_string(), vec![0u8; t.byte_len() as usize])).collect();
+    let dests = bufs.iter_mut().map(|(n, b)| (n.clone(), weightstream::Destination::Host(b.as_mut_slice())));
+    let stats = loader.load_into(&url, dests).unwrap();
+    assert_eq!(stats.staging_bytes, 0, "{name}: load_into in place");
+    for (n, b) in &bufs {
+        assert!(*b == want.tensor(n).unwrap().to_host_vec().unwrap(), "{name}: load_into {n}");
+    }
+    for t in loader.stream(&url, 16 << 20).unwrap() {
+        let t = t.unwrap();
+        assert!(t.host_bytes().unwrap() == want.tensor(t.name()).unwrap().to_host_vec().unwrap(), "{name}: stream");
+    }
     // 8 MiB GETs: 3 large GETs against 2 small ones, so the ring.
     let got = loader_for(server).load(&url).unwrap();
     assert_same(&got, &want, &format!("{name} through the ring"));
