@@ -12,11 +12,9 @@ use crate::error::{Error, Result};
 use crate::io::IoKind;
 use crate::io::{open_engine, EngineOptions, FaultyEngine, RawEngine};
 use crate::plan::Plan;
-use crate::source::Checkpoint;
 #[cfg(feature = "remote")]
 use crate::source::FileAccess;
-#[cfg(feature = "remote")]
-use crate::source::RemoteOptions;
+use crate::source::{Checkpoint, RemoteOptions};
 
 /// The planned files, open for reading.
 pub(super) struct ReadFiles {
