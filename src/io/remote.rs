@@ -1,9 +1,8 @@
-//! The remote engine: each read is one or more ranged GETs of an object, whose bodies are copied
-//! once, as they stream in, into the read's buffer (a staging slot).
+//! The remote engine: each read is one ranged GET of an object, whose body is copied once, as
+//! it streams in, into the read's buffer (a staging slot, or the tensor's place).
 //!
 //! A read's `fd` is the index of its object in the engine's table. GETs run on the remote
-//! runtime, at most `concurrency` at once over all reads, each for at most `request_size`
-//! bytes. Retries (5xx, 429, timeouts, broken bodies) are `object_store`'s, pinned to the ETag
+//! runtime, at most `concurrency` at once; the loader sizes reads to the request size. Retries (5xx, 429, timeouts, broken bodies) are `object_store`'s, pinned to the ETag
 //! taken when the header was read.
 
 use std::io;
@@ -11,7 +10,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::{select, try_join_all, Either};
+use futures_util::future::{select, Either};
 use tokio::sync::{watch, Semaphore};
 
 use super::{RawCompletion, RawEngine, RawRead};
@@ -23,7 +22,6 @@ use crate::source::RemoteObject;
 /// A read engine over remote objects.
 pub struct RemoteEngine {
     objects: Arc<Vec<Arc<RemoteObject>>>,
-    request_size: usize,
     permits: Arc<Semaphore>,
     cancel: watch::Sender<bool>,
     done_tx: Sender<RawCompletion>,
@@ -44,15 +42,15 @@ const CANCEL_POLL: Duration = Duration::from_millis(50);
 struct Dest(*mut u8);
 
 // SAFETY: under `RawEngine::submit`'s contract the buffer stays valid, and is written by this
-// read alone, until its completion is returned; the read's parts write disjoint ranges of it.
+// read alone, until its completion is returned.
 unsafe impl Send for Dest {}
-// SAFETY: as for Send: the parts only ever write disjoint ranges through it.
+// SAFETY: as for Send: only the read's own future writes through it.
 unsafe impl Sync for Dest {}
 
 impl Dest {
-    /// The address `offset` bytes in (a method, so that a future captures the whole `Dest`).
-    fn at(self, offset: usize) -> *mut u8 {
-        self.0.wrapping_add(offset)
+    /// The address (a method, so that a future captures the whole `Dest`, not the pointer).
+    fn ptr(self) -> *mut u8 {
+        self.0
     }
 }
 
@@ -81,19 +79,13 @@ impl Drop for Completer {
 }
 
 impl RemoteEngine {
-    /// An engine over `objects` (a read's `fd` indexes them), with at most `concurrency` GETs of
-    /// at most `request_size` bytes in flight, cancelled when any of `tokens` is; an error when
-    /// the runtime for remote requests cannot start.
-    pub fn new(
-        objects: Vec<Arc<RemoteObject>>,
-        concurrency: usize,
-        request_size: usize,
-        tokens: Vec<CancelToken>,
-    ) -> crate::Result<Self> {
+    /// An engine over `objects` (a read's `fd` indexes them), with at most `concurrency` GETs in
+    /// flight, cancelled when any of `tokens` is; an error when the runtime for remote requests
+    /// cannot start.
+    pub fn new(objects: Vec<Arc<RemoteObject>>, concurrency: usize, tokens: Vec<CancelToken>) -> crate::Result<Self> {
         let (done_tx, done_rx) = channel();
         Ok(RemoteEngine {
             objects: Arc::new(objects),
-            request_size: request_size.max(1),
             permits: Arc::new(Semaphore::new(concurrency.clamp(1, Semaphore::MAX_PERMITS))),
             cancel: watch::channel(false).0,
             done_tx,
@@ -116,7 +108,7 @@ impl RawEngine for RemoteEngine {
             .and_then(|i| self.objects.get(i))
             .cloned()
             .ok_or_else(|| io::Error::other(format!("no remote object {}", read.fd)))?;
-        let (permits, size) = (Arc::clone(&self.permits), self.request_size);
+        let permits = Arc::clone(&self.permits);
         let completer = Completer { tx: self.done_tx.clone(), tag: read.tag, sent: false };
         let mut cancelled = self.cancel.subscribe();
         let dest = Dest(read.buf);
@@ -127,7 +119,7 @@ impl RawEngine for RemoteEngine {
             // is dropped at the end of this block (no part of it writes any more), before the
             // completion hands the buffer back.
             let result = {
-                let fetch = std::pin::pin!(fetch(&object, read.offset, dest, read.len, size, &permits));
+                let fetch = std::pin::pin!(fetch(&object, read.offset, dest, read.len, &permits));
                 let stop = std::pin::pin!(async move {
                     let _ = cancelled.wait_for(|c| *c).await;
                 });
@@ -178,31 +170,21 @@ impl Drop for RemoteEngine {
     }
 }
 
-/// GET `len` bytes at `offset` of `object` into `dest`, in parts of at most `size` bytes, each
-/// holding a permit while it runs; the first failure drops the other parts.
+/// GET `len` bytes at `offset` of `object` into `dest`, holding a permit while it runs.
 async fn fetch(
     object: &RemoteObject,
     offset: u64,
     dest: Dest,
     len: usize,
-    size: usize,
     permits: &Semaphore,
 ) -> Result<(), RemoteFault> {
-    let parts = (0..len).step_by(size).map(|start| {
-        let n = size.min(len - start);
-        async move {
-            let _permit = permits
-                .acquire()
-                .await
-                .map_err(|_| RemoteFault::new(RemoteFailure::Other, "the request limiter closed".into()))?;
-            // SAFETY: under `RawEngine::submit`'s contract the caller's buffer of `len` bytes at
-            // `dest` is valid, and written by this read alone, until its completion is returned;
-            // the parts are disjoint (`start..start + n` within `0..len`), and each slice lives
-            // only inside this future, which is dropped or finished before the completion is sent.
-            let dst = unsafe { std::slice::from_raw_parts_mut(dest.at(start), n) };
-            let at = offset + start as u64;
-            object.read_into(at..at + n as u64, dst).await
-        }
-    });
-    try_join_all(parts).await.map(|_| ())
+    let _permit = permits
+        .acquire()
+        .await
+        .map_err(|_| RemoteFault::new(RemoteFailure::Other, "the request limiter closed".into()))?;
+    // SAFETY: under `RawEngine::submit`'s contract the caller's buffer of `len` bytes at `dest`
+    // is valid, and written by this read alone, until its completion is returned; the slice
+    // lives only inside this future, which is dropped or finished before the completion is sent.
+    let dst = unsafe { std::slice::from_raw_parts_mut(dest.ptr(), len) };
+    object.read_into(offset..offset + len as u64, dst).await
 }

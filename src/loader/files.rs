@@ -113,9 +113,9 @@ impl Loader {
     pub(super) fn engine(&self, depth: usize, files: &ReadFiles) -> Result<Box<dyn RawEngine>> {
         #[cfg(feature = "remote")]
         if let Some(objects) = &files.remote {
-            let RemoteOptions { concurrency, request_size, .. } = self.remote;
+            // Reads are sized to the request size by the stages' schedules (run.rs).
             let tokens = self.cancel.iter().chain(&self.stream_stop).cloned().collect();
-            let engine = Box::new(crate::io::RemoteEngine::new(objects.clone(), concurrency, request_size, tokens)?);
+            let engine = Box::new(crate::io::RemoteEngine::new(objects.clone(), self.remote.concurrency, tokens)?);
             return Ok(self.with_fault(engine));
         }
         let _ = files;
