@@ -8,7 +8,7 @@ use crate::stage::ring::DIRECT_ALIGN;
 
 impl Loader {
     /// Set an `object_store` configuration key for remote sources (`aws_endpoint`,
-    /// `aws_region`, `allow_http`, `timeout`, …; see [`RemoteOptions::storage_options`]),
+    /// `aws_region`, `allow_http`, `timeout`, …; see [`crate::source::RemoteOptions::storage_options`]),
     /// applied after the environment's `AWS_*`, `GOOGLE_*` and `AZURE_*` variables.
     ///
     /// ```
