@@ -5,6 +5,10 @@ A thin layer over the Rust crate: ``load_file`` and ``safe_open`` as safetensors
 ``Loader.load_into`` to fill existing tensors in place. Tensors leave through DLPack without a
 copy and keep their memory alive; the GIL is released while loading, and Ctrl-C cancels a load.
 
+``weightstream.torch`` and ``weightstream.numpy`` are drop-ins for ``safetensors.torch`` and
+``safetensors.numpy`` (``load_file``, ``load``, ``safe_open``, ``load_model``, the savers). Where
+safetensors is installed, every weightstream error is a ``safetensors.SafetensorError``.
+
 Example::
 
     >>> import weightstream as ws
@@ -19,9 +23,11 @@ from ._errors import (
     DeviceError,
     FormatError,
     InternalError,
+    MissingFileError,
     MissingTensorError,
     ReadError,
     RemoteError,
+    SliceError,
     UsageError,
     WeightstreamError,
 )
@@ -38,9 +44,11 @@ __all__ = [
     "WeightstreamError",
     "FormatError",
     "ReadError",
+    "MissingFileError",
     "RemoteError",
     "DeviceError",
     "UsageError",
+    "SliceError",
     "MissingTensorError",
     "CancelledError",
     "InternalError",

@@ -1,8 +1,13 @@
 """From the Rust layer's tensors to numpy arrays and torch tensors, through DLPack, without a
 copy; and the other way for ``load_into`` destinations. bf16 and fp8 leave as unsigned integers
-of their width and are viewed as the ``ml_dtypes`` (numpy) or torch dtype: still no copy."""
+of their width and are viewed as the ``ml_dtypes`` (numpy) or torch dtype: still no copy.
 
-from ._errors import UsageError
+Dtypes map as safetensors maps them: F8_E8M0 -> ``torch.float8_e8m0fnu``, F4 ->
+``torch.float4_e2m1fn_x2`` (last dimension halved), bf16/fp8 in numpy -> ``ml_dtypes`` (where
+safetensors.numpy fails on fp8). F4/F6 in numpy and F6 in torch have no dtype: a
+:class:`UsageError` names the tensor."""
+
+from ._errors import InternalError, UsageError
 
 # Dtypes numpy's DLPack import lacks: exported as unsigned ints, viewed as ml_dtypes (the names
 # safetensors uses).
@@ -16,7 +21,14 @@ _ML_DTYPES = {
 }
 # fp8 in torch: exported as uint8 and viewed (bf16 goes as DLPack's bfloat16).
 _TORCH_FP8 = {k: v for k, v in _ML_DTYPES.items() if k != "BF16"}
+# Dtypes that pack elements below a byte. DLPack has no such dtype: the Rust layer exports them
+# (``raw()``) as a 1-D uint8 array of the tensor's bytes, which is viewed here.
 _PACKED = ("F4", "F6_E2M3", "F6_E3M2")
+
+
+class PackedExportUnavailable(Exception):
+    """The Rust layer cannot export a packed tensor's bytes (a build older than that export);
+    ``safe_open`` then reads them from the file itself."""
 
 
 def _np():
@@ -43,18 +55,44 @@ def _torch():
     return torch
 
 
-def _packed(t):
-    if t.dtype in _PACKED:
+def f4_storage_shape(name, shape):
+    """The shape torch gives an F4 tensor of (logical, element-count) ``shape``: the last
+    dimension halved, two fp4 values a ``float4_e2m1fn_x2`` byte (safetensors' convention)."""
+    shape = list(shape)
+    if not shape or shape[-1] % 2:
         raise UsageError(
-            f"tensor `{t.name}` is {t.dtype}, which packs elements below a byte: no numpy or DLPack "
-            "dtype holds it; load it with Loader.load_into into a uint8 buffer of its size"
+            f"tensor `{name}` is F4 of shape {shape}: torch's float4_e2m1fn_x2 packs two values a byte "
+            "along the last dimension, which must be even (safetensors refuses it too)"
         )
+    return shape[:-1] + [shape[-1] // 2]
+
+
+def torch_packed_dtype(name, dtype, shape):
+    """``(torch dtype, storage shape)`` of a packed tensor, or :class:`UsageError`: F4 ->
+    ``torch.float4_e2m1fn_x2`` with the last dimension halved (safetensors' mapping); F6 has no
+    torch dtype (safetensors fails on it too)."""
+    torch = _torch()
+    if dtype != "F4":
+        raise UsageError(f"tensor `{name}` is {dtype}: torch has no dtype for it (safetensors has none either)")
+    tdt = getattr(torch, "float4_e2m1fn_x2", None)
+    if tdt is None:
+        raise UsageError(f"tensor `{name}` is F4: this torch has no torch.float4_e2m1fn_x2 (torch >= 2.8 has it)")
+    return tdt, f4_storage_shape(name, shape)
+
+
+def _packed_numpy(t):
+    raise UsageError(
+        f"tensor `{t.name}` is {t.dtype}, which packs elements below a byte: no numpy dtype holds it "
+        "(safetensors.numpy fails on it too); load it with framework='pt' (F4 as torch.float4_e2m1fn_x2) "
+        "or with Loader.load_into into a uint8 buffer of its size"
+    )
 
 
 def to_numpy(t):
     """A numpy array over ``t``'s memory (CPU only); it keeps the memory alive."""
     np = _np()
-    _packed(t)
+    if t.dtype in _PACKED:
+        _packed_numpy(t)
     view = _ML_DTYPES.get(t.dtype)
     if view is None:
         return np.from_dlpack(t)
@@ -64,7 +102,15 @@ def to_numpy(t):
 def to_torch(t):
     """A torch tensor over ``t``'s memory (CPU or CUDA); it keeps the memory alive."""
     torch = _torch()
-    _packed(t)
+    if t.dtype in _PACKED:
+        tdt, shape = torch_packed_dtype(t.name, t.dtype, t.shape)
+        try:
+            data = torch.from_dlpack(t.raw())
+        except BufferError as e:
+            raise PackedExportUnavailable(str(e)) from None
+        if data.dtype != torch.uint8 or data.numel() != t.nbytes:  # the export's contract
+            raise InternalError(f"tensor `{t.name}`: packed export gave {data.dtype} {tuple(data.shape)}")
+        return data.reshape(shape).view(tdt)
     view = _TORCH_FP8.get(t.dtype)
     if view is None:
         return torch.from_dlpack(t)

@@ -1,10 +1,55 @@
 """``Loader`` (reuse: the staging ring stays between loads) and ``load_file``."""
 
+import os
+import stat
 import threading
 
 from . import _options as O
-from ._frameworks import converter, destination
+from ._errors import FormatError, ReadError, UsageError, WeightstreamError, missing_file
+from ._frameworks import PackedExportUnavailable, converter, destination, torch_packed_dtype
 from ._weightstream import RawLoader
+
+# URL schemes the Rust layer reads as remote sources (weightstream::source::is_remote).
+_REMOTE_SCHEMES = ("s3", "s3a", "gs", "az", "adl", "azure", "abfs", "abfss", "http", "https")
+
+
+def is_remote(path):
+    """Whether the Rust layer reads ``path`` (a str) from an object store or HTTP server."""
+    scheme, sep, rest = path.partition("://")
+    return bool(sep) and bool(rest) and scheme in _REMOTE_SCHEMES
+
+
+def check_path(path, single_file=False, what="load_file"):
+    """Before the Rust layer sees a local ``path``: a missing one raises
+    :class:`MissingFileError` (a ``FileNotFoundError``, as safetensors raises). With
+    ``single_file`` (the safetensors drop-ins), only one ``.safetensors`` file is read, as
+    safetensors reads: a directory raises :class:`ReadError` and a ``*.json`` path (which the
+    Rust layer would read as an index) :class:`FormatError`; a URL is a missing file there, as
+    it is to safetensors."""
+    if not single_file and is_remote(path):
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise missing_file(path) from None
+    except (OSError, ValueError):
+        return  # the Rust layer reports it (permissions, a NUL in the path...) naming the file
+    if not single_file:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        import errno
+
+        e = ReadError(
+            f"{path}: is a directory; {what} reads one .safetensors file, as safetensors does "
+            "(weightstream.load_file and weightstream.safe_open load a directory)"
+        )
+        e.errno, e.filename = errno.EISDIR, path
+        raise e
+    if path.endswith(".json"):
+        raise FormatError(
+            f"{path}: a .json path (an index?); {what} reads one .safetensors file, as safetensors "
+            "does (weightstream.load_file and weightstream.safe_open load an index)"
+        )
 
 
 class Loader:
@@ -82,8 +127,48 @@ class Loader:
             >>> arrays = ws.Loader().load("model.safetensors", framework="np", only="*.weight")  # doctest: +SKIP
         """
         conv = converter(self._framework(framework))
-        raws = self._raw.load(O.path(path), O.opts(dtype, only, shard, split))
-        return {t.name: conv(t) for t in raws}
+        path = O.path(path)
+        raws = self._raw.load(path, O.opts(dtype, only, shard, split))
+        return {t.name: self._convert(conv, t, path) for t in raws}
+
+    def _convert(self, conv, t, path):
+        """``conv(t)``; a packed (F4) tensor that this build's Rust layer cannot export is read
+        from the file itself (see :meth:`_packed_from_file`)."""
+        try:
+            return conv(t)
+        except PackedExportUnavailable:
+            return self._packed_from_file(path, t)
+
+    def _packed_from_file(self, path, t):
+        """The torch tensor of packed tensor ``t`` of the single local file ``path``, its bytes
+        read with one ``readinto``. Its place in the file comes from the header the Rust layer
+        validated: tensors lie in file order with no hole (checked), from byte
+        ``8 + header length``, so its offset is the sum of the sizes before it.
+
+        TODO(rust): drop this once ``Tensor.raw()`` exports F4/F6 as a 1-D uint8 array of their
+        bytes (``to_torch`` then takes that path for every source, remote and sharded too)."""
+        tdt, shape = torch_packed_dtype(t.name, t.dtype, t.shape)
+        if is_remote(path) or path.endswith(".json") or not os.path.isfile(path):
+            raise UsageError(
+                f"tensor `{t.name}` is {t.dtype}: this build of weightstream loads packed tensors from a "
+                f"single local file only, not from {path}; load that shard's file"
+            )
+        offset = 0
+        for name, _, _, _, nbytes in self.describe(path):
+            if name == t.name:
+                break
+            offset += nbytes
+        import torch
+
+        data = torch.empty(t.nbytes, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            f.seek(8 + header_len + offset)
+            got = f.readinto(data.numpy()) if t.nbytes else 0
+        if got != t.nbytes:
+            raise ReadError(f"{path}: file ended while reading tensor `{t.name}` (changed since it was opened?)")
+        out = data.reshape(shape).view(tdt)
+        return out if self.device == "cpu" else out.to(self.device)
 
     def iterate(self, path, *, window="1GiB", framework="pt", dtype=None, only=None, shard=None, split=None):
         """Yield ``(name, tensor)`` in file order as tensors land, with at most ``window`` bytes
@@ -127,7 +212,13 @@ class Loader:
 def _iterate(stream, conv):
     try:
         for t in stream:
-            item = (t.name, conv(t))
+            try:
+                item = (t.name, conv(t))
+            except PackedExportUnavailable:
+                raise UsageError(
+                    f"tensor `{t.name}` is {t.dtype}: this build of weightstream streams no packed tensors; "
+                    "load its file with load_file or safe_open"
+                ) from None
             del t  # the caller's tensor alone keeps the memory, not this frame
             yield item
     finally:
@@ -180,4 +271,49 @@ def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shar
         >>> tensors = ws.load_file("Qwen2-7B/", device="cuda:0", dtype="bf16")  # doctest: +SKIP
     """
     loader = _default_loader(device) if storage_options is None else Loader(device, storage_options=storage_options)
+    path = O.path(path)
+    check_path(path)
     return loader.load(path, framework=framework, dtype=dtype, only=only, shard=shard, split=split)
+
+
+def load_bytes(data, framework, what):
+    """The tensors of ``data``, the bytes of a ``.safetensors`` file, in file order (the drop-ins'
+    ``load(bytes)``). The bytes are written to an anonymous in-memory file (``memfd``, a regular
+    file) and loaded through the same validated parser and loader as a file on disk: a hostile
+    header gets the same typed errors and limits, and memory stays the file plus the tensors
+    (safetensors' ``load`` holds the bytes and a copy of every tensor too). Errors name the
+    input ``<bytes>``."""
+    if isinstance(data, str):
+        raise TypeError(f"{what}: expected bytes, got str")
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"{what}: expected bytes (or a bytes-like object), got {type(data).__name__}") from None
+    if not view.c_contiguous:
+        raise TypeError(f"{what}: expected contiguous bytes")
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    loader = _default_loader("cpu")
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("weightstream-load", os.MFD_CLOEXEC)
+        path = f"/proc/self/fd/{fd}"
+        cleanup = lambda: os.close(fd)  # noqa: E731
+    else:  # not Linux: a temporary file, removed at once after the load
+        import tempfile
+
+        fd, path = tempfile.mkstemp(suffix=".safetensors")
+        cleanup = lambda: (os.close(fd), os.unlink(path))  # noqa: E731
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(view)
+        try:
+            return loader.load(path, framework=framework)
+        except WeightstreamError as e:
+            raise _renamed(e, path, "<bytes>") from None
+    finally:
+        cleanup()
+
+
+def _renamed(e, old, new):
+    """``e`` again, with ``old`` replaced by ``new`` in its message (a memfd's path means
+    nothing to the caller)."""
+    return type(e)(*(a.replace(old, new) if isinstance(a, str) else a for a in e.args))

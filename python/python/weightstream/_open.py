@@ -1,10 +1,17 @@
 """``safe_open``: the safetensors handle, lazy. Opening reads headers only; ``get_tensor``
-loads one tensor, ``get_slice(name)[...]`` loads only the block of rows it covers."""
+loads one tensor, ``get_slice(name)[...]`` loads only the block of rows it covers.
+
+It takes the arguments ``safetensors.safe_open`` 0.8 takes, by the same rules (``framework``
+positional and required, ``device``, keyword-only ``backend``), and returns what it returns
+(0-d arrays for all-integer indices, ``{}`` for an empty ``__metadata__``, ...); the tests in
+``python/tests/test_dropin.py`` compare the two on files safetensors writes."""
+
+import os
 
 from . import _options as O
-from ._errors import MissingTensorError, UsageError
-from ._frameworks import converter
-from ._loader import Loader, _default_loader
+from ._errors import MissingTensorError, SliceError, UsageError
+from ._frameworks import _PACKED, converter
+from ._loader import Loader, _default_loader, check_path, is_remote
 from ._weightstream import read_metadata
 
 
@@ -12,16 +19,23 @@ class safe_open:
     """Open a checkpoint lazily, as ``safetensors.safe_open`` does.
 
     Args:
-        path: a ``.safetensors`` file (also an index, a directory or a Hugging Face cache
-            folder: their tensors together).
-        framework: ``"pt"`` or ``"np"``.
-        device: where tensors load: ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        storage_options: for an ``s3://``, ``gs://``, ``az://`` or ``http(s)://`` path, as
-            :func:`load_file` takes them.
+        filename: a ``.safetensors`` file (also an index, a directory or a Hugging Face cache
+            folder: their tensors together; the drop-ins ``weightstream.torch.safe_open`` and
+            ``weightstream.numpy.safe_open`` take one file only, as safetensors does).
+        framework: ``"pt"`` (or ``"torch"``, ``"pytorch"``) or ``"np"`` (or ``"numpy"``):
+            required, as in safetensors.
+        device: where tensors load: ``"cpu"`` (default; also ``None``), ``"cuda"``,
+            ``"cuda:N"``, an int N or a ``torch.device``.
+        backend: ``"mmap"`` (default) or ``"pread"``, as safetensors takes them. Both read
+            through weightstream's engine into memory the tensors own (what safetensors'
+            ``"pread"`` does); ``"mmap"`` tensors are not views of a file mapping, so they
+            never change if the file does, and writing to them never touches it.
+        storage_options: (weightstream's, keyword-only) for an ``s3://``, ``gs://``, ``az://``
+            or ``http(s)://`` path, as :func:`load_file` takes them.
 
-    Tensors loaded from the handle stay valid after it is closed. Each ``get_tensor`` reads
-    the file anew: a local file re-saved between two calls (or a remote object replaced) gives
-    the new bytes.
+    Tensors loaded from the handle (and ``get_slice`` objects) stay valid after it is closed.
+    Each ``get_tensor`` reads the file anew: a local file re-saved between two calls (or a
+    remote object replaced) gives the new bytes.
 
     Example::
 
@@ -32,16 +46,24 @@ class safe_open:
         ...     rows = f.get_slice("lm_head.weight")[0:128]                # reads 128 rows only
     """
 
-    def __init__(self, path, framework="pt", device="cpu", *, storage_options=None):
-        self._path = O.path(path)
+    _single_file = False  # the drop-in modules' subclass reads one file, as safetensors does
+
+    def __init__(self, filename, framework, device="cpu", *, backend="mmap", storage_options=None):
+        # Arguments are checked before the file, in safetensors' order: a bad framework, device
+        # or backend is reported even for a missing file.
+        framework = O.framework(framework)
+        device = O.device("cpu" if device is None else device)
+        O.backend(backend)
+        self._path = path = O.path(filename)
+        check_path(path, self._single_file, f"{type(self).__module__}.safe_open")
         if storage_options is None:
             self._loader = _default_loader(device)  # shared per device: one staging ring
         else:
             self._loader = Loader(device, storage_options=storage_options)
         self._framework = self._loader._framework(framework)
         self._conv = converter(self._framework)
-        self._infos = {t[0]: t for t in self._loader.describe(self._path)}
-        self._metadata = read_metadata(self._path, self._loader._storage_options)
+        self._infos = {t[0]: t for t in self._loader.describe(path)}
+        self._metadata = _metadata(path, self._loader._storage_options)
         self._open = True
 
     def __enter__(self):
@@ -57,6 +79,8 @@ class safe_open:
 
     def _info(self, name):
         self._check()
+        if not isinstance(name, str):
+            raise TypeError(f"tensor name: expected a str, got {type(name).__name__}")
         info = self._infos.get(name)
         if info is None:
             raise MissingTensorError(f"{self._path}: no tensor named `{name}`")
@@ -73,81 +97,169 @@ class safe_open:
         return list(self._infos)
 
     def metadata(self):
-        """The ``__metadata__`` dict, or None."""
+        """The ``__metadata__`` dict (``{}`` when the file has an empty one), or None when it
+        has none."""
         self._check()
         return None if self._metadata is None else dict(self._metadata)
 
     def get_tensor(self, name):
         """Load the tensor ``name`` (and nothing else)."""
         self._info(name)
-        raws = self._loader._raw.load(self._path, O.opts(exact=[name]))
-        return self._conv(raws[0])
+        return _load_one(self._loader, self._path, self._conv, name)
 
     def get_tensors(self):
-        """Every tensor, in one load: ``{name: tensor}``."""
+        """Every tensor, in one load: ``{name: tensor}`` in file order."""
         self._check()
-        return {t.name: self._conv(t) for t in self._loader._raw.load(self._path, O.opts())}
+        return self._loader.load(self._path, framework=self._framework)
 
     def get_slice(self, name):
         """A lazy view of ``name``: ``get_shape()``, ``get_dtype()``, and ``[...]`` loads only
-        what it covers."""
+        what it covers. It stays usable after the handle is closed, as safetensors' does."""
         return _Slice(self, self._info(name))
 
 
-class _Slice:
-    """``get_slice(name)``: ints, slices (any step, negative bounds) and ``...`` per dimension.
+def _load_one(loader, path, conv, name, slice_=None):
+    raw = loader._raw.load(path, O.opts(exact=[name], slice_=slice_))[0]
+    return loader._convert(conv, raw, path)
 
+
+def _metadata(path, storage_options):
+    """The ``__metadata__`` as safetensors returns it: None when absent (or ``null``), ``{}``
+    when present and empty. The Rust layer returns None for both; an empty one is told apart
+    in the header of a single local file (which that layer has already validated)."""
+    meta = read_metadata(path, storage_options)
+    if meta is not None or is_remote(path) or path.endswith(".json") or not os.path.isfile(path):
+        return meta
+    return {} if _has_metadata_key(path) else None
+
+
+def _has_metadata_key(path):
+    """Whether the header of ``path`` has a non-null ``__metadata__``. A header without the
+    bytes ``__metadata__`` and without JSON escapes (which could spell it) has none; only
+    otherwise is the header parsed (TODO(rust): have ``read_metadata`` return ``{}`` for a
+    present, empty ``__metadata__``, and drop this)."""
+    import json
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n)
+    if b"__metadata__" not in header and b"\\u" not in header:
+        return False
+    top = json.loads(header, object_pairs_hook=lambda pairs: pairs)  # no dict of every tensor
+    return any(k == "__metadata__" and v is not None for k, v in top)
+
+
+def _is_int(k):
+    """An integer index as numpy takes one: an int, a numpy integer, a 0-d integer array or
+    tensor (not a bool, which numpy and torch read as a mask)."""
+    if isinstance(k, bool) or not hasattr(k, "__index__"):
+        return False
+    if getattr(k, "ndim", 0) != 0:
+        return False
+    dtype = getattr(k, "dtype", None)
+    return dtype is None or "bool" not in str(dtype)
+
+
+class _Slice:
+    """``get_slice(name)``: what ``safetensors.safe_open(...).get_slice(name)`` returns.
+
+    ``[...]`` follows numpy's basic indexing: ints (negative from the end), slices (any step,
+    negative too, bounds clipped), ``...`` and ``None``; all-integer indices give a 0-d array.
     The load reads only the block of the outermost dimension that the key restricts (rows
     ``a:b`` of dim 0 read only those rows' bytes; for an inner dimension, only that block of
-    every row); any step, int or further sliced dimension is then applied to the loaded block
-    as numpy/torch index it (a view of it). Fancy indexing (lists, arrays, None) raises.
+    every row); the rest is applied to the loaded block as a view.
+
+    Any other index (a list, an array, a bool mask, a tensor) loads the whole tensor and lets the
+    framework index it: torch's indexing for ``"pt"``, exactly what safetensors does there
+    (it indexes a torch view of the whole tensor), numpy's for ``"np"``. A bad index raises
+    :class:`SliceError` (an ``IndexError``, also a ``SafetensorError``), except that with
+    ``"pt"`` an index only torch can judge raises torch's own error, as safetensors' does.
     """
 
     def __init__(self, handle, info):
-        self._handle = handle
+        # The handle's loader, path and conversion, not the handle: the slice outlives it.
+        self._loader, self._path, self._conv = handle._loader, handle._path, handle._conv
+        self._torch = handle._framework == "pt"
         self._name, _, self._stored_dtype, self._shape, _ = info
 
     def get_shape(self):
+        """The tensor's shape as its header gives it (element counts), a list of ints."""
         return list(self._shape)
 
     def get_dtype(self):
+        """The tensor's safetensors dtype name, e.g. ``"BF16"``."""
         return self._stored_dtype
 
-    def __len__(self):
+    def __len__(self):  # not in safetensors' slice objects: a convenience kept from before
         if not self._shape:
             raise TypeError("len() of a 0-d tensor")
         return self._shape[0]
 
-    def _key(self, key):
-        key = key if isinstance(key, tuple) else (key,)
-        if sum(k is Ellipsis for k in key) > 1:
-            raise IndexError("an index can only have a single ellipsis ('...')")
-        if any(k is Ellipsis for k in key):  # by identity: `in` would compare arrays
-            i = next(j for j, k in enumerate(key) if k is Ellipsis)
-            fill = len(self._shape) - (len(key) - 1)
-            key = key[:i] + (slice(None),) * max(fill, 0) + key[i + 1:]
-        if len(key) > len(self._shape):
-            raise IndexError(f"tensor `{self._name}` has {len(self._shape)} dimensions, the index {len(key)}")
-        out = []
-        for k, n in zip(key, self._shape):
+    def _whole(self):
+        return _load_one(self._loader, self._path, self._conv, self._name)
+
+    def _parse(self, key):
+        """The key as one entry per index (``int``, ``slice`` or ``None``) with ``...`` expanded
+        and ints and slices normalized to the shape, or None when it is not basic indexing."""
+        items = key if type(key) is tuple else (key,)
+        if not all(k is Ellipsis or k is None or isinstance(k, slice) or _is_int(k) for k in items):
+            return None
+        ellipses = sum(k is Ellipsis for k in items)
+        if ellipses > 1:
+            if self._torch:
+                return None  # torch takes several (safetensors' "pt" indexes through torch)
+            raise SliceError(f"tensor `{self._name}`: an index can only have a single ellipsis ('...')")
+        ndim = len(self._shape)
+        used = sum(k is not None and k is not Ellipsis for k in items)
+        if used > ndim:
+            raise SliceError(f"tensor `{self._name}` has {ndim} dimensions, the index {used}")
+        if ellipses:
+            i = next(j for j, k in enumerate(items) if k is Ellipsis)  # by identity: `==` compares arrays
+            items = items[:i] + (slice(None),) * (ndim - used) + items[i + 1 :]
+        else:
+            items = items + (slice(None),) * (ndim - used)
+        out, dim = [], 0
+        for k in items:
+            if k is None:
+                out.append(None)
+                continue
+            n = self._shape[dim]
             if isinstance(k, slice):
+                if k.step is not None and k.step.__index__() == 0:
+                    raise SliceError(f"tensor `{self._name}`: slice step cannot be zero")
                 out.append(slice(*k.indices(n)))
-            elif hasattr(k, "__index__") and not isinstance(k, bool):
+            else:
                 i = k.__index__()
                 if not -n <= i < n:
-                    raise IndexError(f"index {i} is out of bounds for dimension of size {n} of `{self._name}`")
+                    raise SliceError(f"index {i} is out of bounds for dimension {dim} of size {n} of tensor `{self._name}`")
                 out.append(i % n)
-            else:
-                raise TypeError(f"get_slice supports ints, slices and '...', got {type(k).__name__}")
-        return out + [slice(0, n, 1) for n in self._shape[len(out):]]
+            dim += 1
+        return out
 
     def __getitem__(self, key):
-        key = self._key(key)
-        h = self._handle
-        h._check()
+        basic = None if self._stored_dtype in _PACKED else self._parse(key)
+        if basic is None:
+            return self._fancy(key)
+        return self._basic(basic)
+
+    def _fancy(self, key):
+        """Not basic indexing (or a packed dtype, whose torch tensor is not shaped as its
+        header): the whole tensor, indexed by its framework."""
+        t = self._whole()
+        if self._torch:
+            return t[key]  # torch's result and errors, as safetensors' "pt" gives them
+        import numpy as np
+
+        try:
+            return np.asarray(t[key])
+        except (IndexError, TypeError, ValueError) as e:
+            raise SliceError(f"tensor `{self._name}`: {e}") from e
+
+    def _basic(self, key):
+        dims = [k for k in key if k is not None]  # one entry per dimension of the tensor
         # The outermost dimension the key restricts, and the block of it that covers the key.
         block = None
-        for dim, (k, n) in enumerate(zip(key, self._shape)):
+        for dim, (k, n) in enumerate(zip(dims, self._shape)):
             if isinstance(k, int):
                 block = (dim, k, k + 1)
             elif (k.start, k.stop, k.step) != (0, n, 1):
@@ -157,7 +269,7 @@ class _Slice:
             if block:
                 break
         if block is None:
-            return h._conv(h._loader._raw.load(h._path, O.opts(exact=[self._name]))[0])
+            return self._index(self._whole(), key, dims)
         dim, lo, hi = block
         empty = lo == hi
         if empty:
@@ -166,22 +278,23 @@ class _Slice:
             n = self._shape[dim]
             lo = min(lo, n - 1) if n else 0
             hi = min(lo + 1, n)
-        raw = h._loader._raw.load(h._path, O.opts(exact=[self._name], slice_=(self._name, dim, lo, hi)))[0]
-        t = h._conv(raw)
+        t = _load_one(self._loader, self._path, self._conv, self._name, (self._name, dim, lo, hi))
         local = []
-        for d, k in enumerate(key):
+        for d, k in enumerate(dims):
             if d == dim and empty:
                 k = slice(0, 0, 1)
             elif d == dim:
-                if isinstance(k, int):
-                    k -= lo
-                else:  # a negative step's stop may fall before the block: then it is open
-                    stop = k.stop - lo
-                    k = slice(k.start - lo, stop if stop >= 0 else None, k.step)
+                k = k - lo if isinstance(k, int) else slice(k.start - lo, k.stop - lo, k.step)
             local.append(k)
-        if all(isinstance(k, slice) and (k.start, k.step) == (0, 1) and k.stop >= s for k, s in zip(local, raw.shape)):
-            return t
-        if type(t).__module__.startswith("torch") and any(isinstance(k, slice) and k.step < 0 for k in local):
+        return self._index(t, key, local)
+
+    def _index(self, t, key, local):
+        """``t`` (the loaded block) indexed by ``local`` (one normalized entry per dimension,
+        relative to the block), with the key's new axes (``None``) put back."""
+        # A normalized negative-step slice that runs to the start has a negative stop, which
+        # numpy and torch would read from the end: it is open instead.
+        local = [slice(k.start, None, k.step) if isinstance(k, slice) and k.stop < 0 else k for k in local]
+        if self._torch and any(isinstance(k, slice) and k.step < 0 for k in local):
             # torch slices take no negative step: such a dimension is gathered (a copy).
             import torch
 
@@ -190,4 +303,11 @@ class _Slice:
                     idx = torch.arange(*k.indices(t.shape[d]), device=t.device)
                     t = t.index_select(d, idx)
                     local[d] = slice(None)
-        return t[tuple(local)]
+        it = iter(local)
+        full = tuple(None if k is None else next(it) for k in key)
+        if self._torch:
+            return t[full]
+        # A trailing `...` keeps numpy from turning an all-integer result into a scalar: a 0-d
+        # array, as safetensors returns. Its results are C-contiguous arrays: so are ours.
+        out = t[full + (Ellipsis,)]
+        return out if out.flags.c_contiguous else out.copy()

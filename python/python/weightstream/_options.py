@@ -4,10 +4,16 @@ what the Rust layer takes, or a :class:`UsageError` saying what is allowed."""
 import os
 import re
 
-from ._errors import UsageError
+from ._errors import DeviceError, UsageError
 
 FRAMEWORKS = ("pt", "np")
+# The names safetensors accepts for the frameworks weightstream loads to (case-sensitive, as
+# safetensors' are), and those it accepts for frameworks weightstream does not load to.
 _FRAMEWORK_ALIASES = {"pt": "pt", "torch": "pt", "pytorch": "pt", "np": "np", "numpy": "np"}
+_OTHER_FRAMEWORKS = ("tf", "tensorflow", "jax", "flax", "mlx", "paddle")
+# Devices torch (and safetensors) know that weightstream does not load to.
+_OTHER_DEVICES = ("mps", "npu", "xpu", "xla", "mlu", "musa", "hpu")
+BACKENDS = ("mmap", "pread")
 
 # Target dtypes a load can convert to (F16/BF16/F32/F64 sources), by every common spelling.
 _DTYPES = {
@@ -48,24 +54,46 @@ def count(value, what, allow_none=True):
 
 
 def device(value):
-    """``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``, an int N (``cuda:N``) or a
-    ``torch.device`` (anything whose ``str()`` is one of those)."""
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``, an int N >= 0 (``cuda:N``, as torch
+    reads an int) or a ``torch.device`` (anything whose ``str()`` is one of those). Names are
+    case-sensitive, as torch's and safetensors' are. A device torch knows but weightstream does
+    not load to (``"mps"``, ``"xpu"``, ...) raises :class:`DeviceError` (a ``RuntimeError``, as
+    torch raises for a device it cannot use); anything else :class:`UsageError`."""
     if isinstance(value, bool):
         raise UsageError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {value!r}")
     if isinstance(value, int):
+        if value < 0:
+            raise UsageError(f"device: expected 'cpu', 'cuda', 'cuda:N', 'auto' or an int >= 0, got {value!r}")
         return f"cuda:{value}"
-    text = str(value).strip().lower()
+    text = str(value)
     if text in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", text):
         return text
+    if re.fullmatch(r"[a-z]+(:\d+)?", text) and text.split(":")[0] in _OTHER_DEVICES:
+        raise DeviceError(f"device {text!r}: weightstream loads to 'cpu' and 'cuda' devices only")
     raise UsageError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {value!r}")
 
 
 def framework(value):
-    """``"pt"`` (torch) or ``"np"`` (numpy)."""
-    fw = _FRAMEWORK_ALIASES.get(str(value).lower()) if isinstance(value, str) else None
-    if fw is None:
-        raise UsageError(f"framework: expected 'pt' (torch) or 'np' (numpy), got {value!r}")
-    return fw
+    """``"pt"`` (also ``"torch"``, ``"pytorch"``) or ``"np"`` (also ``"numpy"``), the names
+    safetensors accepts; a non-str raises ``TypeError`` as safetensors does."""
+    if not isinstance(value, str):
+        raise TypeError(f"framework: expected a str such as 'pt' or 'np', got {type(value).__name__}")
+    fw = _FRAMEWORK_ALIASES.get(value)
+    if fw is not None:
+        return fw
+    if value in _OTHER_FRAMEWORKS:
+        raise UsageError(f"framework {value!r}: weightstream loads to 'pt' (torch) or 'np' (numpy) only")
+    raise UsageError(f"framework: expected 'pt' (torch) or 'np' (numpy), got {value!r}")
+
+
+def backend(value):
+    """safetensors' ``backend=``: ``"mmap"`` or ``"pread"`` (a non-str raises ``TypeError``).
+    Both read through weightstream's engine into memory the tensors own (see ``safe_open``)."""
+    if not isinstance(value, str):
+        raise TypeError(f"backend: expected a str, 'mmap' or 'pread', got {type(value).__name__}")
+    if value not in BACKENDS:
+        raise UsageError(f"backend {value!r} is invalid (expected one of: 'mmap', 'pread')")
+    return value
 
 
 def dtype(value):

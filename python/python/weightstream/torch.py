@@ -1,0 +1,249 @@
+"""A drop-in for ``safetensors.torch``: ``import weightstream.torch as st`` where code has
+``import safetensors.torch as st``.
+
+``load_file``, ``load`` (bytes), ``safe_open`` and ``load_model`` take the arguments
+safetensors 0.8's take and return what they return (same dtypes, shapes, key order, devices,
+exception classes), reading through weightstream: ``load_file`` is one parallel load of the
+file, not a view of a file mapping. As safetensors does, they read one ``.safetensors`` file;
+``weightstream.load_file`` also loads an index, a directory or a URL. ``save_file``, ``save``
+and ``save_model`` write through weightstream's format writer.
+
+Example::
+
+    >>> import weightstream.torch as st
+    >>> tensors = st.load_file("model.safetensors", device="cpu")              # doctest: +SKIP
+    >>> missing, unexpected = st.load_model(model, "model.safetensors")        # doctest: +SKIP
+
+Differences from safetensors, each deliberate, are listed in ``python/tests/test_dropin.py``
+(and asserted there).
+"""
+
+import os
+from collections import defaultdict
+from typing import Dict, List, Optional, Set, Tuple, Union
+
+import torch  # the real torch: absolute import, this module is weightstream.torch
+
+from . import _open
+from ._loader import load_bytes
+
+__all__ = ["safe_open", "load_file", "load", "load_model", "save_file", "save", "save_model"]
+
+
+class safe_open(_open.safe_open):
+    """``safetensors.safe_open`` (as ``safetensors.torch`` re-exports it) reading one file:
+    ``safe_open(filename, framework, device="cpu", *, backend="mmap")``. See
+    :class:`weightstream.safe_open`.
+
+    Example::
+
+        >>> with safe_open("model.safetensors", framework="pt", device="cpu") as f:  # doctest: +SKIP
+        ...     w = f.get_slice("lm_head.weight")[:128]
+    """
+
+    _single_file = True
+
+
+def load_file(filename: Union[str, os.PathLike], device: Union[str, int] = "cpu", *, backend: str = "mmap") -> Dict[str, torch.Tensor]:
+    """Load a ``.safetensors`` file into ``{name: torch.Tensor}`` in file order, on ``device``
+    (``"cpu"``, ``"cuda"``, ``"cuda:N"``, an int N). ``backend`` (``"mmap"``/``"pread"``) is
+    accepted as safetensors takes it; both read through weightstream into memory the tensors own.
+
+    Example::
+
+        >>> from weightstream.torch import load_file
+        >>> loaded = load_file("./my_folder/bert.safetensors")    # doctest: +SKIP
+    """
+    with safe_open(filename, framework="pt", device=device, backend=backend) as f:
+        return f.get_tensors()
+
+
+def load(data: bytes) -> Dict[str, torch.Tensor]:
+    """Load the bytes of a ``.safetensors`` file into ``{name: torch.Tensor}`` on the CPU, in
+    file order, through the same validated parser as a file (F4 and F8_E8M0 included, where
+    ``safetensors.torch.load`` fails on them).
+
+    Example::
+
+        >>> from weightstream.torch import load
+        >>> with open("model.safetensors", "rb") as f:             # doctest: +SKIP
+        ...     loaded = load(f.read())
+    """
+    return load_bytes(data, "pt", "weightstream.torch.load")
+
+
+def load_model(
+    model: torch.nn.Module,
+    filename: Union[str, os.PathLike],
+    strict: bool = True,
+    device: Union[str, int] = "cpu",
+    *,
+    backend: str = "mmap",
+) -> Tuple[Set[str], List[str]]:
+    """Load a file into ``model`` as ``safetensors.torch.load_model`` does: tensors the model
+    shares (tied weights) are satisfied by the one name the file holds, as
+    ``safetensors.torch.save_model`` writes them.
+
+    Returns ``(missing, unexpected)``: ``missing`` (a set, as safetensors returns it) are the
+    model's names the file did not fill, ``unexpected`` (a list) the file's names the model
+    does not use. With ``strict``, any of either raises ``RuntimeError`` with torch's message.
+
+    Example::
+
+        >>> import torch, weightstream.torch as st
+        >>> model = torch.nn.Linear(4, 4)
+        >>> missing, unexpected = st.load_model(model, "linear.safetensors")   # doctest: +SKIP
+    """
+    state_dict = load_file(filename, device=device, backend=backend)
+    model_state_dict = model.state_dict()
+    to_removes = _remove_duplicate_names(model_state_dict, preferred_names=state_dict.keys())
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = set(missing)
+    for to_remove_group in to_removes.values():
+        for to_remove in to_remove_group:
+            if to_remove not in missing:
+                unexpected.append(to_remove)
+            else:
+                missing.remove(to_remove)
+    if strict and (missing or unexpected):
+        missing_keys = ", ".join([f'"{k}"' for k in sorted(missing)])
+        unexpected_keys = ", ".join([f'"{k}"' for k in sorted(unexpected)])
+        error = f"Error(s) in loading state_dict for {model.__class__.__name__}:"
+        if missing:
+            error += f"\n    Missing key(s) in state_dict: {missing_keys}"
+        if unexpected:
+            error += f"\n    Unexpected key(s) in state_dict: {unexpected_keys}"
+        raise RuntimeError(error)
+    return missing, unexpected
+
+
+# Which of a model's names share memory, and which one of each group a file holds: the rules of
+# safetensors.torch (Apache-2.0), kept identical so that load_model and save_model agree with
+# files safetensors wrote and with safetensors' own load_model.
+
+
+def _storage_ptr(tensor: torch.Tensor) -> int:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except Exception:  # storage-less tensors (meta, some subclasses)
+        return 0
+
+
+def _storage_size(tensor: torch.Tensor) -> int:
+    try:
+        return tensor.untyped_storage().nbytes()
+    except Exception:
+        return tensor.nelement() * tensor.element_size()
+
+
+def _end_ptr(tensor: torch.Tensor) -> int:
+    if tensor.nelement():
+        return tensor.view(-1)[-1].data_ptr() + tensor.element_size()
+    return tensor.data_ptr()
+
+
+def _filter_shared_not_shared(tensors: List[Set[str]], state_dict: Dict[str, torch.Tensor]) -> List[Set[str]]:
+    """Names on one storage that do not overlap in it are not shared: split them apart."""
+    filtered = []
+    for shared in tensors:
+        if len(shared) < 2:
+            filtered.append(shared)
+            continue
+        areas = sorted((state_dict[name].data_ptr(), _end_ptr(state_dict[name]), name) for name in shared)
+        _, last_stop, last_name = areas[0]
+        filtered.append({last_name})
+        for start, stop, name in areas[1:]:
+            if start >= last_stop:
+                filtered.append({name})
+            else:
+                filtered[-1].add(name)
+            last_stop = stop
+    return filtered
+
+
+def _find_shared_tensors(state_dict: Dict[str, torch.Tensor]) -> List[Set[str]]:
+    tensors = defaultdict(set)
+    for k, v in state_dict.items():
+        if v.device != torch.device("meta") and _storage_ptr(v) != 0 and _storage_size(v) != 0:
+            # The device is part of the key: two GPUs may hand out the same address.
+            tensors[(v.device, _storage_ptr(v), _storage_size(v))].add(k)
+    return _filter_shared_not_shared(list(sorted(tensors.values())), state_dict)
+
+
+def _is_complete(tensor: torch.Tensor) -> bool:
+    return tensor.data_ptr() == _storage_ptr(tensor) and tensor.nelement() * tensor.element_size() == _storage_size(tensor)
+
+
+def _remove_duplicate_names(
+    state_dict: Dict[str, torch.Tensor],
+    *,
+    preferred_names: Optional[List[str]] = None,
+    discard_names: Optional[List[str]] = None,
+) -> Dict[str, List[str]]:
+    """``{kept name: [names sharing its memory, dropped]}``: the kept name covers its whole
+    storage, the preferred (the file's) names first, else the first in sorted order."""
+    preferred_names = set(preferred_names or [])
+    discard_names = set(discard_names or [])
+    to_remove = defaultdict(list)
+    for shared in _find_shared_tensors(state_dict):
+        complete_names = {name for name in shared if _is_complete(state_dict[name])}
+        if not complete_names:
+            raise RuntimeError(
+                "Error while trying to find names to remove to save state dict, but found no suitable name to keep"
+                f" for saving amongst: {shared}. None is covering the entire storage. Refusing to save/load the model"
+                " since you could be storing much more memory than needed. Please refer to"
+                " https://huggingface.co/docs/safetensors/torch_shared_tensors for more information."
+            )
+        keep_name = sorted(complete_names)[0]
+        preferred = complete_names.difference(discard_names)
+        if preferred:
+            keep_name = sorted(preferred)[0]
+        if preferred_names:
+            preferred = preferred_names.intersection(complete_names)
+            if preferred:
+                keep_name = sorted(preferred)[0]
+        for name in sorted(shared):
+            if name != keep_name:
+                to_remove[keep_name].append(name)
+    return to_remove
+
+
+def _writer(name):
+    """The writer's function ``name`` from ``weightstream._save``, imported when first used so
+    that reading never needs it."""
+    try:
+        from . import _save
+    except ImportError as e:  # TODO(writer): remove once weightstream/_save.py has landed
+        raise NotImplementedError(f"weightstream.torch.{name}: weightstream's format writer (_save.py) is not in this build") from e
+    return getattr(_save, name)
+
+
+def save_file(tensors: Dict[str, torch.Tensor], filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``tensors`` to ``filename`` in the safetensors format, as
+    ``safetensors.torch.save_file`` does.
+
+    Example::
+
+        >>> save_file({"w": torch.zeros(2, 2)}, "model.safetensors")   # doctest: +SKIP
+    """
+    return _writer("save_file")(tensors, filename, metadata=metadata)
+
+
+def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """The bytes of a safetensors file of ``tensors``, as ``safetensors.torch.save`` returns.
+
+    Example::
+
+        >>> data = save({"w": torch.zeros(2, 2)})   # doctest: +SKIP
+    """
+    return _writer("save")(tensors, metadata=metadata)
+
+
+def save_model(model: torch.nn.Module, filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None, force_contiguous: bool = True) -> None:
+    """Write ``model``'s state dict, shared tensors once, as ``safetensors.torch.save_model``.
+
+    Example::
+
+        >>> save_model(torch.nn.Linear(4, 4), "linear.safetensors")   # doctest: +SKIP
+    """
+    return _writer("save_model")(model, filename, metadata=metadata, force_contiguous=force_contiguous)
