@@ -7,9 +7,10 @@
 #   pip download --no-deps --only-binary=:all: -d .whl pytest iniconfig pluggy packaging
 #   usage: scripts/gpu_bench.sh OUTDIR [part...]
 #   parts: tests python demo compare sweep convert sanitize zero-copy (the experimental --zero-copy)
+#          frameworks (issue 22: transformers from_pretrained and vLLM's load_weights loop on cuda)
 set -uo pipefail
 out=${1:?outdir}; shift
-parts=${*:-tests python demo compare sweep convert sanitize zero-copy}
+parts=${*:-tests python frameworks demo compare sweep convert sanitize zero-copy}
 B=.gpu/bin
 W=$B/weightstream
 export WEIGHTSTREAM_PYTHON=python3 PYTHONUNBUFFERED=1
@@ -80,6 +81,14 @@ zero-copy)
     timeout 60 $W load $data/bf16_4g.safetensors --device cuda --zero-copy --trace "$out/trace_zero_copy.json" --quiet
     python3 -c "import json,sys; ev=json.load(open(sys.argv[1]))['traceEvents']; r=[e for e in ev if e.get('name')=='register']; print(len(r), 'registrations,', round(sum(e['dur'] for e in r)/1e3,1), 'ms in all')" "$out/trace_zero_copy.json"
   } 2>&1 | tee "$out/zero_copy.log" ;;
+frameworks)
+  # weightstream.transformers.from_pretrained(device="cuda") against transformers'
+  # from_pretrained(device_map="cuda") for an 8B-class shape (random weights), and the loop of
+  # vLLM's load_weights (Loader.iterate to cuda feeding param.copy_) against safetensors' safe_open.
+  { timeout 300 python3 scripts/bench_transformers.py --device cuda --rounds 3
+    [ -f $data/llama8b_bf16.safetensors ] || python3 scripts/bench_iterate_copy.py --make $data/llama8b_bf16.safetensors --gib 15
+    timeout 240 python3 scripts/bench_iterate_copy.py $data/llama8b_bf16.safetensors --device cuda:0 --rounds 3
+  } 2>&1 | tee "$out/frameworks.log" ;;
 sanitize)
   timeout 240 compute-sanitizer --tool memcheck $B/cuda_load-test --test-threads 1 every_tensor 2>&1 | tail -8 | tee "$out/sanitizer.log" ;;
 esac; done

