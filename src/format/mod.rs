@@ -13,4 +13,6 @@ pub use header::{
     MAX_TENSORS,
 };
 pub use index::{ShardIndex, MAX_INDEX_LEN, MAX_INDEX_TENSORS};
-pub use writer::{header_json, write_file, write_to_vec, WriteTensor};
+pub use writer::{
+    header_json, sort_like_reference, write_file, write_file_with, write_to_vec, write_to_vec_with, WriteTensor,
+};
