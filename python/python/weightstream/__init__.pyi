@@ -10,7 +10,7 @@ from ._weightstream import cuda_available as cuda_available
 
 Path = Union[str, PathLike[str]]
 Device = Union[str, int, Any]  # "cpu" | "cuda" | "cuda:N" | "auto" | N | torch.device
-Framework = Literal["pt", "np", "torch", "numpy"]
+Framework = Literal["pt", "np", "torch", "pytorch", "numpy"]
 DType = Union[str, Any]  # "bf16" | "f16" | "f32" | torch/numpy/ml_dtypes dtypes of those
 Size = Union[int, str]  # 1073741824 | "1GiB" | "512M"
 Globs = Union[str, Sequence[str], None]

@@ -212,13 +212,7 @@ class Loader:
 def _iterate(stream, conv):
     try:
         for t in stream:
-            try:
-                item = (t.name, conv(t))
-            except PackedExportUnavailable:
-                raise UsageError(
-                    f"tensor `{t.name}` is {t.dtype}: this build of weightstream streams no packed tensors; "
-                    "load its file with load_file or safe_open"
-                ) from None
+            item = (t.name, conv(t))
             del t  # the caller's tensor alone keeps the memory, not this frame
             yield item
     finally:

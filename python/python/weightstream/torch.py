@@ -27,7 +27,7 @@ import torch  # the real torch: absolute import, this module is weightstream.tor
 from . import _open
 from ._loader import load_bytes
 
-__all__ = ["safe_open", "load_file", "load", "load_model", "save_file", "save", "save_model"]
+__all__ = ["safe_open", "load_file", "load", "load_model", "save_file", "save", "save_model", "storage_ptr", "storage_size"]
 
 
 class safe_open(_open.safe_open):
@@ -122,14 +122,16 @@ def load_model(
 # files safetensors wrote and with safetensors' own load_model.
 
 
-def _storage_ptr(tensor: torch.Tensor) -> int:
+def storage_ptr(tensor: torch.Tensor) -> int:
+    """The address of ``tensor``'s storage (0 for a tensor without one), as safetensors.torch's."""
     try:
         return tensor.untyped_storage().data_ptr()
     except Exception:  # storage-less tensors (meta, some subclasses)
         return 0
 
 
-def _storage_size(tensor: torch.Tensor) -> int:
+def storage_size(tensor: torch.Tensor) -> int:
+    """The bytes of ``tensor``'s storage, as safetensors.torch's."""
     try:
         return tensor.untyped_storage().nbytes()
     except Exception:
@@ -164,14 +166,14 @@ def _filter_shared_not_shared(tensors: List[Set[str]], state_dict: Dict[str, tor
 def _find_shared_tensors(state_dict: Dict[str, torch.Tensor]) -> List[Set[str]]:
     tensors = defaultdict(set)
     for k, v in state_dict.items():
-        if v.device != torch.device("meta") and _storage_ptr(v) != 0 and _storage_size(v) != 0:
+        if v.device != torch.device("meta") and storage_ptr(v) != 0 and storage_size(v) != 0:
             # The device is part of the key: two GPUs may hand out the same address.
-            tensors[(v.device, _storage_ptr(v), _storage_size(v))].add(k)
+            tensors[(v.device, storage_ptr(v), storage_size(v))].add(k)
     return _filter_shared_not_shared(list(sorted(tensors.values())), state_dict)
 
 
 def _is_complete(tensor: torch.Tensor) -> bool:
-    return tensor.data_ptr() == _storage_ptr(tensor) and tensor.nelement() * tensor.element_size() == _storage_size(tensor)
+    return tensor.data_ptr() == storage_ptr(tensor) and tensor.nelement() * tensor.element_size() == storage_size(tensor)
 
 
 def _remove_duplicate_names(
