@@ -1,0 +1,517 @@
+"""torch tier: `weightstream.transformers` against transformers' own `from_pretrained`, on real
+tiny models built here with random weights and saved with `save_pretrained`. Every parameter
+and buffer must be bitwise equal (names, dtypes, shapes, devices too), the logits of a fixed
+input bitwise equal, tied weights tied in both, and `generation_config` the same."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="no torch: transformers tests skipped")
+transformers = pytest.importorskip("transformers", reason="no transformers: transformers tests skipped")
+
+import weightstream as ws  # noqa: E402
+import weightstream.transformers as wst  # noqa: E402
+from conftest import make_hf_cache  # noqa: E402
+from safetensors.torch import load_file as st_load_file  # noqa: E402
+from safetensors.torch import save_file as st_save_file  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+MiB = 1 << 20
+IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200, 3, 7]])
+
+
+def randomize(model, seed):
+    """Random values in every parameter and persistent buffer (default inits leave biases at 0
+    and norms at 1: equal whatever was loaded)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.05)
+    return model
+
+
+def tiny(kind):
+    """(model, auto class, forward kwargs) for a tiny random model of `kind`."""
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True))
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+    elif kind == "bert":
+        model = BertForMaskedLM(BertConfig(**common, max_position_embeddings=64))
+    elif kind == "mixtral":
+        model = MixtralForCausalLM(
+            MixtralConfig(**common, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+        )
+    elif kind == "t5":
+        model = T5ForConditionalGeneration(
+            T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0)
+        )
+    else:
+        raise AssertionError(kind)
+    return randomize(model, seed=hash(kind) % 1000)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """`saved(kind, dtype=torch.float32, **save_kwargs)`: the directory of a tiny model saved
+    with save_pretrained (cached per arguments)."""
+    cache = {}
+
+    def make(kind, dtype=torch.float32, **save_kwargs):
+        key = (kind, dtype, tuple(sorted(save_kwargs.items())))
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"{kind}-{str(dtype).split('.')[-1]}")
+            model = tiny(kind).to(dtype)
+            if model.can_generate():
+                model.generation_config.max_new_tokens = 7  # something to find in the loaded one
+            model.save_pretrained(d, **save_kwargs)
+            cache[key] = d
+        return cache[key]
+
+    return make
+
+
+def as_bytes(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same_tensors(ours, theirs, what):
+    assert list(ours) == list(theirs), f"{what}: names differ"
+    for name in theirs:
+        a, b = ours[name], theirs[name]
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), f"{what} {name}"
+        assert a.requires_grad == b.requires_grad, f"{what} {name}: requires_grad"
+        assert torch.equal(as_bytes(a), as_bytes(b)), f"{what} {name}: bytes differ"
+
+
+def tied_pairs(model):
+    """Which parameter names share memory (tied weights), as a set of frozensets."""
+    by_ptr = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_ptr.setdefault((p.data_ptr(), p.device), set()).add(name)
+    return {frozenset(v) for v in by_ptr.values() if len(v) > 1}
+
+
+def outputs(model):
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            out = model(input_ids=IDS.to(model.device), decoder_input_ids=IDS[:, :4].to(model.device))
+        else:
+            out = model(input_ids=IDS.to(model.device))
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def assert_same_model(ours, theirs):
+    assert type(ours) is type(theirs)
+    assert_same_tensors(
+        dict(ours.named_parameters(remove_duplicate=False)), dict(theirs.named_parameters(remove_duplicate=False)), "parameter"
+    )
+    assert_same_tensors(dict(ours.named_buffers(remove_duplicate=False)), dict(theirs.named_buffers(remove_duplicate=False)), "buffer")
+    assert tied_pairs(ours) == tied_pairs(theirs)
+    assert ours.training == theirs.training == False  # noqa: E712  (eval() as transformers leaves it)
+    assert ours.config.to_dict() == theirs.config.to_dict()
+    if theirs.can_generate():
+        assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+    a, b = outputs(ours), outputs(theirs)
+    assert a.dtype == b.dtype and torch.equal(as_bytes(a), as_bytes(b)), "outputs differ"
+
+
+def load_ours(path, **kwargs):
+    """weightstream's load; the RNG seeded as for `load_theirs`, so that weights missing from a
+    checkpoint (BERT's pooler under AutoModel) initialise alike."""
+    torch.manual_seed(1234)
+    return wst.from_pretrained(path, **kwargs)
+
+
+def load_theirs(auto, path, **kwargs):
+    torch.manual_seed(1234)
+    return auto.from_pretrained(path, **kwargs)
+
+
+class Reads:
+    """Counts the tensors weightstream's patched handles load (proves the bytes came through
+    us, not through safetensors)."""
+
+    def __init__(self, monkeypatch):
+        self.names = []
+        original = wst._Handle._load
+
+        def spy(handle, name, device):
+            self.names.append(name)
+            return original(handle, name, device)
+
+        monkeypatch.setattr(wst._Handle, "_load", spy)
+
+
+MODELS = [("llama", AutoModelForCausalLM), ("qwen2", AutoModelForCausalLM), ("gpt2", AutoModelForCausalLM), ("bert", AutoModel)]
+
+
+@pytest.mark.parametrize("kind,auto", MODELS, ids=[k for k, _ in MODELS])
+def test_from_pretrained_matches_transformers(saved, kind, auto, monkeypatch):
+    d = saved(kind)
+    reads = Reads(monkeypatch)
+    ours = load_ours(d, model_class=auto)
+    theirs = load_theirs(auto, d)
+    assert_same_model(ours, theirs)
+    keys = set(st_load_file(d / "model.safetensors"))
+    # Every checkpoint tensor the model uses came through weightstream, once (BERT's AutoModel
+    # drops the MLM head, which is then never read).
+    assert len(reads.names) == len(set(reads.names)) and set(reads.names) <= keys
+    assert len(reads.names) >= len(keys) - (6 if kind == "bert" else 0)
+
+
+def test_tied_weights_are_tied(saved):
+    ours = load_ours(saved("qwen2"))
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ours = load_ours(saved("llama"))
+    assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()
+
+
+def test_bert_prefix_and_legacy_gamma_beta(saved, tmp_path):
+    """A checkpoint of BertForMaskedLM (keys under `bert.`) with LayerNorm weights renamed to
+    the legacy `gamma`/`beta`: transformers renames both, and so do we (it is its code)."""
+    src = saved("bert")
+    d = tmp_path / "legacy"
+    d.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    tensors = st_load_file(src / "model.safetensors")
+    legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in tensors.items()}
+    assert any(k.endswith("gamma") for k in legacy)
+    st_save_file(legacy, d / "model.safetensors", metadata={"format": "pt"})
+    for auto in (AutoModel, transformers.AutoModelForMaskedLM):
+        assert_same_model(load_ours(d, model_class=auto), load_theirs(auto, d))
+
+
+def test_moe_experts_fused_as_transformers_does(saved):
+    """Mixtral: save_pretrained writes one tensor per expert; loading fuses them (transformers'
+    weight converters) -- the same fused parameters through us."""
+    d = saved("mixtral")
+    keys = st_load_file(d / "model.safetensors").keys()
+    assert any(".experts.0." in k for k in keys), "expected per-expert keys in the file"
+    assert_same_model(load_ours(d), load_theirs(AutoModelForCausalLM, d))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_sharded_checkpoint_with_index(saved, kind, monkeypatch):
+    d = saved(kind, max_shard_size="100KB")
+    shards = sorted(p.name for p in d.glob("*.safetensors"))
+    assert len(shards) > 2 and (d / "model.safetensors.index.json").exists()
+    reads = Reads(monkeypatch)
+    assert_same_model(load_ours(d), load_theirs(AutoModelForCausalLM, d))
+    assert len(reads.names) > 0
+
+
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_half_precision_files(saved, kind, file_dtype):
+    d = saved(kind, file_dtype)
+    ours, theirs = load_ours(d), load_theirs(AutoModelForCausalLM, d)
+    assert_same_model(ours, theirs)
+    assert ours.model.embed_tokens.weight.dtype == file_dtype if kind == "llama" else True
+
+
+@pytest.mark.parametrize(
+    "file_dtype,dtype,hf_dtype",
+    [
+        (torch.float32, "bf16", torch.bfloat16),
+        (torch.float32, "f16", torch.float16),
+        (torch.bfloat16, "f32", torch.float32),
+        (torch.bfloat16, torch.float16, torch.float16),
+        (torch.float16, "auto", "auto"),
+    ],
+)
+def test_dtype_conversions(saved, file_dtype, dtype, hf_dtype):
+    d = saved("llama", file_dtype)
+    ours = load_ours(d, dtype=dtype)
+    theirs = load_theirs(AutoModelForCausalLM, d, dtype=hf_dtype)
+    assert_same_model(ours, theirs)
+
+
+def test_keep_in_fp32_modules(saved):
+    """T5 keeps `wo` in f32 when loaded in fp16 (`_keep_in_fp32_modules`)."""
+    d = saved("t5")
+    ours = load_ours(d, dtype="f16", model_class=AutoModelForSeq2SeqLM)
+    theirs = load_theirs(AutoModelForSeq2SeqLM, d, dtype=torch.float16)
+    assert ours.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert ours.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float16
+    assert_same_model(ours, theirs)
+
+
+def test_model_class_by_class_and_by_name(saved):
+    d = saved("llama")
+    theirs = load_theirs(LlamaForCausalLM, d)
+    assert_same_model(load_ours(d, model_class=LlamaForCausalLM), theirs)
+    assert_same_model(load_ours(d, model_class="LlamaForCausalLM"), theirs)
+    base = load_ours(d, model_class="AutoModel")
+    assert type(base).__name__ == "LlamaModel"
+
+
+def test_hf_repo_id_from_a_cache_folder(saved, tmp_path, monkeypatch):
+    """A repo id resolved by transformers / huggingface_hub from an HF cache folder (the Hub is
+    unreachable: offline mode)."""
+    d = saved("llama", max_shard_size="100KB")
+    cache = tmp_path / "hub"
+    make_hf_cache(cache, sorted(p for p in d.iterdir() if p.is_file()), repo="models--org--tiny-llama")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours = load_ours("org/tiny-llama", cache_dir=cache)
+    theirs = load_theirs(AutoModelForCausalLM, "org/tiny-llama", cache_dir=cache)
+    assert_same_model(ours, theirs)
+    assert ours.generation_config.max_new_tokens == 7
+
+
+def test_patch_gives_the_same_model(saved, monkeypatch):
+    d = saved("qwen2", max_shard_size="100KB")
+    reads = Reads(monkeypatch)
+    with wst.patch():
+        patched = load_theirs(AutoModelForCausalLM, d)
+    n = len(reads.names)
+    assert n > 0, "nothing was read through weightstream"
+    plain = load_theirs(AutoModelForCausalLM, d)
+    assert len(reads.names) == n, "the patch outlived its block"
+    assert_same_model(patched, plain)
+
+
+def _names():
+    import transformers.core_model_loading as cml
+
+    sites = [sys.modules[m] for m in wst.patched_sites()]
+    return {(m.__name__, "safe_open"): m.safe_open for m in sites} | {("cml", "_materialize_copy"): cml._materialize_copy}
+
+
+def test_patch_covers_every_import_site():
+    """Every module of the installed transformers that binds `safe_open` from safetensors (found
+    by reading its sources) is patched."""
+    import safetensors
+
+    root = Path(transformers.__file__).parent
+    expected = set()
+    for f in root.rglob("*.py"):
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if "from safetensors import safe_open" in text or "from safetensors import" in text and " safe_open" in text.split("from safetensors import", 1)[1].split("\n", 1)[0]:
+            mod = ".".join(f.relative_to(root.parent).with_suffix("").parts)
+            expected.add(mod)
+    assert "transformers.modeling_utils" in expected
+    importable = set()
+    for mod in expected:
+        try:
+            __import__(mod)
+            importable.add(mod)
+        except Exception:  # a model needing packages absent here: not loadable, not patched
+            pass
+    assert importable <= set(wst.patched_sites())
+    with wst.patch():
+        for mod in importable:
+            assert getattr(sys.modules[mod].safe_open, "_weightstream_patch", False), mod
+    for mod in importable:
+        assert sys.modules[mod].safe_open is safetensors.safe_open, mod
+
+
+def test_patch_restored_after_exit_and_after_an_exception(saved):
+    before = _names()
+    with wst.patch():
+        inside = _names()
+        assert all(getattr(fn, "_weightstream_patch", False) for fn in inside.values())
+    assert _names() == before
+    with pytest.raises(ZeroDivisionError):
+        with wst.patch():
+            1 / 0
+    assert _names() == before
+    # An exception from transformers itself (no checkpoint in the folder) restores too.
+    with pytest.raises(OSError):
+        with wst.patch():
+            load_theirs(AutoModelForCausalLM, saved("llama").parent / "nothing-here")
+    assert _names() == before
+    with pytest.raises(OSError):
+        load_ours(saved("llama").parent / "nothing-here")
+    assert _names() == before
+
+
+def test_patch_nests_and_rejects_out_of_order_exits():
+    before = _names()
+    outer, inner = wst.patch(), wst.patch()
+    with outer:
+        mid = _names()
+        with inner:
+            assert _names() != mid and all(getattr(f, "_weightstream_patch", False) for f in _names().values())
+        assert _names() == mid
+        with pytest.raises(ws.UsageError, match="already active"):
+            outer.__enter__()
+    assert _names() == before
+    a, b = wst.patch(), wst.patch()
+    a.__enter__()
+    b.__enter__()
+    with pytest.raises(ws.UsageError, match="reverse order"):
+        a.__exit__(None, None, None)
+    b.__exit__(None, None, None)
+    a.__exit__(None, None, None)
+    assert _names() == before
+
+
+def test_patched_handle_speaks_safetensors(saved):
+    """The handle transformers gets: keys, metadata, get_slice (shape, dtype, [...], row
+    blocks), get_tensor; a missing tensor is a typed error naming the file and the tensor."""
+    import safetensors
+    import transformers.modeling_utils as mu
+
+    f = saved("llama", torch.bfloat16) / "model.safetensors"
+    with wst.patch():
+        ours = mu.safe_open(str(f), framework="pt", device="cpu", backend="mmap")
+    with safetensors.safe_open(str(f), framework="pt", device="cpu") as theirs, ours:
+        assert ours.keys() == theirs.keys()
+        assert ours.metadata() == theirs.metadata()
+        for k in theirs.keys():
+            a, b = ours.get_slice(k), theirs.get_slice(k)
+            assert a.get_shape() == b.get_shape() and a.get_dtype() == b.get_dtype()
+            assert torch.equal(as_bytes(a[...]), as_bytes(b[...]))
+            assert torch.equal(as_bytes(ours.get_tensor(k)), as_bytes(theirs.get_tensor(k)))
+            if len(b.get_shape()) == 2:
+                assert torch.equal(a[1:3], b[1:3]) and torch.equal(a[:, 2:5], b[:, 2:5])
+        with pytest.raises(ws.MissingTensorError, match=r"model\.safetensors.*no tensor named `nope`"):
+            ours.get_tensor("nope")
+    # transformers' dtype probe (map_location="meta") goes through the handle too.
+    with wst.patch():
+        meta = mu.load_state_dict(str(f), map_location="meta")
+    assert all(t.device.type == "meta" and t.dtype == torch.bfloat16 for t in meta.values())
+
+
+def test_bad_arguments_are_clear_errors(saved):
+    d = saved("llama")
+    with pytest.raises(ws.UsageError, match="device.*device_map"):
+        load_ours(d, device="cpu", device_map="cpu")
+    with pytest.raises(ws.UsageError, match="no model class 'NoSuchModel'"):
+        load_ours(d, model_class="NoSuchModel")
+    with pytest.raises(ws.UsageError, match="model_class"):
+        load_ours(d, model_class=42)
+    with pytest.raises(ws.UsageError, match="io"):
+        wst.patch(io="floppy")
+    with pytest.raises(ws.UsageError, match="device"):
+        load_ours(d, device="tpu")
+
+
+def test_peak_memory_on_the_cpu(tmp_path):
+    """In a fresh process: a ~48 MB model loads with anonymous memory peaking at most at model +
+    64 MiB over the baseline taken after the imports (each tensor is loaded once, into the
+    allocation that becomes the parameter; nothing is staged beside it)."""
+    d = tmp_path / "model"
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    model_bytes = sum(p.stat().st_size for p in d.glob("*.safetensors"))
+    assert model_bytes > 40 * MiB
+    script = textwrap.dedent(
+        f"""
+        import gc, sys, threading, time
+        import torch, transformers
+        import weightstream.transformers as wst
+        import transformers.models.llama.modeling_llama  # the model's code, imported before the baseline
+        torch.set_num_threads(1)
+
+        def anon():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+
+        peak = [0]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], anon())
+                time.sleep(0.0005)
+
+        gc.collect()
+        base = anon()
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        model = wst.from_pretrained({str(d)!r})
+        stop.set()
+        t.join()
+        peak[0] = max(peak[0], anon())
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(base, peak[0], params)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.split()
+    base, peak, params = map(int, out[-3:])
+    over = peak - base
+    print(f"model {model_bytes / MiB:.1f} MiB, peak RssAnon over baseline {over / MiB:.1f} MiB")
+    assert params >= model_bytes - 1 * MiB
+    assert over <= model_bytes + 64 * MiB, f"peak {over / MiB:.1f} MiB over a {model_bytes / MiB:.1f} MiB model"
+
+
+# -- GPU: skipped in one line without one -----------------------------------------------------
+
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and ws.cuda_available()), reason="no CUDA device: GPU transformers tests skipped")
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_cuda_matches_transformers(saved, kind):
+    d = saved(kind, torch.bfloat16, max_shard_size="100KB")
+    ours = load_ours(d, device="cuda")
+    theirs = load_theirs(AutoModelForCausalLM, d, device_map="cuda")
+    assert all(p.device.type == "cuda" for p in ours.parameters())
+    assert_same_model(ours, theirs)
+    with wst.patch():
+        patched = load_theirs(AutoModelForCausalLM, d, device_map="cuda", dtype=torch.float32)
+    assert_same_model(patched, load_theirs(AutoModelForCausalLM, d, device_map="cuda", dtype=torch.float32))
+
+
+@gpu
+def test_cuda_load_makes_no_host_copy(tmp_path):
+    """A ~400 MB model to the GPU: host anonymous memory grows by far less than the model
+    (each tensor goes file -> staging ring -> GPU)."""
+    d = tmp_path / "model"
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=8)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    model_bytes = sum(p.stat().st_size for p in d.glob("*.safetensors"))
+    script = textwrap.dedent(
+        f"""
+        import gc, threading, time, torch
+        import weightstream.transformers as wst
+        import transformers.models.llama.modeling_llama
+        torch.zeros(1, device="cuda")
+        wst.from_pretrained({str(d)!r}, device="cuda", num_hidden_layers=1)  # warm: CUDA context, rings
+        def anon():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        gc.collect()
+        base, peak, stop = anon(), [0], threading.Event()
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], anon()); time.sleep(0.0005)
+        t = threading.Thread(target=sample, daemon=True); t.start()
+        model = wst.from_pretrained({str(d)!r}, device="cuda")
+        torch.cuda.synchronize(); stop.set(); t.join()
+        print(base, max(peak[0], anon()))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.split()
+    base, peak = map(int, out[-2:])
+    assert peak - base < model_bytes / 4, f"host memory grew {(peak - base) / MiB:.0f} MiB for a {model_bytes / MiB:.0f} MiB model"
