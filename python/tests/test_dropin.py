@@ -21,7 +21,9 @@ deliberate, each listed in DELIBERATE below and asserted as the documented behav
   ``UsageError`` at open (safetensors opens, then needs the framework);
 - a path ending in ``.json`` is refused by the drop-ins (weightstream reads one as an index);
   ``weightstream.safe_open``/``load_file`` (not the drop-ins) also load directories and indexes;
-- ``backend="mmap"`` reads into memory the tensors own, as ``"pread"`` does (no file mapping).
+- ``backend="mmap"`` reads into memory the tensors own, as ``"pread"`` does (no file mapping);
+- a ``bytes`` path is taken, as ``open()`` takes one (safetensors: ``TypeError``);
+- ``get_slice`` objects also have ``len()`` (the first dimension), kept from before.
 """
 
 import gc
@@ -213,10 +215,21 @@ def test_safe_open_arguments_as_safetensors(files, call, exists):
     same_outcome(outcome(lambda: ws.safe_open(filename=path, framework="np")), outcome(lambda: safetensors.safe_open(filename=path, framework="np")))
 
 
+def test_path_types(files):
+    p = files["nometa"]
+    for bad in (3, None, 1.5):
+        same_outcome(outcome(lambda: ws_np.load_file(bad)), outcome(lambda: st_np.load_file(bad)))  # TypeError
+    same_dict(ws_np.load_file(str(p)), st_np.load_file(p))
+    # DELIBERATE: a bytes path is taken (safetensors: TypeError), as open() takes one
+    assert isinstance(outcome(lambda: st_np.load_file(os.fsencode(p)))[1], TypeError)
+    same_dict(ws_np.load_file(os.fsencode(p)), st_np.load_file(p))
+
+
 def test_missing_file_is_file_not_found_and_read_error(files):
     missing = files["dir"] / "missing.safetensors"
     for fn in (lambda: ws_pt.load_file(missing), lambda: ws_np.load_file(missing), lambda: ws.load_file(missing),
-               lambda: ws.safe_open(missing, "pt"), lambda: ws_pt.load_model(torch.nn.Linear(1, 1), missing)):
+               lambda: ws.safe_open(missing, "pt"), lambda: ws_pt.load_model(torch.nn.Linear(1, 1), missing),
+               lambda: ws.Loader().describe(missing), lambda: list(ws.Loader().iterate(missing))):
         with pytest.raises(FileNotFoundError) as e:
             fn()
         assert isinstance(e.value, ws.ReadError) and isinstance(e.value, ws.MissingFileError)

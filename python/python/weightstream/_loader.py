@@ -19,6 +19,13 @@ def is_remote(path):
     return bool(sep) and bool(rest) and scheme in _REMOTE_SCHEMES
 
 
+def checked_path(path):
+    """``path`` as a str, a missing local one raising :class:`MissingFileError`."""
+    path = O.path(path)
+    check_path(path)
+    return path
+
+
 def check_path(path, single_file=False, what="load_file"):
     """Before the Rust layer sees a local ``path``: a missing one raises
     :class:`MissingFileError` (a ``FileNotFoundError``, as safetensors raises). With
@@ -127,7 +134,7 @@ class Loader:
             >>> arrays = ws.Loader().load("model.safetensors", framework="np", only="*.weight")  # doctest: +SKIP
         """
         conv = converter(self._framework(framework))
-        path = O.path(path)
+        path = checked_path(path)
         raws = self._raw.load(path, O.opts(dtype, only, shard, split))
         return {t.name: self._convert(conv, t, path) for t in raws}
 
@@ -184,7 +191,7 @@ class Loader:
         """
         conv = converter(self._framework(framework))
         window = O.size(window, "window")
-        stream = self._raw.stream(O.path(path), O.opts(dtype, only, shard, split), window)
+        stream = self._raw.stream(checked_path(path), O.opts(dtype, only, shard, split), window)
         return _iterate(stream, conv)
 
     def load_into(self, path, tensors, *, dtype=None, shard=None, split=None):
@@ -201,12 +208,12 @@ class Loader:
         """
         items = tensors.items() if hasattr(tensors, "items") else tensors
         dests = [(name, destination(obj, name)) for name, obj in items]
-        return self._raw.load_into(O.path(path), dests, O.opts(dtype, None, shard, split))
+        return self._raw.load_into(checked_path(path), dests, O.opts(dtype, None, shard, split))
 
     def describe(self, path, *, dtype=None, only=None, shard=None, split=None):
         """What a load would produce, from the headers alone: a list of
         ``(name, dtype, stored_dtype, shape, nbytes)`` in file order."""
-        return self._raw.describe(O.path(path), O.opts(dtype, only, shard, split))
+        return self._raw.describe(checked_path(path), O.opts(dtype, only, shard, split))
 
 
 def _iterate(stream, conv):
@@ -265,8 +272,6 @@ def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shar
         >>> tensors = ws.load_file("Qwen2-7B/", device="cuda:0", dtype="bf16")  # doctest: +SKIP
     """
     loader = _default_loader(device) if storage_options is None else Loader(device, storage_options=storage_options)
-    path = O.path(path)
-    check_path(path)
     return loader.load(path, framework=framework, dtype=dtype, only=only, shard=shard, split=split)
 
 

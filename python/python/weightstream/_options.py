@@ -173,11 +173,12 @@ def opts(dtype_=None, only_=None, shard_=None, split_=None, exact=(), slice_=Non
 
 
 def path(value):
-    """A ``str`` or ``os.PathLike`` path."""
+    """A ``str``, ``bytes`` or ``os.PathLike`` path, as a ``str``; anything else raises
+    ``TypeError``, as safetensors and ``open()`` raise."""
     try:
-        return os.fspath(value)
+        return os.fsdecode(os.fspath(value))
     except TypeError:
-        raise UsageError(f"path: expected a str or os.PathLike, got {type(value).__name__}") from None
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(value).__name__}") from None
 
 
 def storage_options(value):
