@@ -9,6 +9,7 @@ mod interrupt;
 mod loader;
 mod stream;
 mod tensor;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -52,5 +53,7 @@ fn _weightstream(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stream::RawStream>()?;
     m.add_function(wrap_pyfunction!(read_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(writer::save_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(writer::save_file, m)?)?;
     Ok(())
 }
