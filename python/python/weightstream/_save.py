@@ -158,7 +158,8 @@ def _np_items(tensor_dict) -> list:
             # The format is little-endian: swap a copy, never the caller's array.
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         # The values in C order (safetensors writes the raw memory of a non-contiguous array).
-        arr = np.ascontiguousarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
         items.append((k, dtype, list(arr.shape), arr.reshape(-1).view(np.uint8)))
     _check_names(items)
     return items
@@ -356,7 +357,9 @@ def _torch_items(tensors) -> list:
             t = t.to("cpu")  # as safetensors does: the writer reads host memory
         # The values, not the bits under a conjugate or negative view.
         t = t.resolve_conj().resolve_neg()
-        items.append((k, dtype, shape, t.reshape(-1).view(torch.uint8)))
+        # No bytes to hand over for an empty tensor (and torch refuses some views of one).
+        data = t.reshape(-1).view(torch.uint8) if t.numel() else b""
+        items.append((k, dtype, shape, data))
     _check_names(items)
     return items
 
