@@ -1,0 +1,375 @@
+"""SGLang: its safetensors weight iterators read through weightstream (opt-in).
+
+SGLang calls every ``sglang.srt.plugins`` entry point in each of its processes
+(``sglang.srt.plugins.load_plugins()``: the launcher, the schedulers, the workers). Ours is
+:func:`register`. It does nothing unless the plugin is asked for, so that installing the
+package never changes SGLang by itself:
+
+- ``WEIGHTSTREAM_SGLANG=1`` (or ``true``/``yes``/``on``) turns it on;
+- ``SGLANG_PLUGINS`` naming ``weightstream`` (SGLang's own whitelist, comma-separated) also turns
+  it on, since naming a plugin there is an explicit request;
+- ``WEIGHTSTREAM_SGLANG=0`` (or ``false``/``no``/``off``) keeps it off even then. Any other value
+  is a :class:`~weightstream.UsageError`.
+
+Usage (one line)::
+
+    WEIGHTSTREAM_SGLANG=1 python -m sglang.launch_server --model-path MODEL
+
+or ``sglang.Engine(model_path=MODEL)`` in a process whose environment has it (SGLang's
+subprocesses inherit the environment, and each calls ``load_plugins()``).
+
+How: REPLACE hooks through SGLang's ``HookRegistry`` on
+``sglang.srt.model_loader.weight_utils.safetensors_weights_iterator`` and
+``buffered_multi_thread_safetensors_weights_iterator``. ``HookRegistry.apply_hooks()`` sets the
+module attribute and also rebinds every ``from weight_utils import ...`` copy already imported
+(``sglang.srt.model_loader.loader`` holds one), so ``DefaultModelLoader`` reaches ours. Why hooks
+rather than a loader class passed as ``load_format``: SGLang's ``LoadFormat`` enum refuses a new
+name, so a class could only be given from Python (``Engine(load_format=Cls)``), never from
+``launch_server``'s command line; and the hooks keep everything else of SGLang's own loading
+(finding and downloading the files, the index filter, ``SGLANG_SORT_WEIGHT_FILES``, MTP/draft
+filters, ``--model-loader-extra-config``, quantization and post-processing) with only the file
+reads swapped, for every loader that reads through these two functions.
+
+What the hooked iterators yield, against SGLang 0.5.23's own:
+
+- the same ``(name, tensor)`` pairs, files in the order given, each file's tensors in sorted
+  name order (what ``safe_open(...).keys()`` and ``sorted(state_dict)`` give SGLang), the
+  checkpoint's stored dtype, contiguous, on the CPU;
+- every argument of both functions: ``disable_mmap`` (we never map files, so it changes
+  nothing), ``prefetch`` and ``prefetch_num_threads`` (SGLang's own page-cache prefetch thread,
+  split across local ranks as SGLang does; skipped when ``disable_mmap`` is set, as SGLang skips
+  it, or when reading with ``direct``, which bypasses the page cache), ``drop_cache_after_load``
+  (SGLang's own ``posix_fadvise(DONTNEED)`` after each file; safe here since our tensors own
+  their memory) and ``max_workers`` (checked to be a positive int as SGLang's thread pool does;
+  not used: weightstream reads each file with its own reader threads, see ``threads``).
+  :func:`register` checks that this SGLang's signatures are the ones supported; if not, it
+  raises and SGLang (which logs a failing plugin and goes on) keeps its own iterators.
+
+Memory: one file at a time, at most ``window`` bytes loaded ahead of what SGLang still holds,
+plus the tensors that arrive ahead of their turn in name order. Files written by safetensors
+(``save_file``, ``save_pretrained``) store tensors by dtype, then by name, so a single-dtype file
+holds none back; in a mixed-dtype file the tensors of the dtypes stored first wait (copied out of
+the stream's buffer, so each costs its own size) until their names come up: at worst one file,
+still less than SGLang's default multi-threaded iterator, which holds ``max_workers + 2`` whole
+files. ``"order": "file"`` yields in file order instead: nothing waits, memory stays within the
+window, and the pairs are the same (only their order differs).
+
+Options: ``WEIGHTSTREAM_SGLANG_OPTIONS``, a JSON object (every key optional), read when the
+iterator is called:
+
+=================  ===================================================================
+``window``         bytes loaded ahead (default ``"1GiB"``, or the file's largest
+                   tensor if that is more); at least the largest tensor.
+``staging``        size of each staging buffer (``"4MiB"``; default per target).
+``staging_count``  number of staging buffers (default 8).
+``threads``        reader threads (default: the read engine's).
+``io``             ``"auto"``, ``"pread"`` or ``"uring"``.
+``direct``         read with O_DIRECT, past the page cache (default false).
+``order``          ``"name"`` (default: SGLang's order) or ``"file"`` (see above).
+=================  ===================================================================
+
+An unknown key or a bad value raises :class:`~weightstream.UsageError` naming it, and stops the
+load (the plugin was asked for: it does not quietly fall back).
+
+Example (in-process, as the tests do)::
+
+    >>> import os; os.environ["WEIGHTSTREAM_SGLANG"] = "1"                   # doctest: +SKIP
+    >>> from sglang.srt.plugins import load_plugins                          # doctest: +SKIP
+    >>> load_plugins()                                                       # doctest: +SKIP
+    >>> from sglang.srt.model_loader import weight_utils                     # doctest: +SKIP
+    >>> for name, t in weight_utils.safetensors_weights_iterator(files):    # doctest: +SKIP
+    ...     params[name].data.copy_(t)
+"""
+
+import inspect
+import json
+import logging
+import os
+
+from . import _options as O
+from ._errors import FormatError, UsageError
+from ._loader import Loader
+
+logger = logging.getLogger(__name__)
+
+#: Turns the plugin on (``1``/``true``/``yes``/``on``) or off (``0``/``false``/``no``/``off``).
+ENV_ENABLE = "WEIGHTSTREAM_SGLANG"
+#: A JSON object of options (see the module's documentation).
+ENV_OPTIONS = "WEIGHTSTREAM_SGLANG_OPTIONS"
+#: The entry point's name under ``sglang.srt.plugins``, as ``SGLANG_PLUGINS`` names it.
+PLUGIN_NAME = "weightstream"
+
+WEIGHT_UTILS = "sglang.srt.model_loader.weight_utils"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_OPTION_KEYS = ("window", "staging", "staging_count", "threads", "io", "direct", "order")
+_ORDERS = ("name", "file")
+_DEFAULT_WINDOW = 1 << 30
+
+
+def enabled(environ=None):
+    """Whether the plugin is asked for: ``WEIGHTSTREAM_SGLANG`` if it is set (not empty), else
+    whether ``SGLANG_PLUGINS`` names ``weightstream``.
+
+    Example::
+
+        >>> enabled({"SGLANG_PLUGINS": "foo, weightstream"})
+        True
+        >>> enabled({"WEIGHTSTREAM_SGLANG": "0", "SGLANG_PLUGINS": "weightstream"})
+        False
+        >>> enabled({})
+        False
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_ENABLE, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    if raw:
+        raise UsageError(
+            f"{ENV_ENABLE}={env.get(ENV_ENABLE)!r}: expected one of {', '.join(_TRUE)} (on) or "
+            f"{', '.join(_FALSE)} (off)"
+        )
+    # The same parsing as SGLang's own whitelist (sglang.srt.plugins.load_plugins_by_group).
+    allowed = {x.strip() for x in env.get("SGLANG_PLUGINS", "").split(",") if x.strip()}
+    return PLUGIN_NAME in allowed
+
+
+class _Options:
+    """Parsed ``WEIGHTSTREAM_SGLANG_OPTIONS``."""
+
+    def __init__(self, window, order, loader):
+        self.window = window
+        self.order = order
+        self.loader = loader
+
+
+def parse_options(text):
+    """Parse the ``WEIGHTSTREAM_SGLANG_OPTIONS`` JSON text (``None`` or empty: the defaults);
+    a bad key or value raises :class:`~weightstream.UsageError` naming it.
+
+    Example::
+
+        >>> parse_options('{"window": "256MiB", "order": "file"}').window
+        268435456
+        >>> parse_options('{"windw": 1}')
+        Traceback (most recent call last):
+        ...
+        weightstream._errors.UsageError: WEIGHTSTREAM_SGLANG_OPTIONS: unknown key 'windw'; valid keys: window, staging, staging_count, threads, io, direct, order
+    """
+    if text is None or not text.strip():
+        raw = {}
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{ENV_OPTIONS}: not JSON ({e}): {text!r}") from None
+        if not isinstance(raw, dict):
+            raise UsageError(f"{ENV_OPTIONS}: expected a JSON object, got {text!r}")
+    for key in raw:
+        if key not in _OPTION_KEYS:
+            raise UsageError(f"{ENV_OPTIONS}: unknown key {key!r}; valid keys: {', '.join(_OPTION_KEYS)}")
+
+    def what(key):
+        return f"{ENV_OPTIONS}[{key!r}]"
+
+    window = None if raw.get("window") is None else O.size(raw["window"], what("window"))
+    order = raw.get("order", "name")
+    if order not in _ORDERS:
+        raise UsageError(f"{what('order')}: expected 'name' or 'file', got {order!r}")
+    direct = raw.get("direct", False)
+    if not isinstance(direct, bool):
+        raise UsageError(f"{what('direct')}: expected true or false, got {direct!r}")
+    io = raw.get("io")
+    if io is not None and io not in ("auto", "pread", "uring"):
+        raise UsageError(f"{what('io')}: expected 'auto', 'pread' or 'uring', got {io!r}")
+    loader = {
+        "staging": None if raw.get("staging") is None else O.size(raw["staging"], what("staging")),
+        "staging_count": O.count(raw.get("staging_count"), what("staging_count")),
+        "threads": O.count(raw.get("threads"), what("threads")),
+        "io": io,
+        "direct": direct,
+    }
+    return _Options(window, order, loader)
+
+
+def _weight_utils():
+    import importlib
+
+    return importlib.import_module(WEIGHT_UTILS)
+
+
+def _show_progress():
+    # SGLang's own iterators show their bar on rank 0 only.
+    import torch
+
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _file_in_name_order(loader, path, window):
+    """One file's ``(name, tensor)`` in sorted name order (SGLang's), streamed in file order:
+    a tensor that lands before its turn waits, copied out of its batch buffer (so that it does
+    not keep the whole buffer alive), until the names before it have gone."""
+    infos = loader.describe(path)
+    names = sorted(info[0] for info in infos)
+    expected = set(names)
+    if window is None:
+        window = max([_DEFAULT_WINDOW] + [info[4] for info in infos])
+    waiting = {}
+    turn = 0
+    stream = loader.iterate(path, window=window)
+    try:
+        for name, tensor in stream:
+            if name not in expected or name in waiting:
+                raise FormatError(f"{path}: tensor `{name}` was not in the header read first: did the file change during the load?")
+            if name != names[turn]:
+                waiting[name] = tensor.clone()
+                del tensor
+                continue
+            yield name, tensor
+            del tensor  # SGLang's copy alone keeps it alive
+            turn += 1
+            while turn < len(names) and names[turn] in waiting:
+                yield names[turn], waiting.pop(names[turn])
+                turn += 1
+    finally:
+        stream.close()
+    if turn != len(names):
+        raise FormatError(f"{path}: tensor `{names[turn]}` never came: did the file change during the load?")
+
+
+def _file_in_file_order(loader, path, window):
+    if window is None:
+        window = max([_DEFAULT_WINDOW] + [info[4] for info in loader.describe(path)])
+    yield from loader.iterate(path, window=window)
+
+
+def _iterate_files(files, opts, *, disable_mmap, prefetch, prefetch_num_threads, drop_cache_after_load, desc):
+    from tqdm.auto import tqdm
+
+    wu = _weight_utils()
+    files = [O.path(f) for f in files]
+    one_file = _file_in_name_order if opts.order == "name" else _file_in_file_order
+    prefetching = None
+    # SGLang prefetches only for its mmap path; a direct read would not use the page cache.
+    if prefetch and not disable_mmap and not opts.loader["direct"]:
+        prefetching = wu._prefetch_all_checkpoints(sorted(files), num_threads=prefetch_num_threads)
+    try:
+        loader = Loader("cpu", **opts.loader)
+        for path in tqdm(files, desc=desc, disable=not _show_progress()):
+            yield from one_file(loader, path, opts.window)
+            if drop_cache_after_load:
+                wu._drop_file_cache_after_load(path)
+    finally:
+        if prefetching is not None:
+            prefetching.stop()
+
+
+def safetensors_weights_iterator(
+    hf_weights_files,
+    disable_mmap=False,
+    prefetch=False,
+    prefetch_num_threads=4,
+    drop_cache_after_load=False,
+):
+    """SGLang's ``weight_utils.safetensors_weights_iterator``, read by weightstream: yields
+    ``(name, tensor)`` for every tensor of ``hf_weights_files`` (files in that order, names
+    sorted within each file), CPU tensors of the stored dtype. The options are read now (a bad
+    one raises here); the files are read as the iterator is consumed.
+
+    Example::
+
+        >>> for name, t in safetensors_weights_iterator(["model.safetensors"]):   # doctest: +SKIP
+        ...     params[name].data.copy_(t)
+    """
+    opts = parse_options(os.environ.get(ENV_OPTIONS))
+    return _iterate_files(
+        hf_weights_files,
+        opts,
+        disable_mmap=disable_mmap,
+        prefetch=prefetch,
+        prefetch_num_threads=prefetch_num_threads,
+        drop_cache_after_load=drop_cache_after_load,
+        desc="Loading safetensors checkpoint shards (weightstream)",
+    )
+
+
+def buffered_multi_thread_safetensors_weights_iterator(
+    hf_weights_files,
+    max_workers,
+    disable_mmap=False,
+    prefetch=False,
+    prefetch_num_threads=4,
+    drop_cache_after_load=False,
+):
+    """SGLang's ``weight_utils.buffered_multi_thread_safetensors_weights_iterator``, read by
+    weightstream: the same pairs in the same order as :func:`safetensors_weights_iterator`.
+    ``max_workers`` must be a positive int, as SGLang's thread pool requires; weightstream reads
+    one file at a time with its own reader threads, so memory is one window, not
+    ``max_workers + 2`` files.
+
+    Example::
+
+        >>> it = buffered_multi_thread_safetensors_weights_iterator(files, max_workers=8)  # doctest: +SKIP
+    """
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers <= 0:
+        raise UsageError(f"max_workers: expected a positive int, got {max_workers!r}")
+    opts = parse_options(os.environ.get(ENV_OPTIONS))
+    return _iterate_files(
+        hf_weights_files,
+        opts,
+        disable_mmap=disable_mmap,
+        prefetch=prefetch,
+        prefetch_num_threads=prefetch_num_threads,
+        drop_cache_after_load=drop_cache_after_load,
+        desc="Loading safetensors checkpoint shards (weightstream)",
+    )
+
+
+#: The SGLang functions replaced, by name in ``sglang.srt.model_loader.weight_utils``.
+HOOKS = {
+    "safetensors_weights_iterator": safetensors_weights_iterator,
+    "buffered_multi_thread_safetensors_weights_iterator": buffered_multi_thread_safetensors_weights_iterator,
+}
+
+
+def _check_signature(name, theirs, ours):
+    """Ours must take every parameter of theirs, in the same place, with the same default: a
+    newer SGLang that adds one is refused here rather than failing inside a load."""
+    sig_theirs = inspect.signature(theirs)
+    sig_ours = inspect.signature(ours)
+    ok = [(p.name, p.kind, p.default) for p in sig_theirs.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in sig_ours.parameters.values()
+    ]
+    if not ok:
+        raise UsageError(
+            f"weightstream's SGLang plugin supports {WEIGHT_UTILS}.{name}{sig_ours}, but this SGLang's "
+            f"is {name}{sig_theirs}: not hooking, SGLang keeps its own iterators (the tested range: "
+            'pip install "weightstream[sglang]")'
+        )
+
+
+def register():
+    """The ``sglang.srt.plugins`` entry point: when the plugin is asked for (see
+    :func:`enabled`), register REPLACE hooks of SGLang's two safetensors iterators with
+    ``HookRegistry``; SGLang's ``load_plugins()`` applies them right after. Otherwise it does
+    nothing.
+
+    Example::
+
+        >>> import os; os.environ["WEIGHTSTREAM_SGLANG"] = "1"      # doctest: +SKIP
+        >>> from sglang.srt.plugins import load_plugins              # doctest: +SKIP
+        >>> load_plugins()   # finds register() through the entry point, then applies the hooks  # doctest: +SKIP
+    """
+    if not enabled():
+        logger.debug("weightstream's SGLang plugin is off: set %s=1 or name it in SGLANG_PLUGINS", ENV_ENABLE)
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    wu = _weight_utils()
+    for name, ours in HOOKS.items():
+        _check_signature(name, getattr(wu, name), ours)
+    for name, ours in HOOKS.items():
+        HookRegistry.register(f"{WEIGHT_UTILS}.{name}", ours, HookType.REPLACE)
+    logger.info("weightstream reads SGLang's safetensors weights (%s)", ", ".join(HOOKS))
