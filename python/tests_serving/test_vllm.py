@@ -14,8 +14,11 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.pop("VLLM_PLUGINS", None)  # every plugin: ours must be found by its entry point
 
 import importlib.metadata
-import json
+import logging
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -182,10 +185,15 @@ def test_missing_tensor_fails_as_vllm_checks_it(dist, llama_dir, tmp_path):
     assert "model.layers.1.post_attention_layernorm.weight" in str(e.value)
 
 
-def test_progress_bar_and_log(dist, llama_dir, capfd):
+def test_progress_bar_and_log(dist, llama_dir, capfd, caplog):
+    caplog.set_level(logging.INFO, logger="vllm.weightstream")
     load(llama_dir, "weightstream", {"progress": True})
     err = capfd.readouterr().err
     assert "Loading safetensors checkpoint (weightstream): 100% Completed" in err
+    size = (llama_dir / "model.safetensors").stat().st_size
+    [line] = [r.getMessage() for r in caplog.records if r.name == "vllm.weightstream"]
+    assert line.startswith(f"weightstream: {size / 2**30:.2f} GiB from {llama_dir / 'model.safetensors'} to cpu in ")
+    assert line.endswith(" GiB/s)")
     load(llama_dir, "weightstream", {"progress": False})
     assert "Loading safetensors checkpoint (weightstream)" not in capfd.readouterr().err
 
@@ -239,3 +247,52 @@ def test_weights_files_of_another_format_are_refused(dist, llama_dir, tmp_path):
     torch.save(st_load_file(llama_dir / "model.safetensors"), d / "pytorch_model.bin")
     with pytest.raises(RuntimeError, match="Cannot find any model weights"):
         load(d, "weightstream")
+
+
+# In a child process: the Hub's offline mode and cache location are read when huggingface_hub
+# is imported.
+_HF_SCRIPT = textwrap.dedent(
+    """
+    import os, socket, sys
+    import torch, vllm.plugins
+    from vllm.config import DeviceConfig, LoadConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.model_executor.model_loader import get_model_loader
+
+    vllm.plugins.load_general_plugins()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    models = {}
+    for fmt in ["safetensors", "weightstream"]:
+        mc = ModelConfig(model="ws-test/tiny-llama", skip_tokenizer_init=True, dtype="float32", enforce_eager=True)
+        lc = LoadConfig(load_format=fmt)
+        vc = VllmConfig(model_config=mc, load_config=lc, device_config=DeviceConfig(device="cpu"))
+        with set_current_vllm_config(vc):
+            if not models:
+                init_distributed_environment(world_size=1, rank=0, local_rank=0,
+                    distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+                initialize_model_parallel(1, 1)
+            loader = get_model_loader(lc)
+            loader.download_model(mc)
+            models[fmt] = dict(loader.load_model(vllm_config=vc, model_config=mc).named_parameters())
+    a, b = models["safetensors"], models["weightstream"]
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)), k
+    print("EQUAL", len(a))
+    """
+)
+
+
+def test_hf_repo_id_from_the_hub_cache_equals_safetensors(tmp_path):
+    # An HF repo id, resolved by vLLM's own download code (offline, from a Hub cache laid out
+    # as huggingface_hub writes it: refs/main -> snapshots/<rev>), sharded with an index.
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--ws-test--tiny-llama"
+    save_llama(repo / "snapshots" / rev, seed=3, max_shard_size="100KB")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "VLLM_PLUGINS": "weightstream"}
+    out = subprocess.run([sys.executable, "-c", _HF_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "EQUAL" in out.stdout
