@@ -175,6 +175,9 @@ def test_numpy_every_dtype_together_same_bytes_and_alignment(metadata, tmp_path)
     for i, (code, dt) in enumerate(reversed(list(NP_DTYPES.items()))):
         d[f"layer.{(i * 7) % 19}.{code.lower()}"] = random_np(dt, (3, 1 + i % 3))
         d[f"b{i}"] = random_np(dt, ())
+    # Names that sort differently by UTF-16 unit, by byte and by code point in some libraries.
+    for name in ["", "\U0001f600", "\uffff", "é", "Z", "_"]:
+        d[name] = random_np(np.int8, (2,))
     ours = _save.save(d, metadata=metadata)
     assert ours == st_np.save(d, metadata=metadata)
     check_round_trip(ours, d)
@@ -611,3 +614,32 @@ def test_drop_in_modules_write_and_read_back(tmp_path):
     for k, v in n.items():
         assert back[k].dtype == v.dtype and back[k].tobytes() == v.tobytes(), k
     assert ws.WeightstreamError is WeightstreamError
+
+
+# ------------------------------------------------------------------------------------------
+# The extension's own checks, which the Python layer never trips: each raises a typed error.
+
+
+def test_raw_writer_refuses_bad_items(tmp_path):
+    from weightstream import _weightstream as raw
+
+    ok = raw.save_bytes([("a", "U8", [3], b"abc")])
+    assert parse(ok)[1] == {"a": ("U8", [3], b"abc")}
+    cases = {
+        "wrong length": ([("a", "F32", [2], b"abcd")], "4 bytes given for F32 [2], which takes 8"),
+        "unknown dtype": ([("a", "F128", [1], b"a" * 16)], "unknown dtype `F128`"),
+        "not whole bytes": ([("a", "F4", [3], b"ab")], "does not fill whole bytes"),
+        "twice": ([("a", "U8", [1], b"a"), ("a", "U8", [1], b"b")], "given twice"),
+        "not contiguous": ([("a", "F64", [2], np.arange(4.0)[::2])], "not contiguous"),
+    }
+    for what, (items, message) in cases.items():
+        with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            raw.save_bytes(items)
+        with pytest.raises(UsageError):
+            raw.save_file(items, str(tmp_path / "x.safetensors"))
+    with pytest.raises(TypeError, match="DLPack"):
+        raw.save_bytes([("a", "U8", [3], [1, 2, 3])])
+    assert os.listdir(tmp_path) == []
+    # A DLPack object is read as it lies, whatever its dtype: 2 float64 = 16 bytes of U8.
+    arr = np.array([1.0, 2.0])
+    assert parse(raw.save_bytes([("a", "U8", [16], arr)]))[1]["a"][2] == arr.tobytes()
