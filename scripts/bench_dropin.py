@@ -11,6 +11,9 @@ the ratio is ours / theirs (below 1: weightstream is faster). Two times per load
 - ``load+touch``: the call, then one byte of every 4 KiB page of every tensor read, so that a
   mapping's page faults are paid where its reads happen.
 
+A fifth row, ``weightstream (Rust)``, is the Rust load alone (no numpy/torch objects): the drop-in
+layer's own cost is the difference.
+
 Usage::
 
     .venv/bin/python scripts/bench_dropin.py --size-gib 1.5 --rounds 5 [--path /tmp/x.safetensors]
@@ -100,7 +103,16 @@ def main():
         while f.read(64 << 20):
             pass
 
+    import weightstream as ws
+    from weightstream import _options
+
+    raw_loader = ws.Loader()
+
+    def rust_only():  # the Rust load alone, no framework: what the drop-in layer adds on top
+        return {t.name: t for t in raw_loader._raw.load(args.path, _options.opts())}
+
     loaders = {
+        "weightstream (Rust)": rust_only,
         "weightstream.numpy": lambda: ws_np.load_file(args.path),
         "safetensors.numpy": lambda: st_np.load_file(args.path),
         "weightstream.torch": lambda: ws_pt.load_file(args.path),
@@ -116,7 +128,7 @@ def main():
             t0 = time.perf_counter()
             out = loaders[n]()
             t1 = time.perf_counter()
-            checks[n] = touch(out)
+            checks[n] = touch(out) if n != "weightstream (Rust)" else None
             t2 = time.perf_counter()
             del out
             gc.collect()
@@ -129,7 +141,8 @@ def main():
     print(f"{'loader':<22}{'load':>10}{'GB/s':>8}{'load+touch':>13}")
     med = {n: {k: statistics.median(v) for k, v in times[n].items()} for n in names}
     for n in names:
-        print(f"{n:<22}{med[n]['load']:>10.3f}{size / med[n]['load'] / 1e9:>8.2f}{med[n]['load+touch']:>13.3f}")
+        touched = f"{med[n]['load+touch']:>13.3f}" if checks[n] is not None else f"{'-':>13}"
+        print(f"{n:<22}{med[n]['load']:>10.3f}{size / med[n]['load'] / 1e9:>8.2f}{touched}")
     for fw in ("numpy", "torch"):
         o, t = med[f"weightstream.{fw}"], med[f"safetensors.{fw}"]
         print(

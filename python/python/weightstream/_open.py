@@ -49,18 +49,10 @@ class safe_open:
     _single_file = False  # the drop-in modules' subclass reads one file, as safetensors does
 
     def __init__(self, filename, framework, device="cpu", *, backend="mmap", storage_options=None):
-        # Arguments are checked before the file, in safetensors' order: a bad framework, device
-        # or backend is reported even for a missing file.
-        framework = O.framework(framework)
-        device = O.device("cpu" if device is None else device)
-        O.backend(backend)
-        self._path = path = O.path(filename)
-        check_path(path, self._single_file, f"{type(self).__module__}.safe_open")
-        if storage_options is None:
-            self._loader = _default_loader(device)  # shared per device: one staging ring
-        else:
-            self._loader = Loader(device, storage_options=storage_options)
-        self._framework = self._loader._framework(framework)
+        self._path, self._loader, self._framework = _opened(
+            filename, framework, device, backend, storage_options, self._single_file, f"{type(self).__module__}.safe_open"
+        )
+        path = self._path
         self._conv = converter(self._framework)
         self._infos = {t[0]: t for t in self._loader.describe(path)}
         self._metadata = _metadata(path, self._loader._storage_options)
@@ -116,6 +108,29 @@ class safe_open:
         """A lazy view of ``name``: ``get_shape()``, ``get_dtype()``, and ``[...]`` loads only
         what it covers. It stays usable after the handle is closed, as safetensors' does."""
         return _Slice(self, self._info(name))
+
+
+def _opened(filename, framework, device, backend, storage_options, single_file, what):
+    """``(path, loader, framework)`` for safetensors' arguments, checked in safetensors' order:
+    the framework, device and backend before the file (a bad one is reported even for a missing
+    file), then the file, then whether the framework loads to that device."""
+    framework = O.framework(framework)
+    device = O.device("cpu" if device is None else device)
+    O.backend(backend)
+    path = O.path(filename)
+    check_path(path, single_file, what)
+    if storage_options is None:
+        loader = _default_loader(device)  # shared per device: one staging ring
+    else:
+        loader = Loader(device, storage_options=storage_options)
+    return path, loader, loader._framework(framework)
+
+
+def load_file_as_safetensors(filename, framework, device, backend, what):
+    """The drop-ins' ``load_file``: what ``safe_open(...).get_tensors()`` returns, with the
+    same argument checks, in one load (no handle: the header is parsed once)."""
+    path, loader, framework = _opened(filename, framework, device, backend, None, True, what)
+    return loader.load(path, framework=framework)
 
 
 def _load_one(loader, path, conv, name, slice_=None):

@@ -52,8 +52,7 @@ def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Di
         >>> from weightstream.numpy import load_file
         >>> loaded = load_file("./my_folder/bert.safetensors")    # doctest: +SKIP
     """
-    with safe_open(filename, framework="np", backend=backend) as f:
-        return f.get_tensors()
+    return _open.load_file_as_safetensors(filename, "np", "cpu", backend, "weightstream.numpy.load_file")
 
 
 def load(data: bytes) -> Dict[str, np.ndarray]:

@@ -54,8 +54,7 @@ def load_file(filename: Union[str, os.PathLike], device: Union[str, int] = "cpu"
         >>> from weightstream.torch import load_file
         >>> loaded = load_file("./my_folder/bert.safetensors")    # doctest: +SKIP
     """
-    with safe_open(filename, framework="pt", device=device, backend=backend) as f:
-        return f.get_tensors()
+    return _open.load_file_as_safetensors(filename, "pt", device, backend, "weightstream.torch.load_file")
 
 
 def load(data: bytes) -> Dict[str, torch.Tensor]:
