@@ -743,3 +743,24 @@ def test_loaded_memory_outlives_everything(files):
     gc.collect()
     same(t, st_pt.load_file(p)["z.weight"])
     same(a, st_np.load_file(p)["z.weight"])
+
+
+def test_savers_are_the_writers_and_safetensors_reads_them(tmp_path):
+    """save/save_file/save_model of the drop-ins write through weightstream._save; safetensors
+    reads back what was saved (the writer's own tests compare its bytes)."""
+    tensors = {"w": random_tensor("bfloat16", (3, 4), 7), "b": random_tensor("float32", (4,), 8)}
+    same_dict(st_pt.load(ws_pt.save(tensors, metadata={"format": "pt"})), tensors, ordered=False)
+    ws_pt.save_file(tensors, tmp_path / "t.safetensors")
+    same_dict(st_pt.load_file(tmp_path / "t.safetensors"), tensors, ordered=False)
+    arrays = {"a": np.arange(6, dtype=np.int16).reshape(2, 3)}
+    same_dict(st_np.load(ws_np.save(arrays)), arrays)
+    ws_np.save_file(arrays, tmp_path / "a.safetensors", metadata={"k": "v"})
+    with safetensors.safe_open(tmp_path / "a.safetensors", "np") as f:
+        assert f.metadata() == {"k": "v"}
+        same(f.get_tensor("a"), arrays["a"])
+    model = fresh(9)
+    ws_pt.save_model(model, tmp_path / "m.safetensors")
+    theirs, ours = fresh(10), fresh(10)
+    assert st_pt.load_model(theirs, tmp_path / "m.safetensors") == ws_pt.load_model(ours, tmp_path / "m.safetensors") == (set(), [])
+    for a, b in zip(ours.state_dict().values(), model.state_dict().values()):
+        same(a, b)

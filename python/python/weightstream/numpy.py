@@ -70,12 +70,10 @@ def load(data: bytes) -> Dict[str, np.ndarray]:
 
 
 def _writer(name):
-    """The writer's function ``name`` from ``weightstream._save``, imported when first used so
-    that reading never needs it."""
-    try:
-        from . import _save
-    except ImportError as e:  # TODO(writer): remove once weightstream/_save.py has landed
-        raise NotImplementedError(f"weightstream.numpy.{name}: weightstream's format writer (_save.py) is not in this build") from e
+    """The writer's function ``name`` (``weightstream._save``), imported when first used: reading
+    never needs it."""
+    from . import _save
+
     return getattr(_save, name)
 
 

@@ -19,7 +19,6 @@ Differences from safetensors, each deliberate, are listed in ``python/tests/test
 """
 
 import os
-from collections import defaultdict
 from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch  # the real torch: absolute import, this module is weightstream.torch
@@ -93,9 +92,14 @@ def load_model(
         >>> model = torch.nn.Linear(4, 4)
         >>> missing, unexpected = st.load_model(model, "linear.safetensors")   # doctest: +SKIP
     """
+    # Which of the model's names share memory and which one of each group the file holds: the
+    # writer's port of safetensors' rules, so that load_model and save_model agree with each
+    # other and with files safetensors wrote.
+    from ._save import remove_duplicate_names
+
     state_dict = load_file(filename, device=device, backend=backend)
     model_state_dict = model.state_dict()
-    to_removes = _remove_duplicate_names(model_state_dict, preferred_names=state_dict.keys())
+    to_removes = remove_duplicate_names(model_state_dict, preferred_names=state_dict.keys())
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = set(missing)
     for to_remove_group in to_removes.values():
@@ -116,106 +120,25 @@ def load_model(
     return missing, unexpected
 
 
-# Which of a model's names share memory, and which one of each group a file holds: the rules of
-# safetensors.torch (Apache-2.0), kept identical so that load_model and save_model agree with
-# files safetensors wrote and with safetensors' own load_model.
-
-
 def storage_ptr(tensor: torch.Tensor) -> int:
     """The address of ``tensor``'s storage (0 for a tensor without one), as safetensors.torch's."""
-    try:
-        return tensor.untyped_storage().data_ptr()
-    except Exception:  # storage-less tensors (meta, some subclasses)
-        return 0
+    from ._save import _storage_ptr
+
+    return _storage_ptr(tensor)
 
 
 def storage_size(tensor: torch.Tensor) -> int:
     """The bytes of ``tensor``'s storage, as safetensors.torch's."""
-    try:
-        return tensor.untyped_storage().nbytes()
-    except Exception:
-        return tensor.nelement() * tensor.element_size()
+    from ._save import _storage_size
 
-
-def _end_ptr(tensor: torch.Tensor) -> int:
-    if tensor.nelement():
-        return tensor.view(-1)[-1].data_ptr() + tensor.element_size()
-    return tensor.data_ptr()
-
-
-def _filter_shared_not_shared(tensors: List[Set[str]], state_dict: Dict[str, torch.Tensor]) -> List[Set[str]]:
-    """Names on one storage that do not overlap in it are not shared: split them apart."""
-    filtered = []
-    for shared in tensors:
-        if len(shared) < 2:
-            filtered.append(shared)
-            continue
-        areas = sorted((state_dict[name].data_ptr(), _end_ptr(state_dict[name]), name) for name in shared)
-        _, last_stop, last_name = areas[0]
-        filtered.append({last_name})
-        for start, stop, name in areas[1:]:
-            if start >= last_stop:
-                filtered.append({name})
-            else:
-                filtered[-1].add(name)
-            last_stop = stop
-    return filtered
-
-
-def _find_shared_tensors(state_dict: Dict[str, torch.Tensor]) -> List[Set[str]]:
-    tensors = defaultdict(set)
-    for k, v in state_dict.items():
-        if v.device != torch.device("meta") and storage_ptr(v) != 0 and storage_size(v) != 0:
-            # The device is part of the key: two GPUs may hand out the same address.
-            tensors[(v.device, storage_ptr(v), storage_size(v))].add(k)
-    return _filter_shared_not_shared(list(sorted(tensors.values())), state_dict)
-
-
-def _is_complete(tensor: torch.Tensor) -> bool:
-    return tensor.data_ptr() == storage_ptr(tensor) and tensor.nelement() * tensor.element_size() == storage_size(tensor)
-
-
-def _remove_duplicate_names(
-    state_dict: Dict[str, torch.Tensor],
-    *,
-    preferred_names: Optional[List[str]] = None,
-    discard_names: Optional[List[str]] = None,
-) -> Dict[str, List[str]]:
-    """``{kept name: [names sharing its memory, dropped]}``: the kept name covers its whole
-    storage, the preferred (the file's) names first, else the first in sorted order."""
-    preferred_names = set(preferred_names or [])
-    discard_names = set(discard_names or [])
-    to_remove = defaultdict(list)
-    for shared in _find_shared_tensors(state_dict):
-        complete_names = {name for name in shared if _is_complete(state_dict[name])}
-        if not complete_names:
-            raise RuntimeError(
-                "Error while trying to find names to remove to save state dict, but found no suitable name to keep"
-                f" for saving amongst: {shared}. None is covering the entire storage. Refusing to save/load the model"
-                " since you could be storing much more memory than needed. Please refer to"
-                " https://huggingface.co/docs/safetensors/torch_shared_tensors for more information."
-            )
-        keep_name = sorted(complete_names)[0]
-        preferred = complete_names.difference(discard_names)
-        if preferred:
-            keep_name = sorted(preferred)[0]
-        if preferred_names:
-            preferred = preferred_names.intersection(complete_names)
-            if preferred:
-                keep_name = sorted(preferred)[0]
-        for name in sorted(shared):
-            if name != keep_name:
-                to_remove[keep_name].append(name)
-    return to_remove
+    return _storage_size(tensor)
 
 
 def _writer(name):
-    """The writer's function ``name`` from ``weightstream._save``, imported when first used so
-    that reading never needs it."""
-    try:
-        from . import _save
-    except ImportError as e:  # TODO(writer): remove once weightstream/_save.py has landed
-        raise NotImplementedError(f"weightstream.torch.{name}: weightstream's format writer (_save.py) is not in this build") from e
+    """The writer's function ``name`` (``weightstream._save``), imported when first used: reading
+    never needs it."""
+    from . import _save
+
     return getattr(_save, name)
 
 
@@ -227,7 +150,7 @@ def save_file(tensors: Dict[str, torch.Tensor], filename: Union[str, os.PathLike
 
         >>> save_file({"w": torch.zeros(2, 2)}, "model.safetensors")   # doctest: +SKIP
     """
-    return _writer("save_file")(tensors, filename, metadata=metadata)
+    return _writer("save_file_torch")(tensors, filename, metadata=metadata)
 
 
 def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
@@ -237,7 +160,7 @@ def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = 
 
         >>> data = save({"w": torch.zeros(2, 2)})   # doctest: +SKIP
     """
-    return _writer("save")(tensors, metadata=metadata)
+    return _writer("save_torch")(tensors, metadata=metadata)
 
 
 def save_model(model: torch.nn.Module, filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None, force_contiguous: bool = True) -> None:
