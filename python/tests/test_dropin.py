@@ -12,7 +12,9 @@ deliberate, each listed in DELIBERATE below and asserted as the documented behav
 - ``get_slice`` follows numpy basic indexing: negative steps work (torch and safetensors refuse
   them), ``None`` adds an axis with ``"np"`` too, and a bool index is a mask (numpy's and torch's
   reading; safetensors' ``"np"`` reads ``True`` as 1);
-- a header naming a tensor twice is refused (safetensors keeps the last);
+- a header naming a tensor twice is refused (safetensors keeps the last), and so is one past
+  weightstream's limits (rank over 16, over a million tensors, over 65,536 metadata keys), which
+  safetensors reads;
 - ``load(bytes)`` returns tensors in file order (safetensors' order is its hash map's) and takes
   any bytes-like object (safetensors takes ``bytes`` only);
 - ``device`` may be a ``torch.device`` (safetensors refuses one); ``"cuda"`` without a GPU fails
@@ -764,3 +766,29 @@ def test_savers_are_the_writers_and_safetensors_reads_them(tmp_path):
     assert st_pt.load_model(theirs, tmp_path / "m.safetensors") == ws_pt.load_model(ours, tmp_path / "m.safetensors") == (set(), [])
     for a, b in zip(ours.state_dict().values(), model.state_dict().values()):
         same(a, b)
+
+
+def hostile_cases():
+    from test_hostile import FILES
+
+    return FILES
+
+
+# DELIBERATE: files safetensors reads that weightstream refuses (ambiguous or past its limits).
+REFUSED_ON_PURPOSE = {"duplicate_names", "rank_over_limit"}
+
+
+@pytest.mark.parametrize("case", sorted(hostile_cases()))
+def test_hostile_bytes_raise_typed_errors(case):
+    """The malformed files of test_hostile.py, as bytes: our load(bytes) goes through the same
+    validated parser and raises a WeightstreamError naming ``<bytes>``, an instance of the class
+    safetensors raises."""
+    data = hostile_cases()[case]
+    for ours_fn, theirs_fn in ((ws_np.load, st_np.load), (ws_pt.load, st_pt.load)):
+        o, t = outcome(lambda: ours_fn(data)), outcome(lambda: theirs_fn(data))
+        assert o[0] == "err" and isinstance(o[1], ws.WeightstreamError), o
+        assert "<bytes>" in str(o[1]) and "/proc/self/fd" not in str(o[1]), str(o[1])
+        if t[0] == "ok":
+            assert case in REFUSED_ON_PURPOSE and isinstance(o[1], ws.FormatError), (case, o)
+        elif isinstance(t[1], safetensors.SafetensorError):
+            same_outcome(o, t)
