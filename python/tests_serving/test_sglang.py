@@ -336,6 +336,14 @@ def test_same_pairs_as_sglangs_own(fresh_sglang, files, name, kwargs):
     assert_same_pairs(ours, theirs)
 
 
+def test_a_file_without_tensors(fresh_sglang, tmp_path, mixed_files):
+    empty = _write(tmp_path / "empty.safetensors", {})
+    files = [empty, mixed_files[1], empty]
+    for name in TARGETS:
+        kw = {"max_workers": 2} if name.startswith("buffered") else {}
+        assert_same_pairs(list(ws_sglang.HOOKS[name](files, **kw)), list(ORIGINAL[name](files, **kw)))
+
+
 def test_same_pairs_through_the_hooks(fresh_sglang, monkeypatch, mixed_files, llama_f32_sharded):
     """What DefaultModelLoader calls after load_plugins(): the loader module's names."""
     monkeypatch.setenv("WEIGHTSTREAM_SGLANG", "1")

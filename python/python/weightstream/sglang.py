@@ -11,6 +11,9 @@ package never changes SGLang by itself:
 - ``WEIGHTSTREAM_SGLANG=0`` (or ``false``/``no``/``off``) keeps it off even then. Any other value
   is a :class:`~weightstream.UsageError`.
 
+When ``SGLANG_PLUGINS`` is set and does not name ``weightstream``, SGLang never loads our entry
+point, whatever ``WEIGHTSTREAM_SGLANG`` says.
+
 Usage (one line)::
 
     WEIGHTSTREAM_SGLANG=1 python -m sglang.launch_server --model-path MODEL
@@ -53,6 +56,15 @@ the stream's buffer, so each costs its own size) until their names come up: at w
 still less than SGLang's default multi-threaded iterator, which holds ``max_workers + 2`` whole
 files. ``"order": "file"`` yields in file order instead: nothing waits, memory stays within the
 window, and the pairs are the same (only their order differs).
+
+Speed: on the CPU, SGLang's own iterators hand out lazy views of a memory map, so a warm load's
+one copy is the model's own ``copy_`` out of the page cache; ours reads each tensor into memory
+first, which costs a second copy (warm loads of a CPU model took about 1.5x to 2x SGLang's time
+on our busy 2-core VM). What ours brings is no memory map (a file truncated or replaced under a
+load is an error naming it, not a SIGBUS), memory bounded by the window rather than
+``max_workers + 2`` files, and large parallel or O_DIRECT reads for cold storage. Yielding the
+tensors on the GPU, where streaming pays most, is not what SGLang's two iterators do and is left
+for later.
 
 Options: ``WEIGHTSTREAM_SGLANG_OPTIONS``, a JSON object (every key optional), read when the
 iterator is called:
@@ -257,7 +269,9 @@ def _iterate_files(files, opts, *, disable_mmap, prefetch, prefetch_num_threads,
         prefetching = wu._prefetch_all_checkpoints(sorted(files), num_threads=prefetch_num_threads)
     try:
         loader = Loader("cpu", **opts.loader)
-        for path in tqdm(files, desc=desc, disable=not _show_progress()):
+        # SGLang's bar: its format, on rank 0 only.
+        bar = tqdm(files, desc=desc, disable=not _show_progress(), bar_format=getattr(wu, "BAR_FORMAT", None))
+        for path in bar:
             yield from one_file(loader, path, opts.window)
             if drop_cache_after_load:
                 wu._drop_file_cache_after_load(path)
