@@ -27,7 +27,7 @@ fi
 echo "== .venv-serving: vLLM 0.34.0 and SGLang 0.5.23 on torch 2.14.0, transformers 5.19.0"
 [ -x .venv-serving/bin/python ] || python3 -m venv .venv-serving
 S=.venv-serving/bin/pip
-if ! .venv-serving/bin/python -c 'import torch, transformers, vllm, sglang, moto' 2>/dev/null; then
+if ! .venv-serving/bin/python -c 'import torch, transformers, vllm, sglang, moto, openai, partial_json_parser' 2>/dev/null; then
   $S install $PIP torch==2.14.0 torchvision==0.29.0 transformers==5.19.0 safetensors numpy ml_dtypes pytest maturin "moto[server]"
   # vLLM's model loaders and model classes import these; its compiled CPU extension does not
   # load on PyPI's torch, and loading does not need it.
@@ -36,7 +36,9 @@ if ! .venv-serving/bin/python -c 'import torch, transformers, vllm, sglang, moto
     cloudpickle uvloop py-cpuinfo prometheus_client "llguidance<1.8" xgrammar==0.2.8 einops \
     compressed-tensors==0.17.0
   $S install $PIP --no-deps sglang==0.5.23
+  # SGLang's initialize_model_parallel imports its OpenAI protocol: openai (SGLang pins 2.8.0,
+  # vLLM wants >= 2.25; SGLang's imports work with the newer one) and partial_json_parser.
   $S install $PIP orjson pybase64 requests pillow starlette msgspec pyzmq IPython aiohttp dill \
-    apache-tvm-ffi==0.1.11 sentencepiece gguf
+    apache-tvm-ffi==0.1.11 sentencepiece gguf "openai>=2.25" partial_json_parser
 fi
 .venv-serving/bin/python -c 'import torch, transformers, vllm, sglang; print("torch", torch.__version__, "transformers", transformers.__version__, "vllm", vllm.__version__, "sglang", sglang.__version__)'
