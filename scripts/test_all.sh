@@ -49,5 +49,8 @@ echo "== python tests: the package, the safetensors drop-in and the torch tier (
 echo "== python tests: transformers at the version vLLM and SGLang pin (.venv-serving: transformers 5.19)"
 .venv-serving/bin/python -m pytest -q -rfEs python/tests/test_transformers.py
 
-echo "== python tests: the vLLM and SGLang tiers (.venv-serving; a missing framework fails)"
-.venv-serving/bin/python -m pytest -q -rfEs python/tests_serving
+# Each tier in its own process: importing SGLang imports vLLM and fixes vLLM's platform.
+echo "== python tests: the vLLM tier (.venv-serving; a missing vLLM fails)"
+.venv-serving/bin/python -m pytest -q -rfEs python/tests_serving/test_vllm.py
+echo "== python tests: the SGLang tier (.venv-serving; a missing SGLang fails)"
+.venv-serving/bin/python -m pytest -q -rfEs python/tests_serving/test_sglang.py
