@@ -138,11 +138,12 @@ def main():
     assert checks["weightstream.numpy"] == checks["safetensors.numpy"] == checks["weightstream.torch"] == checks["safetensors.torch"]
 
     print(f"\nfile: {args.path}, {size / (1 << 30):.2f} GiB, warm cache, {args.rounds} rounds, medians (s)")
-    print(f"{'loader':<22}{'load':>10}{'GB/s':>8}{'load+touch':>13}")
+    print(f"{'loader':<22}{'load':>10}{'(min-max)':>16}{'GB/s':>8}{'load+touch':>13}")
     med = {n: {k: statistics.median(v) for k, v in times[n].items()} for n in names}
     for n in names:
         touched = f"{med[n]['load+touch']:>13.3f}" if checks[n] is not None else f"{'-':>13}"
-        print(f"{n:<22}{med[n]['load']:>10.3f}{size / med[n]['load'] / 1e9:>8.2f}{touched}")
+        spread = f"({min(times[n]['load']):.3f}-{max(times[n]['load']):.3f})"
+        print(f"{n:<22}{med[n]['load']:>10.3f}{spread:>16}{size / med[n]['load'] / 1e9:>8.2f}{touched}")
     for fw in ("numpy", "torch"):
         o, t = med[f"weightstream.{fw}"], med[f"safetensors.{fw}"]
         print(
