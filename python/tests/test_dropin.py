@@ -328,6 +328,12 @@ def test_f4_maps_to_torch_float4_x2_with_safetensors_shape(files):
         assert outcome(lambda: ref.get_slice("t")[1:3])[0] == "err"
         same(f.get_slice("t")[1:3], theirs["t"][1:3])
         same(f.get_slice("t")[..., 0], theirs["t"][..., 0])
+    # a shard of it: equal, or (a Rust layer without the packed export) a typed error naming it
+    kind, value = outcome(lambda: ws.load_file(p, shard=(1, 2), split={"t": 0})["t"])
+    if kind == "ok":
+        same(value, theirs["t"][2:4])
+    else:
+        assert isinstance(value, ws.UsageError) and "`t` is F4" in str(value), value
     # streamed: equal, or (a Rust layer without the packed export) a typed error naming it
     kind, value = outcome(lambda: dict(ws.Loader().iterate(p, window="1MiB")))
     if kind == "ok":

@@ -135,15 +135,19 @@ class Loader:
         """
         conv = converter(self._framework(framework))
         path = checked_path(path)
-        raws = self._raw.load(path, O.opts(dtype, only, shard, split))
-        return {t.name: self._convert(conv, t, path) for t in raws}
+        opts = O.opts(dtype, only, shard, split)
+        raws = self._raw.load(path, opts)
+        whole = not opts["split"]  # each tensor whole (a shard's part is not where the file has it)
+        return {t.name: self._convert(conv, t, path, whole) for t in raws}
 
-    def _convert(self, conv, t, path):
+    def _convert(self, conv, t, path, whole=True):
         """``conv(t)``; a packed (F4) tensor that this build's Rust layer cannot export is read
-        from the file itself (see :meth:`_packed_from_file`)."""
+        from the file itself when it was loaded whole (see :meth:`_packed_from_file`)."""
         try:
             return conv(t)
         except PackedExportUnavailable:
+            if not whole:
+                raise
             return self._packed_from_file(path, t)
 
     def _packed_from_file(self, path, t):
