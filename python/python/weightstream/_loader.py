@@ -135,20 +135,20 @@ class Loader:
         """
         conv = converter(self._framework(framework))
         path = checked_path(path)
-        opts = O.opts(dtype, only, shard, split)
-        raws = self._raw.load(path, opts)
-        whole = not opts["split"]  # each tensor whole (a shard's part is not where the file has it)
-        return {t.name: self._convert(conv, t, path, whole) for t in raws}
+        raws = self._raw.load(path, O.opts(dtype, only, shard, split))
+        return {t.name: self._convert(conv, t, path) for t in raws}
 
-    def _convert(self, conv, t, path, whole=True):
+    def _convert(self, conv, t, path):
         """``conv(t)``; a packed (F4) tensor that this build's Rust layer cannot export is read
-        from the file itself when it was loaded whole (see :meth:`_packed_from_file`)."""
+        from the file itself, when it is a whole tensor of a single local file (see
+        :meth:`_packed_from_file`)."""
         try:
             return conv(t)
         except PackedExportUnavailable:
-            if not whole:
+            out = self._packed_from_file(path, t)
+            if out is None:
                 raise
-            return self._packed_from_file(path, t)
+            return out
 
     def _packed_from_file(self, path, t):
         """The torch tensor of packed tensor ``t`` of the single local file ``path``, its bytes
@@ -157,18 +157,20 @@ class Loader:
         ``8 + header length``, so its offset is the sum of the sizes before it.
 
         TODO(rust): drop this once ``Tensor.raw()`` exports F4/F6 as a 1-D uint8 array of their
-        bytes (``to_torch`` then takes that path for every source, remote and sharded too)."""
+        bytes (``to_torch`` then takes that path for every source, remote and sharded too).
+
+        None when ``t`` is not a whole tensor of a single local file (an index, a directory, a
+        URL, or a rank's part of a split tensor, which does not lie where the file has it)."""
         tdt, shape = torch_packed_dtype(t.name, t.dtype, t.shape)
         if is_remote(path) or path.endswith(".json") or not os.path.isfile(path):
-            raise UsageError(
-                f"tensor `{t.name}` is {t.dtype}: this build of weightstream loads packed tensors from a "
-                f"single local file only, not from {path}; load that shard's file"
-            )
-        offset = 0
-        for name, _, _, _, nbytes in self.describe(path):
+            return None
+        offset, name = 0, None
+        for name, _, _, stored_shape, nbytes in self.describe(path):
             if name == t.name:
                 break
             offset += nbytes
+        if name != t.name or nbytes != t.nbytes or list(stored_shape) != list(t.shape):
+            return None
         import torch
 
         data = torch.empty(t.nbytes, dtype=torch.uint8)
