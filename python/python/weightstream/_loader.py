@@ -5,7 +5,7 @@ import stat
 import threading
 
 from . import _options as O
-from ._errors import FormatError, ReadError, UsageError, WeightstreamError, missing_file
+from ._errors import FormatError, ReadError, WeightstreamError, missing_file
 from ._frameworks import PackedExportUnavailable, converter, destination, torch_packed_dtype
 from ._weightstream import RawLoader
 
