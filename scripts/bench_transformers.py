@@ -11,7 +11,7 @@ inherits the other's page mappings or the allocator's freed memory. Two figures 
   transformers' parameters are views of an mmap of the file that page in on first use, so its
   load alone defers work that the forward pass pays; weightstream's are filled at load.
 
-CPU (the default; ~1 GB bf16 model):
+CPU (the default; ~1 GB f32 model):
 
     .venv/bin/python scripts/bench_transformers.py --rounds 5
 
@@ -34,8 +34,11 @@ import time
 from pathlib import Path
 
 SHAPES = {
-    # ~1.0 GB in bf16: Llama-shaped, 14 layers of hidden 1536.
-    "1gb": dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=14, num_attention_heads=12, num_key_value_heads=4),
+    # ~1.0 GB in f32 (246 M parameters): Llama-shaped, 16 layers of hidden 1024. The CPU default:
+    # CPUs run f32 (bf16 matmuls on a CPU without AMX take seconds and drown the load).
+    "1gb": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4),
+    # ~1.0 GB in bf16 (490 M parameters): 14 layers of hidden 1536.
+    "1gb-bf16": dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=14, num_attention_heads=12, num_key_value_heads=4),
     # Llama-3-8B: 8.0 B parameters, 16 GB in bf16.
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
     # For a quick try of the script itself.
@@ -92,7 +95,7 @@ def write_checkpoint(d, shape, dtype_name, shard_bytes, gen_device):
 
 
 CHILD = r"""
-import gc, json, sys, time
+import gc, json, resource, sys, time
 import torch
 import transformers
 import weightstream.transformers as wst
@@ -114,7 +117,12 @@ def anon():
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
 
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
 base = anon()
+c0 = cpu()
 t0 = time.perf_counter()
 if which == "transformers":
     kwargs = {"device_map": device} if cuda else {}
@@ -123,6 +131,7 @@ else:
     model = wst.from_pretrained(d, device=device)
 sync()
 t1 = time.perf_counter()
+c1 = cpu()
 rss_load = anon() - base
 ids = torch.arange(1, 17, device=model.device).unsqueeze(0)
 with torch.no_grad():
@@ -130,7 +139,9 @@ with torch.no_grad():
     check = float(logits.float().sum()) + float(model.get_input_embeddings().weight.float().sum())
 sync()
 t2 = time.perf_counter()
-print(json.dumps({"load": t1 - t0, "load_forward": t2 - t0, "rss_load": rss_load, "check": check}))
+c2 = cpu()
+print(json.dumps({"load": t1 - t0, "load_forward": t2 - t0, "cpu_load": c1 - c0, "cpu_load_forward": c2 - c0,
+                  "rss_load": rss_load, "check": check}))
 """
 
 
@@ -157,7 +168,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="default: 1gb on the CPU, 8b on a GPU")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: float32 on the CPU, bfloat16 on a GPU")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", help="where the checkpoint is written (kept); default a temporary folder")
     ap.add_argument("--shard", default=2 << 30, type=int, help="bytes per shard (default 2 GiB)")
@@ -171,6 +182,7 @@ def main():
         print(f"--device {args.device}: no CUDA device here: skipped")
         return 0
     shape = args.shape or ("8b" if cuda else "1gb")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
 
     tmp = None
     if args.dir:
@@ -206,13 +218,18 @@ def main():
     def med(which, key):
         return statistics.median(x[key] for x in results[which])
 
+    def low(which, key):
+        return min(x[key] for x in results[which])
+
     print()
-    print(f"{'':14} {'load (s)':>10} {'load+forward (s)':>17} {'host RssAnon after load':>24}")
+    print("medians (fastest round in brackets); cpu = user + sys seconds of the loading process")
+    head = f"{'':14} {'load (s)':>16} {'load+forward (s)':>18} {'cpu load':>9} {'cpu load+fwd':>13} {'RssAnon after load':>19}"
+    print(head)
     for which in order:
-        print(f"{which:14} {med(which, 'load'):10.3f} {med(which, 'load_forward'):17.3f} {med(which, 'rss_load') / 1e9:21.2f} GB")
-    ratio_load = med("weightstream", "load") / med("transformers", "load")
-    ratio_fwd = med("weightstream", "load_forward") / med("transformers", "load_forward")
-    print(f"{'ratio ws/tf':14} {ratio_load:9.2f}x {ratio_fwd:16.2f}x")
+        print(f"{which:14} {med(which, 'load'):7.3f} [{low(which, 'load'):6.3f}] {med(which, 'load_forward'):8.3f} [{low(which, 'load_forward'):6.3f}]"
+              f" {med(which, 'cpu_load'):9.2f} {med(which, 'cpu_load_forward'):13.2f} {med(which, 'rss_load') / 1e9:16.2f} GB")
+    ratio = {k: med("weightstream", k) / med("transformers", k) for k in ("load", "load_forward", "cpu_load", "cpu_load_forward")}
+    print(f"{'ratio ws/tf':14} {ratio['load']:6.2f}x {'':8} {ratio['load_forward']:7.2f}x {'':8} {ratio['cpu_load']:8.2f}x {ratio['cpu_load_forward']:12.2f}x")
     print(f"GB/s (weightstream load): {size / 1e9 / med('weightstream', 'load'):.2f}; "
           f"(transformers load): {size / 1e9 / med('transformers', 'load'):.2f}")
     for which in order:

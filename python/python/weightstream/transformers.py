@@ -21,12 +21,19 @@ that would drift from it with every release. So :func:`from_pretrained` is trans
    ``device`` (a GPU: no host copy of the model) and then applies transformers' own
    ``.to(device=device, dtype=dtype)``, so casts are torch's, bit for bit.
 
-Each tensor is one load into its own allocation on its final device: the tensor that comes out
-*is* the parameter (nothing is copied again on the CPU, nothing is held beside it), tensors the
-model does not use are never read, and transformers' order of requests (sorted by name, four
-threads) costs nothing. On the CPU the model lives in anonymous memory that weightstream filled
-(transformers alone hands out views of an ``mmap`` of the file instead, which page in on first
-use: compare load plus a forward pass, ``scripts/bench_transformers.py``).
+Each tensor is one load (``Loader.load_into``) into a tensor that torch allocates on its final
+device: the tensor that comes out *is* the parameter, an ordinary torch tensor (on a GPU from
+torch's caching allocator, which transformers warms up with the model's size: memory from
+anywhere else would double the model's footprint). Nothing is copied again or held beside it,
+tensors the model does not use are never read, a cast frees the uncast tensor at once, and
+transformers' order of requests (sorted by name, four threads) costs nothing. On the CPU the
+model lives in memory that weightstream filled (transformers alone hands out views of an
+``mmap`` of the file, which page in on first use: compare load plus a forward pass,
+``scripts/bench_transformers.py``).
+
+Not served (transformers' own path runs): ``.bin``, GGUF and distributed (DCP) checkpoints,
+``disable_mmap=True`` (transformers then reads the file's bytes itself), ``framework``s other
+than torch and devices other than the CPU and CUDA.
 
 Example::
 
@@ -87,6 +94,20 @@ def _transformers():
     return transformers
 
 
+# safetensors dtype names -> torch dtype names, for the dtypes weightstream fills in place
+# (DLPack has them); the rest load through the loader's own export.
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def _torch_dtype(stored):
+    name = _TORCH_DTYPES.get(stored)
+    return None if name is None else getattr(_torch(), name, None)
+
+
 def _target(device):
     """``"cpu"`` or ``"cuda:N"`` for a device transformers hands over (str, int,
     ``torch.device``), or None for any other kind (mps, xpu, meta...): those keep
@@ -104,6 +125,29 @@ def _target(device):
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         return f"cuda:{index}"
     return None
+
+
+_cuda_state = []
+
+
+def _cuda_ok():
+    """Whether weightstream can load to CUDA here (once per process, with a warning if torch
+    can and it cannot: such tensors then load to the host and torch copies them over)."""
+    if not _cuda_state:
+        from ._weightstream import cuda_available
+
+        ok = bool(cuda_available())
+        if not ok:
+            import warnings
+
+            warnings.warn(
+                "weightstream cannot use CUDA here (built without it, or no driver it can load): "
+                "tensors for the GPU load to the host first",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _cuda_state.append(ok)
+    return _cuda_state[0]
 
 
 class _Slice:
@@ -207,9 +251,23 @@ class _Handle:
     def _load(self, name, device):
         # A handle closed by transformers may still have slices in its state dict; loading from
         # them stays allowed (the file is read anew), as with safetensors' handles.
+        torch = _torch()
         loader = self._patcher._loader(device)
-        raws = loader._raw.load(self._path, O.opts(exact=[name]))
-        return to_torch(raws[0])
+        stored, shape = self._info_any(name)
+        tdt = _torch_dtype(stored)
+        if tdt is None:  # a dtype torch cannot hold as is: the loader's own export decides
+            return to_torch(loader._raw.load(self._path, O.opts(exact=[name]))[0])
+        # Allocated by torch (its caching allocator on a GPU, which transformers warms up with
+        # the model's size), filled in place: the parameter is an ordinary torch tensor.
+        out = torch.empty(shape, dtype=tdt, device=device)
+        loader.load_into(self._path, {name: out})
+        return out
+
+    def _info_any(self, name):
+        info = self._infos.get(name)
+        if info is None:
+            raise MissingTensorError(f"{self._path}: no tensor named `{name}`")
+        return info
 
     def _partial(self):
         """A :class:`weightstream.safe_open` of the same file, for reads of part of a tensor."""
@@ -264,6 +322,8 @@ class _Patcher:
             # slice of ours loads straight onto `device` instead of through the host.
             if isinstance(tensor, _Slice):
                 target = _target(device)
+                if target is not None and target.startswith("cuda") and not _cuda_ok():
+                    target = None  # torch sees a GPU this build of weightstream cannot use
                 out = tensor._load(target)
                 if dtype is not None or device is not None:
                     out = out.to(device=device, dtype=dtype)
