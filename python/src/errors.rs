@@ -33,9 +33,18 @@ pub fn raise(py: Python<'_>, name: &str, message: String) -> PyErr {
 /// A weightstream error as the Python exception of its kind; the message names the file and,
 /// when known, the tensor.
 pub fn to_py(py: Python<'_>, err: Error) -> PyErr {
-    let class = match err {
+    let class = match &err {
         // Whatever its kind: an OSError, as a failed download is.
         Error::Remote { .. } => "RemoteError",
+        // A missing file (a shard an index names, too) is a FileNotFoundError, as safetensors
+        // raises, with `errno` and `filename` set as `open()` sets them.
+        Error::Io { file, source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            let e = raise(py, "MissingFileError", err.to_string());
+            let v = e.value(py);
+            let _ = v.setattr("errno", 2); // ENOENT
+            let _ = v.setattr("filename", file.display().to_string());
+            return e;
+        }
         _ => class_name(err.kind()),
     };
     raise(py, class, err.to_string())

@@ -38,7 +38,8 @@ fn dt(code: u8, bits: u8) -> DLDataType {
 
 /// The DLPack dtype `dtype` is exported as: its own type where DLPack and the consumers know it
 /// (bf16 as `kDLBfloat`, unless `raw`), else the unsigned integer of the same width, which the
-/// Python layer views as the `ml_dtypes` / torch dtype. F4 and F6 have no per-element width.
+/// Python layer views as the `ml_dtypes` / torch dtype. F4 and F6 have no per-element width: only
+/// their `raw` export exists, as the bytes (`uint8`, one dimension, see [`RawTensor::raw`]).
 pub fn dl_dtype(dtype: Dtype, raw: bool) -> Result<DLDataType, String> {
     use dlpack::{KDL_BFLOAT, KDL_BOOL, KDL_COMPLEX, KDL_FLOAT, KDL_INT, KDL_UINT};
     use Dtype::*;
@@ -58,6 +59,7 @@ pub fn dl_dtype(dtype: Dtype, raw: bool) -> Result<DLDataType, String> {
         F64 => dt(KDL_FLOAT, 64),
         I64 => dt(KDL_INT, 64),
         U64 => dt(KDL_UINT, 64),
+        F4 | F6_E2M3 | F6_E3M2 if raw => dt(KDL_UINT, 8),
         F4 | F6_E2M3 | F6_E3M2 => {
             return Err(format!("{dtype} packs several elements a byte: neither DLPack nor numpy has it"))
         }
@@ -159,9 +161,13 @@ impl RawTensor {
     }
 
     /// The same memory, exported as unsigned integers of the dtype's width (for consumers that
-    /// lack the dtype: numpy has no bf16 or fp8; view the result as the `ml_dtypes` type).
+    /// lack the dtype: numpy has no bf16 or fp8; view the result as the `ml_dtypes` type). A
+    /// packed dtype (F4, F6: several elements a byte) is exported as its bytes, a 1-D `uint8` of
+    /// `nbytes`, which torch views as `float4_e2m1fn_x2`.
     fn raw(&self) -> RawTensor {
-        RawTensor { name: self.name.clone(), shape: self.shape.clone(), keep: self.keep.clone(), raw: true, ..*self }
+        let packed = matches!(self.dtype, Dtype::F4 | Dtype::F6_E2M3 | Dtype::F6_E3M2);
+        let shape = if packed { vec![self.nbytes] } else { self.shape.clone() };
+        RawTensor { name: self.name.clone(), shape, keep: self.keep.clone(), raw: true, ..*self }
     }
 
     /// A DLPack capsule over the tensor's memory (no copy): DLPack 1.0 (`dltensor_versioned`)

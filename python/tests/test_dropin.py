@@ -328,18 +328,9 @@ def test_f4_maps_to_torch_float4_x2_with_safetensors_shape(files):
         assert outcome(lambda: ref.get_slice("t")[1:3])[0] == "err"
         same(f.get_slice("t")[1:3], theirs["t"][1:3])
         same(f.get_slice("t")[..., 0], theirs["t"][..., 0])
-    # a shard of it: equal, or (a Rust layer without the packed export) a typed error naming it
-    kind, value = outcome(lambda: ws.load_file(p, shard=(1, 2), split={"t": 0})["t"])
-    if kind == "ok":
-        same(value, theirs["t"][2:4])
-    else:
-        assert isinstance(value, ws.UsageError) and "`t` is F4" in str(value), value
-    # streamed: equal, or (a Rust layer without the packed export) a typed error naming it
-    kind, value = outcome(lambda: dict(ws.Loader().iterate(p, window="1MiB")))
-    if kind == "ok":
-        same_dict(value, theirs)
-    else:
-        assert isinstance(value, ws.UsageError) and "is F4" in str(value), value
+    # a shard of it and a stream of it: the Rust layer exports packed tensors as their bytes
+    same(ws.load_file(p, shard=(1, 2), split={"t": 0})["t"], theirs["t"][2:4])
+    same_dict(dict(ws.Loader().iterate(p, window="1MiB")), theirs)
     # numpy has no such dtype: a typed error naming the tensor (safetensors: AttributeError)
     with pytest.raises(ws.UsageError, match="`(t|a_first)` is F4"):
         ws_np.load_file(p)
@@ -798,3 +789,19 @@ def test_hostile_bytes_raise_typed_errors(case):
             assert case in REFUSED_ON_PURPOSE and isinstance(o[1], ws.FormatError), (case, o)
         elif isinstance(t[1], safetensors.SafetensorError):
             same_outcome(o, t)
+
+
+def test_the_rust_layers_missing_file_is_file_not_found(tmp_path):
+    """A missing file the Rust layer finds (past the Python layer's own check, e.g. removed in
+    between) is a FileNotFoundError with errno and filename too, not a plain ReadError."""
+    import errno
+
+    from weightstream import _options as O
+    from weightstream._weightstream import RawLoader
+
+    gone = str(tmp_path / "gone.safetensors")
+    with pytest.raises(FileNotFoundError) as e:
+        RawLoader(device="cpu").load(gone, O.opts())
+    assert isinstance(e.value, ws.ReadError) and isinstance(e.value, safetensors.SafetensorError)
+    assert e.value.errno == errno.ENOENT and e.value.filename == gone, e.value
+    assert "gone.safetensors" in str(e.value)

@@ -26,12 +26,6 @@ _TORCH_FP8 = {k: v for k, v in _ML_DTYPES.items() if k != "BF16"}
 _PACKED = ("F4", "F6_E2M3", "F6_E3M2")
 
 
-class PackedExportUnavailable(UsageError):
-    """The Rust layer cannot export a packed tensor's bytes (a build without that export):
-    ``Loader.load``, ``load_file`` and ``safe_open`` then read them from the file itself; other
-    callers see this typed error."""
-
-
 def _np():
     try:
         import numpy
@@ -105,13 +99,7 @@ def to_torch(t):
     torch = _torch()
     if t.dtype in _PACKED:
         tdt, shape = torch_packed_dtype(t.name, t.dtype, t.shape)
-        try:
-            data = torch.from_dlpack(t.raw())
-        except BufferError:
-            raise PackedExportUnavailable(
-                f"tensor `{t.name}` is {t.dtype}: this build of weightstream cannot hand packed tensors over "
-                "through DLPack; load_file, Loader.load and safe_open of its single local file read it"
-            ) from None
+        data = torch.from_dlpack(t.raw())  # its bytes: a 1-D uint8 of nbytes
         if data.dtype != torch.uint8 or data.numel() != t.nbytes:  # the export's contract
             raise InternalError(f"tensor `{t.name}`: packed export gave {data.dtype} {tuple(data.shape)}")
         return data.reshape(shape).view(tdt)

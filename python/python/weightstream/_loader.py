@@ -6,7 +6,7 @@ import threading
 
 from . import _options as O
 from ._errors import FormatError, ReadError, WeightstreamError, missing_file
-from ._frameworks import PackedExportUnavailable, converter, destination, torch_packed_dtype
+from ._frameworks import converter, destination
 from ._weightstream import RawLoader
 
 # URL schemes the Rust layer reads as remote sources (weightstream::source::is_remote).
@@ -139,49 +139,8 @@ class Loader:
         return {t.name: self._convert(conv, t, path) for t in raws}
 
     def _convert(self, conv, t, path):
-        """``conv(t)``; a packed (F4) tensor that this build's Rust layer cannot export is read
-        from the file itself, when it is a whole tensor of a single local file (see
-        :meth:`_packed_from_file`)."""
-        try:
-            return conv(t)
-        except PackedExportUnavailable:
-            out = self._packed_from_file(path, t)
-            if out is None:
-                raise
-            return out
-
-    def _packed_from_file(self, path, t):
-        """The torch tensor of packed tensor ``t`` of the single local file ``path``, its bytes
-        read with one ``readinto``. Its place in the file comes from the header the Rust layer
-        validated: tensors lie in file order with no hole (checked), from byte
-        ``8 + header length``, so its offset is the sum of the sizes before it.
-
-        TODO(rust): drop this once ``Tensor.raw()`` exports F4/F6 as a 1-D uint8 array of their
-        bytes (``to_torch`` then takes that path for every source, remote and sharded too).
-
-        None when ``t`` is not a whole tensor of a single local file (an index, a directory, a
-        URL, or a rank's part of a split tensor, which does not lie where the file has it)."""
-        tdt, shape = torch_packed_dtype(t.name, t.dtype, t.shape)
-        if is_remote(path) or path.endswith(".json") or not os.path.isfile(path):
-            return None
-        offset, name = 0, None
-        for name, _, _, stored_shape, nbytes in self.describe(path):
-            if name == t.name:
-                break
-            offset += nbytes
-        if name != t.name or nbytes != t.nbytes or list(stored_shape) != list(t.shape):
-            return None
-        import torch
-
-        data = torch.empty(t.nbytes, dtype=torch.uint8)
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            f.seek(8 + header_len + offset)
-            got = f.readinto(data.numpy()) if t.nbytes else 0
-        if got != t.nbytes:
-            raise ReadError(f"{path}: file ended while reading tensor `{t.name}` (changed since it was opened?)")
-        out = data.reshape(shape).view(tdt)
-        return out if self.device == "cpu" else out.to(self.device)
+        """``conv(t)``: the framework tensor over ``t``'s memory."""
+        return conv(t)
 
     def iterate(self, path, *, window="1GiB", framework="pt", dtype=None, only=None, shard=None, split=None):
         """Yield ``(name, tensor)`` in file order as tensors land, with at most ``window`` bytes
