@@ -296,3 +296,60 @@ def test_hf_repo_id_from_the_hub_cache_equals_safetensors(tmp_path):
     out = subprocess.run([sys.executable, "-c", _HF_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "EQUAL" in out.stdout
+
+
+_TP2_SCRIPT = textwrap.dedent(
+    """
+    import socket, sys
+    import torch, torch.multiprocessing as mp
+
+    def rank_main(rank, port, model_dir, q):
+        import vllm.plugins
+        from vllm.config import (DeviceConfig, LoadConfig, ModelConfig, ParallelConfig, VllmConfig,
+                                 set_current_vllm_config)
+        from vllm.distributed import init_distributed_environment, initialize_model_parallel
+        from vllm.model_executor.model_loader import get_model_loader
+
+        vllm.plugins.load_general_plugins()
+        out = {}
+        for fmt in ["safetensors", "weightstream"]:
+            mc = ModelConfig(model=model_dir, tokenizer=model_dir, skip_tokenizer_init=True, dtype="float32",
+                             enforce_eager=True)
+            lc = LoadConfig(load_format=fmt)
+            vc = VllmConfig(model_config=mc, load_config=lc, device_config=DeviceConfig(device="cpu"),
+                            parallel_config=ParallelConfig(tensor_parallel_size=2))
+            with set_current_vllm_config(vc):
+                if not out:
+                    init_distributed_environment(world_size=2, rank=rank, local_rank=rank,
+                        distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+                    initialize_model_parallel(2, 1)
+                model = get_model_loader(lc).load_model(vllm_config=vc, model_config=mc)
+                out[fmt] = {k: v.detach().clone() for k, v in model.named_parameters()}
+        a, b = out["safetensors"], out["weightstream"]
+        differ = [k for k in a if k not in b or a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
+                  or not torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))]
+        q.put((rank, sorted(a) == sorted(b), differ, tuple(b["model.layers.0.self_attn.qkv_proj.weight"].shape)))
+
+    if __name__ == "__main__":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=rank_main, args=(r, port, sys.argv[1], q)) for r in range(2)]
+        for p in procs: p.start()
+        results = [q.get(timeout=400) for _ in procs]
+        for p in procs: p.join(60)
+        print(sorted(results), [p.exitcode for p in procs])
+    """
+)
+
+
+def test_tensor_parallel_2_equals_safetensors(llama_dir, tmp_path):
+    # Two ranks over gloo, each reading every tensor; vLLM's parameter loaders keep each rank's
+    # slice (here qkv: (4 + 2 + 2) heads x 16 / 2 ranks = 64 rows of the 128).
+    script = tmp_path / "tp2.py"
+    script.write_text(_TP2_SCRIPT)
+    env = {**os.environ, "VLLM_PLUGINS": "weightstream"}
+    out = subprocess.run([sys.executable, str(script), str(llama_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[(0, True, [], (64, 64)), (1, True, [], (64, 64))] [0, 0]", out.stdout
