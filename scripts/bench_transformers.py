@@ -5,7 +5,8 @@ random Llama-shaped checkpoint, warm page cache, alternating rounds, medians.
 Each measurement runs in a fresh process (imports excluded from the timings), so neither loader
 inherits the other's page mappings or the allocator's freed memory. Two figures per loader:
 
-* load: `from_pretrained` returns;
+* load: `from_pretrained` returns (and, for scale, "ceiling": the same bytes loaded into torch
+  tensors with one `Loader.load_into` per file, no model built);
 * load + forward: then one forward pass of a short input, plus a sum over the input-embedding
   table (a lookup reads only the rows of its ids): every weight is read once. On the CPU
   transformers' parameters are views of an mmap of the file that page in on first use, so its
@@ -127,10 +128,23 @@ t0 = time.perf_counter()
 if which == "transformers":
     kwargs = {"device_map": device} if cuda else {}
     model = AutoModelForCausalLM.from_pretrained(d, **kwargs)
-else:
+elif which == "weightstream":
     model = wst.from_pretrained(d, device=device)
+else:  # "ceiling": the same bytes into torch tensors, one load_into per file, no model
+    import glob, weightstream as ws
+    loader = ws.Loader(device=device)
+    out = {}
+    for f in sorted(glob.glob(d + "/*.safetensors")):
+        dests = {n: torch.empty(shape, dtype=getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[st]), device=device)
+                 for n, _, st, shape, _ in loader.describe(f)}
+        loader.load_into(f, dests)
+        out.update(dests)
 sync()
 t1 = time.perf_counter()
+if which == "ceiling":
+    print(json.dumps({"load": t1 - t0, "load_forward": float("nan"), "cpu_load": cpu() - c0, "cpu_load_forward": float("nan"),
+                      "rss_load": anon() - base, "check": 0.0}))
+    sys.exit(0)
 c1 = cpu()
 rss_load = anon() - base
 ids = torch.arange(1, 17, device=model.device).unsqueeze(0)
@@ -203,15 +217,15 @@ def main():
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, weightstream {weightstream.__version__}, {os.cpu_count()} CPUs")
     warm(d)
-    results = {"transformers": [], "weightstream": []}
-    order = ["transformers", "weightstream"]
+    results = {"transformers": [], "weightstream": [], "ceiling": []}
+    order = ["transformers", "weightstream", "ceiling"]
     for r in range(args.rounds + 1):
         for which in order if r % 2 == 0 else order[::-1]:
             res = run_one(which, d, args.device, args.threads)
             if r > 0:
                 results[which].append(res)
             gc.collect()
-    checks = {w: {round(x["check"], 3) for x in rs} for w, rs in results.items()}
+    checks = {w: {round(x["check"], 3) for x in rs} for w, rs in results.items() if w != "ceiling"}
     if checks["transformers"] != checks["weightstream"]:
         print(f"WARNING: the forward passes differ: {checks}")
 
@@ -226,6 +240,10 @@ def main():
     head = f"{'':14} {'load (s)':>16} {'load+forward (s)':>18} {'cpu load':>9} {'cpu load+fwd':>13} {'RssAnon after load':>19}"
     print(head)
     for which in order:
+        if which == "ceiling":
+            print(f"{which:14} {med(which, 'load'):7.3f} [{low(which, 'load'):6.3f}] {'-':>18} {med(which, 'cpu_load'):9.2f} {'-':>13}"
+                  f" {med(which, 'rss_load') / 1e9:16.2f} GB")
+            continue
         print(f"{which:14} {med(which, 'load'):7.3f} [{low(which, 'load'):6.3f}] {med(which, 'load_forward'):8.3f} [{low(which, 'load_forward'):6.3f}]"
               f" {med(which, 'cpu_load'):9.2f} {med(which, 'cpu_load_forward'):13.2f} {med(which, 'rss_load') / 1e9:16.2f} GB")
     ratio = {k: med("weightstream", k) / med("transformers", k) for k in ("load", "load_forward", "cpu_load", "cpu_load_forward")}
@@ -234,7 +252,8 @@ def main():
           f"(transformers load): {size / 1e9 / med('transformers', 'load'):.2f}")
     for which in order:
         print(f"  {which} rounds load:    " + " ".join(f"{x['load']:.3f}" for x in results[which]))
-        print(f"  {which} rounds load+fwd: " + " ".join(f"{x['load_forward']:.3f}" for x in results[which]))
+        if which != "ceiling":
+            print(f"  {which} rounds load+fwd: " + " ".join(f"{x['load_forward']:.3f}" for x in results[which]))
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -304,6 +304,12 @@ def _names():
     return {(m.__name__, "safe_open"): m.safe_open for m in sites} | {("cml", "_materialize_copy"): cml._materialize_copy}
 
 
+def _names_unpatched():
+    import transformers.core_model_loading as cml
+
+    return {k: wst._unpatched(v) for k, v in _names().items()} | {("cml", "_materialize_copy"): wst._unpatched(cml._materialize_copy)}
+
+
 def test_patch_covers_every_import_site():
     """Every module of the installed transformers that binds `safe_open` from safetensors (found
     by reading its sources) is patched."""
@@ -352,25 +358,80 @@ def test_patch_restored_after_exit_and_after_an_exception(saved):
     assert _names() == before
 
 
-def test_patch_nests_and_rejects_out_of_order_exits():
+def test_patches_nest_and_exit_in_any_order(saved):
+    import transformers.modeling_utils as mu
+
+    f = str(saved("llama") / "model.safetensors")
     before = _names()
-    outer, inner = wst.patch(), wst.patch()
+    outer, inner = wst.patch(), wst.patch(staging_count=2)
     with outer:
         mid = _names()
+        assert mid != before
+        assert mu.safe_open(f, "pt")._patcher is outer._patcher
         with inner:
-            assert _names() != mid and all(getattr(f, "_weightstream_patch", False) for f in _names().values())
-        assert _names() == mid
+            assert _names() == mid
+            assert mu.safe_open(f, "pt")._patcher is inner._patcher  # the innermost serves
+        assert _names() == mid and mu.safe_open(f, "pt")._patcher is outer._patcher
         with pytest.raises(ws.UsageError, match="already active"):
             outer.__enter__()
     assert _names() == before
+    # Exits out of order (as blocks in two threads may): restored when the last one exits.
     a, b = wst.patch(), wst.patch()
     a.__enter__()
     b.__enter__()
-    with pytest.raises(ws.UsageError, match="reverse order"):
-        a.__exit__(None, None, None)
-    b.__exit__(None, None, None)
     a.__exit__(None, None, None)
+    assert all(getattr(fn, "_weightstream_patch", False) for fn in _names().values())
+    assert mu.safe_open(f, "pt")._patcher is b._patcher
+    b.__exit__(None, None, None)
     assert _names() == before
+
+
+def test_patches_in_two_threads(saved):
+    """Two threads, each in its own patch, read through it at once and exit in the opposite
+    order of entry. (Not two `from_pretrained` at once: transformers' own is not thread-safe,
+    two concurrent calls leave its `no_tie_weights` patch on.)"""
+    import threading
+
+    import transformers.modeling_utils as mu
+
+    before = _names()
+    f = str(saved("llama") / "model.safetensors")
+    expected = st_load_file(f)
+    entered, second_exited, errors, seen = threading.Barrier(2), threading.Event(), [], {}
+
+    def worker(i):
+        try:
+            with wst.patch() as p:
+                entered.wait()
+                for _ in range(3):
+                    sd = mu.load_state_dict(f)
+                    assert all(torch.equal(sd[k], v) for k, v in expected.items())
+                    seen[i] = mu.safe_open(f, "pt")._patcher is p._patcher
+                if i == 0:  # entered first or not, thread 0 exits last
+                    second_exited.wait(30)
+            if i == 1:
+                second_exited.set()
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert seen == {0: True, 1: True}, "each thread is served by the patch it entered"
+    assert _names() == before
+
+
+def test_synchronous_loading_is_patched_too(saved, monkeypatch):
+    """HF_DEACTIVATE_ASYNC_LOAD=1: transformers materialises tensors in its own thread."""
+    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")
+    d = saved("gpt2")
+    reads = Reads(monkeypatch)
+    ours = load_ours(d)
+    assert len(reads.names) > 0
+    assert_same_model(ours, load_theirs(AutoModelForCausalLM, d))
 
 
 def test_patched_handle_speaks_safetensors(saved):

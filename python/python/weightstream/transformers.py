@@ -279,15 +279,13 @@ class _Handle:
 
 
 class _Patcher:
-    """The state of one :func:`patch`: loader options, one :class:`Loader` per device (its
-    staging ring reused), the saved names to restore."""
+    """The state of one :func:`patch`: its loader options and one :class:`Loader` per device
+    (whose staging ring is reused from tensor to tensor)."""
 
     def __init__(self, loader_options):
         self._options = loader_options
         self._loaders = {}
         self._lock = threading.Lock()
-        self._saved = None
-        self._originals = {}
 
     def _loader(self, device):
         with self._lock:
@@ -296,77 +294,78 @@ class _Patcher:
                 loader = self._loaders[device] = Loader(device=device, **self._options)
             return loader
 
-    # -- the replacements ---------------------------------------------------------------------
 
-    def _make_safe_open(self, original):
-        patcher = self
+# -- the replacements, installed while at least one patch is active ------------------------------
+#
+# One set of replacement functions serves every active patch: `safe_open` asks which patch the
+# calling thread entered (the innermost), else the latest entered anywhere (a thread started
+# inside the block); `_materialize_copy` needs none, a slice knows its handle's patch. So
+# patches nest, and blocks in different threads may exit in any order.
 
-        def safe_open(filename, framework, device="cpu", *, backend=None):
-            """weightstream's handle in place of ``safetensors.safe_open`` (inside
-            ``weightstream.transformers.patch()``); torch tensors on the CPU or a CUDA device.
-            Other frameworks and devices go to safetensors' own ``safe_open``."""
+_state = threading.RLock()
+_installed = []  # (module, attribute, original, replacement) while any patch is active
+_active = []  # the active patches' _Patcher, in order of entry
+_local = threading.local()
+
+
+def _current():
+    with _state:
+        for patcher in reversed(getattr(_local, "stack", ())):
+            if patcher in _active:  # (a patch this thread entered may have exited elsewhere)
+                return patcher
+        return _active[-1] if _active else None
+
+
+def _make_safe_open(original):
+    def safe_open(filename, framework, device="cpu", *, backend=None):
+        """weightstream's handle in place of ``safetensors.safe_open`` (inside
+        ``weightstream.transformers.patch()``): torch tensors on the CPU or a CUDA device.
+        Other frameworks and devices go to safetensors' own ``safe_open``."""
+        patcher = _current()
+        target = _target(device)
+        fw = framework.lower() if isinstance(framework, str) else framework
+        if patcher is None or fw not in ("pt", "torch", "pytorch") or target is None:
+            kwargs = {} if backend is None else {"backend": backend}
+            return original(filename, framework=framework, device=device, **kwargs)
+        return _Handle(patcher, O.path(filename), target)
+
+    safe_open._weightstream_patch = True
+    safe_open.__wrapped__ = original
+    return safe_open
+
+
+def _make_materialize(original):
+    def _materialize_copy(tensor, device=None, dtype=None):
+        # transformers' own body: `tensor[...]` then `.to(device=device, dtype=dtype)`; a slice
+        # of ours loads straight onto `device` instead of through the host.
+        if isinstance(tensor, _Slice):
             target = _target(device)
-            fw = framework.lower() if isinstance(framework, str) else framework
-            if fw not in ("pt", "torch", "pytorch") or target is None:
-                kwargs = {} if backend is None else {"backend": backend}
-                return original(filename, framework=framework, device=device, **kwargs)
-            return _Handle(patcher, O.path(filename), target)
+            if target is not None and target.startswith("cuda") and not _cuda_ok():
+                target = None  # torch sees a GPU this build of weightstream cannot use
+            out = tensor._load(target)
+            if dtype is not None or device is not None:
+                out = out.to(device=device, dtype=dtype)
+            return out
+        return original(tensor, device, dtype)
 
-        safe_open._weightstream_patch = True
-        safe_open.__wrapped__ = original
-        return safe_open
-
-    def _make_materialize(self, original):
-        def _materialize_copy(tensor, device=None, dtype=None):
-            # transformers' own body: `tensor[...]` then `.to(device=device, dtype=dtype)`; a
-            # slice of ours loads straight onto `device` instead of through the host.
-            if isinstance(tensor, _Slice):
-                target = _target(device)
-                if target is not None and target.startswith("cuda") and not _cuda_ok():
-                    target = None  # torch sees a GPU this build of weightstream cannot use
-                out = tensor._load(target)
-                if dtype is not None or device is not None:
-                    out = out.to(device=device, dtype=dtype)
-                return out
-            return original(tensor, device, dtype)
-
-        _materialize_copy._weightstream_patch = True
-        _materialize_copy.__wrapped__ = original
-        return _materialize_copy
-
-    # -- install / restore --------------------------------------------------------------------
-
-    def _install(self):
-        _transformers()
-        import safetensors
-
-        for name in _KNOWN_SITES:
-            try:
-                importlib.import_module(name)
-            except ImportError:  # an optional module this version lacks or cannot import
-                pass
-        saved = []
-        for mod, attr in _sites(safetensors.safe_open):
-            current = getattr(mod, attr)
-            saved.append((mod, attr, current))
-            setattr(mod, attr, self._make_safe_open(_unpatched(current)))
-        cml = sys.modules.get("transformers.core_model_loading") or importlib.import_module("transformers.core_model_loading")
-        current = getattr(cml, "_materialize_copy", None)
-        if current is not None:
-            saved.append((cml, "_materialize_copy", current))
-            setattr(cml, "_materialize_copy", self._make_materialize(_unpatched(current)))
-        self._saved = saved
-
-    def _restore(self):
-        for mod, attr, value in reversed(self._saved or []):
-            setattr(mod, attr, value)
-        self._saved = None
+    _materialize_copy._weightstream_patch = True
+    _materialize_copy.__wrapped__ = original
+    return _materialize_copy
 
 
 def _unpatched(fn):
     while getattr(fn, "_weightstream_patch", False):
         fn = fn.__wrapped__
     return fn
+
+
+def _import_known_sites():
+    _transformers()
+    for name in _KNOWN_SITES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional module this version lacks or cannot import
+            pass
 
 
 def _sites(safetensors_safe_open):
@@ -382,6 +381,34 @@ def _sites(safetensors_safe_open):
     return out
 
 
+def _install():
+    """Replace the names not replaced yet (called at each entry: a module imported since the
+    last one is patched too)."""
+    import safetensors
+
+    _import_known_sites()
+    done = {(id(mod), attr) for mod, attr, _, _ in _installed}
+    for mod, attr in _sites(safetensors.safe_open):
+        current = getattr(mod, attr)
+        if (id(mod), attr) not in done and not getattr(current, "_weightstream_patch", False):
+            new = _make_safe_open(current)
+            setattr(mod, attr, new)
+            _installed.append((mod, attr, current, new))
+    cml = importlib.import_module("transformers.core_model_loading")
+    current = getattr(cml, "_materialize_copy", None)
+    if current is not None and (id(cml), "_materialize_copy") not in done:
+        new = _make_materialize(current)
+        setattr(cml, "_materialize_copy", new)
+        _installed.append((cml, "_materialize_copy", current, new))
+
+
+def _uninstall():
+    for mod, attr, original, new in reversed(_installed):
+        if getattr(mod, attr, None) is new:  # not if someone replaced ours meanwhile
+            setattr(mod, attr, original)
+    _installed.clear()
+
+
 def patched_sites():
     """The transformers modules whose ``safe_open`` a :func:`patch` replaces, by name (those
     loaded now that bound ``safetensors.safe_open``, after importing the known ones).
@@ -392,19 +419,10 @@ def patched_sites():
         >>> "transformers.modeling_utils" in wst.patched_sites()    # doctest: +SKIP
         True
     """
-    _transformers()
     import safetensors
 
-    for name in _KNOWN_SITES:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
+    _import_known_sites()
     return sorted(mod.__name__ for mod, _ in _sites(safetensors.safe_open))
-
-
-_stack = []
-_stack_lock = threading.Lock()
 
 
 class patch:
@@ -417,10 +435,10 @@ class patch:
     Args:
         staging, staging_count, threads, io, direct: as :class:`weightstream.Loader` takes them.
 
-    The names are restored when the block exits, also on an exception. Patches nest: an inner
-    one replaces the outer's names for its block and gives them back on exit (blocks must exit
-    in reverse order of entry, or :class:`UsageError`). The patch is process-wide: other threads
-    loading through transformers meanwhile read through it too.
+    The names are restored when the last active patch exits, also on an exception. Patches
+    nest (the innermost one entered by a thread serves it; a thread that entered none, the
+    latest one entered) and blocks in different threads may exit in any order. While one is
+    active, all of transformers in the process reads through weightstream.
 
     Example::
 
@@ -437,21 +455,28 @@ class patch:
         self._entered = False
 
     def __enter__(self):
-        with _stack_lock:
+        with _state:
             if self._entered:
                 raise UsageError("this weightstream.transformers.patch() is already active: make a new one to nest")
-            self._patcher._install()
+            _install()
             self._entered = True
-            _stack.append(self)
+            _active.append(self._patcher)
+        if not hasattr(_local, "stack"):
+            _local.stack = []
+        _local.stack.append(self._patcher)
         return self
 
     def __exit__(self, *exc):
-        with _stack_lock:
-            if not _stack or _stack[-1] is not self:
-                raise UsageError("weightstream.transformers.patch() blocks must exit in the reverse order they were entered")
-            _stack.pop()
-            self._patcher._restore()
+        stack = getattr(_local, "stack", [])
+        if self._patcher in stack:
+            stack.remove(self._patcher)
+        with _state:
+            if not self._entered:
+                return False
             self._entered = False
+            _active.remove(self._patcher)
+            if not _active:
+                _uninstall()
         return False
 
 
@@ -512,6 +537,10 @@ def from_pretrained(
         staging, staging_count, threads, io, direct: as :class:`weightstream.Loader` takes them.
         **hf_kwargs: anything else transformers' ``from_pretrained`` takes (``revision``,
             ``attn_implementation``, ``config``, ...).
+
+    As transformers' own, it is not for two threads at once: two concurrent calls of
+    transformers' ``from_pretrained`` (5.19 to 5.25) leave its ``no_tie_weights`` patch on, and
+    later models come out with untied, meta ``lm_head`` weights.
 
     Example::
 
