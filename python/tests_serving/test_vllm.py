@@ -170,6 +170,17 @@ def test_s3_weights_equal_local_safetensors(dist, llama_sharded_dir, s3_server, 
     assert_bitwise_equal(got, want)
 
 
+def test_weights_key_with_a_local_path(dist, llama_sharded_dir, tmp_path):
+    # MODEL without weights, the weights elsewhere on disk (a directory, or its index).
+    model_dir = config_only_copy(llama_sharded_dir, tmp_path / "config-only")
+    want = load(llama_sharded_dir, "safetensors")
+    assert_bitwise_equal(load(model_dir, "weightstream", {"weights": str(llama_sharded_dir)}), want)
+    index = llama_sharded_dir / "model.safetensors.index.json"
+    assert_bitwise_equal(load(model_dir, "weightstream", {"weights": str(index)}), want)
+    with pytest.raises(ws.UsageError, match="no such file or directory"):
+        load(model_dir, "weightstream", {"weights": str(tmp_path / "nowhere")})
+
+
 def test_missing_tensor_fails_as_vllm_checks_it(dist, llama_dir, tmp_path):
     # vLLM's check that every weight was loaded runs after our load too, with its own message.
     d = tmp_path / "m"
