@@ -329,6 +329,10 @@ class WeightstreamModelLoader(DefaultModelLoader):
         ep = self.local_expert_ids
         weights = self.options.weights
         if weights is not None and source.model_or_path == self._primary:
+            if self._encoder_only_lm_prefixes is not None:
+                # vLLM drops the language model's shards by the local index; a remote location
+                # has no local index to filter by.
+                raise UsageError(f"{_key('weights')}: --mm-encoder-only needs the weights in MODEL's directory")
             # vLLM drops whole local shards the model does not use; remote, we skip those tensors
             # unread instead (the models skip such names themselves when they do arrive).
             unused = source.is_unused_weight
