@@ -45,8 +45,6 @@ Example::
 """
 
 import importlib
-import os
-import re
 import sys
 import threading
 
@@ -74,9 +72,6 @@ _DTYPE_NAMES = {
     "f16": "float16", "fp16": "float16", "float16": "float16", "half": "float16",
     "f32": "float32", "fp32": "float32", "float32": "float32", "float": "float32",
 }
-
-_LOADER_OPTIONS = ("staging", "staging_count", "threads", "io", "direct")
-
 
 def _torch():
     try:
