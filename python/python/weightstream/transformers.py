@@ -228,8 +228,9 @@ class _Handle:
         meta = read_metadata(self._path, None)
         return None if meta is None else dict(meta)
 
-    def _info(self, name):
-        self._check()
+    def _info(self, name, check=True):
+        if check:
+            self._check()
         info = self._infos.get(name)
         if info is None:
             raise MissingTensorError(f"{self._path}: no tensor named `{name}`")
@@ -248,7 +249,7 @@ class _Handle:
         # them stays allowed (the file is read anew), as with safetensors' handles.
         torch = _torch()
         loader = self._patcher._loader(device)
-        stored, shape = self._info_any(name)
+        stored, shape = self._info(name, check=False)
         tdt = _torch_dtype(stored)
         if tdt is None:  # a dtype torch cannot hold as is: the loader's own export decides
             return to_torch(loader._raw.load(self._path, O.opts(exact=[name]))[0])
@@ -257,12 +258,6 @@ class _Handle:
         out = torch.empty(shape, dtype=tdt, device=device)
         loader.load_into(self._path, {name: out})
         return out
-
-    def _info_any(self, name):
-        info = self._infos.get(name)
-        if info is None:
-            raise MissingTensorError(f"{self._path}: no tensor named `{name}`")
-        return info
 
     def _partial(self):
         """A :class:`weightstream.safe_open` of the same file, for reads of part of a tensor."""
