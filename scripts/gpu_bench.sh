@@ -85,7 +85,8 @@ frameworks)
   # weightstream.transformers.from_pretrained(device="cuda") against transformers'
   # from_pretrained(device_map="cuda") for an 8B-class shape (random weights), and the loop of
   # vLLM's load_weights (Loader.iterate to cuda feeding param.copy_) against safetensors' safe_open.
-  { timeout 300 python3 scripts/bench_transformers.py --device cuda --rounds 3
+  { timeout 300 python3 -m pytest -q -rfEs python/tests/test_transformers.py -k cuda
+    timeout 300 python3 scripts/bench_transformers.py --device cuda --rounds 3
     [ -f $data/llama8b_bf16.safetensors ] || python3 scripts/bench_iterate_copy.py --make $data/llama8b_bf16.safetensors --gib 15
     timeout 240 python3 scripts/bench_iterate_copy.py $data/llama8b_bf16.safetensors --device cuda:0 --rounds 3
   } 2>&1 | tee "$out/frameworks.log" ;;
