@@ -83,7 +83,7 @@ fn finish<T>(py: Python<'_>, out: (weightstream::Result<T>, Option<PyErr>)) -> P
 impl RawLoader {
     #[new]
     #[pyo3(signature = (device="auto", staging_size=None, staging_count=None, threads=None, io=None, direct=false,
-                        storage_options=None, remote_concurrency=None, remote_request_size=None))]
+                        storage_options=None, remote_concurrency=None, remote_request_size=None, read_size=None))]
     #[allow(clippy::too_many_arguments)] // Python keyword arguments, each optional
     fn new(
         py: Python<'_>,
@@ -96,6 +96,7 @@ impl RawLoader {
         storage_options: Option<Vec<(String, String)>>,
         remote_concurrency: Option<usize>,
         remote_request_size: Option<usize>,
+        read_size: Option<usize>,
     ) -> PyResult<Self> {
         let device: Device = device.parse().map_err(|e| to_py(py, e))?;
         let mut l = Loader::new().device(device).direct(direct);
@@ -110,6 +111,9 @@ impl RawLoader {
         }
         if let Some(s) = staging_size {
             l = l.staging_size(s);
+        }
+        if let Some(r) = read_size {
+            l = l.read_size(r);
         }
         if let Some(c) = staging_count {
             l = l.staging_count(c);

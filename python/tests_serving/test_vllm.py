@@ -144,7 +144,7 @@ def test_sharded_checkpoint_equals_safetensors(dist, llama_sharded_dir, tmp_path
     stray = {k: torch.randn_like(v) for k, v in st_load_file(sorted(d.glob("model-*.safetensors"))[0]).items()}
     st_save_file(stray, d / "zz-consolidated.safetensors")
     want = load(d, "safetensors")
-    got = load(d, "weightstream", {"window": "160KiB", "staging": "64KiB", "staging_count": 2})
+    got = load(d, "weightstream", {"window": "160KiB", "staging": "64KiB", "staging_count": 2, "read_size": "16KiB"})
     assert_from_checkpoint(want, llama_sharded_dir)
     assert_bitwise_equal(got, want)
 
@@ -217,6 +217,7 @@ def test_progress_bar_and_log(dist, llama_dir, capfd, caplog):
         ({"window": 0}, "window"),
         ({"staging": -1}, "staging"),
         ({"staging_count": 0}, "staging_count"),
+        ({"read_size": "2 blocks"}, "read_size"),
         ({"threads": "4"}, "threads"),
         ({"io": "mmap"}, "io"),
         ({"direct": "yes"}, "direct"),

@@ -71,6 +71,7 @@ class Loader:
         storage_options: Optional[Dict[str, Union[str, int, bool]]] = None,
         remote_concurrency: Optional[int] = None,
         remote_request_size: Optional[Size] = None,
+        read_size: Optional[Size] = None,
     ) -> None: ...
     @property
     def device(self) -> str: ...

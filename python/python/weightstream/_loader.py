@@ -77,6 +77,8 @@ class Loader:
             ``AZURE_*`` environment variables.
         remote_concurrency: ranged GETs in flight at most (default 8).
         remote_request_size: bytes of one ranged GET at most, an int or ``"8MiB"`` (default).
+        read_size: bytes of one local read request, an int or ``"2MiB"`` (default: the
+            engine's; rounded up to a multiple of 4 KiB). A staging buffer is filled by several.
 
     Example::
 
@@ -98,6 +100,7 @@ class Loader:
         storage_options=None,
         remote_concurrency=None,
         remote_request_size=None,
+        read_size=None,
     ):
         if io is not None and io not in ("auto", "pread", "uring"):
             raise O.UsageError(f"io: expected 'auto', 'pread' or 'uring', got {io!r}")
@@ -112,6 +115,7 @@ class Loader:
             storage_options=self._storage_options,
             remote_concurrency=O.count(remote_concurrency, "remote_concurrency"),
             remote_request_size=None if remote_request_size is None else O.size(remote_request_size, "remote_request_size"),
+            read_size=None if read_size is None else O.size(read_size, "read_size"),
         )
 
     @property

@@ -76,6 +76,7 @@ class RawLoader:
         storage_options: Optional[List[Tuple[str, str]]] = None,
         remote_concurrency: Optional[int] = None,
         remote_request_size: Optional[int] = None,
+        read_size: Optional[int] = None,
     ) -> None: ...
     @property
     def device(self) -> str: ...
@@ -93,3 +94,12 @@ def read_metadata(
 
 def cuda_available() -> bool:
     """Whether a CUDA device is usable here."""
+
+def save_bytes(items: List[Tuple[str, str, List[int], Any]], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """A safetensors file's bytes from ``(name, dtype, shape, data)`` items (data: bytes or a CPU
+    object with ``__dlpack__``), in safetensors' tensor order."""
+
+def save_file(
+    items: List[Tuple[str, str, List[int], Any]], path: Union[str, PathLike[str]], metadata: Optional[Dict[str, str]] = None
+) -> None:
+    """Write the items to ``path`` (a temporary file beside it, renamed over it); the GIL is released."""

@@ -74,6 +74,7 @@ iterator is called:
                    tensor if that is more); at least the largest tensor.
 ``staging``        size of each staging buffer (``"4MiB"``; default per target).
 ``staging_count``  number of staging buffers (default 8).
+``read_size``      bytes of one read request (``"2MiB"``; default: the engine's).
 ``threads``        reader threads (default: the read engine's).
 ``io``             ``"auto"``, ``"pread"`` or ``"uring"``.
 ``direct``         read with O_DIRECT, past the page cache (default false).
@@ -114,7 +115,7 @@ PLUGIN_NAME = "weightstream"
 WEIGHT_UTILS = "sglang.srt.model_loader.weight_utils"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-_OPTION_KEYS = ("window", "staging", "staging_count", "threads", "io", "direct", "order")
+_OPTION_KEYS = ("window", "staging", "staging_count", "read_size", "threads", "io", "direct", "order")
 _ORDERS = ("name", "file")
 _DEFAULT_WINDOW = 1 << 30
 
@@ -168,7 +169,7 @@ def parse_options(text):
         >>> parse_options('{"windw": 1}')
         Traceback (most recent call last):
         ...
-        weightstream._errors.UsageError: WEIGHTSTREAM_SGLANG_OPTIONS: unknown key 'windw'; valid keys: window, staging, staging_count, threads, io, direct, order
+        weightstream._errors.UsageError: WEIGHTSTREAM_SGLANG_OPTIONS: unknown key 'windw'; valid keys: window, staging, staging_count, read_size, threads, io, direct, order
     """
     if text is None or not text.strip():
         raw = {}
@@ -199,6 +200,7 @@ def parse_options(text):
     loader = {
         "staging": None if raw.get("staging") is None else O.size(raw["staging"], what("staging")),
         "staging_count": O.count(raw.get("staging_count"), what("staging_count")),
+        "read_size": None if raw.get("read_size") is None else O.size(raw["read_size"], what("read_size")),
         "threads": O.count(raw.get("threads"), what("threads")),
         "io": io,
         "direct": direct,

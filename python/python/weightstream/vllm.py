@@ -51,6 +51,8 @@ Extra config (``--model-loader-extra-config``, a JSON object; every key optional
                          at least the largest tensor.
 ``staging``              size of each staging buffer (``"16MiB"``; default per target).
 ``staging_count``        number of staging buffers (default 8).
+``read_size``            bytes of one local read request (``"2MiB"``; default: the
+                         engine's); a staging buffer is filled by several in parallel.
 ``io``                   read engine: ``"auto"``, ``"pread"`` or ``"uring"``.
 ``threads``              reader threads (default: the engine's).
 ``direct``               read with O_DIRECT, past the page cache (default false).
@@ -118,6 +120,7 @@ EXTRA_CONFIG_KEYS = (
     "window",
     "staging",
     "staging_count",
+    "read_size",
     "io",
     "threads",
     "direct",
@@ -167,7 +170,7 @@ def parse_extra_config(extra):
         >>> parse_extra_config({"windw": 1})
         Traceback (most recent call last):
         ...
-        weightstream._errors.UsageError: model_loader_extra_config: unknown key 'windw' for load format 'weightstream'; valid keys: weights, storage_options, remote_concurrency, remote_request_size, window, staging, staging_count, io, threads, direct, dtype, progress, zero_copy
+        weightstream._errors.UsageError: model_loader_extra_config: unknown key 'windw' for load format 'weightstream'; valid keys: weights, storage_options, remote_concurrency, remote_request_size, window, staging, staging_count, read_size, io, threads, direct, dtype, progress, zero_copy
     """
     if extra is None:
         extra = {}
@@ -202,7 +205,7 @@ def parse_extra_config(extra):
     for name in ("remote_concurrency", "staging_count", "threads"):
         if extra.get(name) is not None:
             loader[name] = O.count(extra[name], _key(name))
-    for name in ("remote_request_size", "staging"):
+    for name in ("remote_request_size", "staging", "read_size"):
         if extra.get(name) is not None:
             O.size(extra[name], _key(name))
             loader[name] = extra[name]
