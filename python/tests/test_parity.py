@@ -246,3 +246,22 @@ def test_framework_pt_without_torch_says_how_to_get_it(gen):
         ws.load_file(gen / "mixed.safetensors")  # raised before anything is read
     with pytest.raises(ImportError, match="pip install torch"):
         ws.safe_open(gen / "mixed.safetensors", framework="pt")
+
+
+def test_iterate_holds_no_reference_to_the_tensor_it_handed_out(tmp_path):
+    """Between two items the iterator keeps nothing of the last one: a consumer that copied and
+    dropped it has freed it (its share of the batch) before asking for the next."""
+    import gc
+    import weakref
+
+    p = str(tmp_path / "m.safetensors")
+    safetensors.numpy.save_file({f"t{i}": np.full(1000, i, np.float32) for i in range(3)}, p)
+    it = ws.Loader().iterate(p, framework="np")
+    seen = []
+    for name, t in it:
+        seen.append((name, float(t[0])))
+        ref = weakref.ref(t.base) if t.base is not None else weakref.ref(t)
+        del t
+        gc.collect()
+        assert ref() is None, f"the iterator still holds `{name}`"
+    assert seen == [("t0", 0.0), ("t1", 1.0), ("t2", 2.0)]

@@ -33,7 +33,7 @@ import weightstream as ws
 from weightstream import _save
 from weightstream._errors import UsageError, WeightstreamError
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (a missing torch fails, never a skip)
 import safetensors.torch as st_pt  # noqa: E402
 
 RNG = np.random.default_rng(22)

@@ -186,13 +186,24 @@ class Loader:
 
 
 def _iterate(stream, conv):
+    # While suspended at `yield`, this frame holds no reference to the tensor it handed out
+    # (a local would keep it, and its batch, alive until the next item arrives): the caller's
+    # tensor alone keeps the memory.
     try:
-        for t in stream:
-            item = (t.name, conv(t))
-            del t  # the caller's tensor alone keeps the memory, not this frame
-            yield item
+        while True:
+            box = []
+            try:
+                box.append(next(stream))
+            except StopIteration:
+                return
+            yield _pair(box, conv)
     finally:
         stream.close()
+
+
+def _pair(box, conv):
+    t = box.pop()
+    return t.name, conv(t)
 
 
 _default_loaders = {}

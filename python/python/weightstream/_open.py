@@ -9,7 +9,7 @@ positional and required, ``device``, keyword-only ``backend``), and returns what
 import os
 
 from . import _options as O
-from ._errors import MissingTensorError, SliceError, UsageError
+from ._errors import FormatError, MissingTensorError, SliceError, UsageError
 from ._frameworks import _PACKED, converter
 from ._loader import Loader, _default_loader, check_path, is_remote
 from ._weightstream import read_metadata
@@ -155,13 +155,24 @@ def _has_metadata_key(path):
     present, empty ``__metadata__``, and drop this)."""
     import json
 
+    # The file was validated by the Rust layer just before; if it was replaced since, its new
+    # header is bounded as the format bounds it and a broken one is a FormatError, not a crash.
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if n > _MAX_HEADER_LEN:
+            raise FormatError(f"{path}: header of {n} bytes, more than {_MAX_HEADER_LEN} (the file changed?)")
         header = f.read(n)
     if b"__metadata__" not in header and b"\\u" not in header:
         return False
-    top = json.loads(header, object_pairs_hook=lambda pairs: pairs)  # no dict of every tensor
-    return any(k == "__metadata__" and v is not None for k, v in top)
+    try:
+        top = json.loads(header, object_pairs_hook=lambda pairs: pairs)  # no dict of every tensor
+    except ValueError as e:
+        raise FormatError(f"{path}: the header is not JSON any more (the file changed?): {e}") from None
+    return isinstance(top, list) and any(k == "__metadata__" and v is not None for k, v in top)
+
+
+# The format's bound on a header (weightstream::format::MAX_HEADER_LEN, safetensors' 100 MB).
+_MAX_HEADER_LEN = 100_000_000
 
 
 def _is_int(k):

@@ -141,6 +141,12 @@ def _filename(filename) -> str:
 # numpy
 
 
+def _numpy_version(np):
+    """numpy's (major, minor)."""
+    major, minor = np.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def _np_items(tensor_dict) -> list:
     import numpy as np
 
@@ -160,6 +166,11 @@ def _np_items(tensor_dict) -> list:
         # The values in C order (safetensors writes the raw memory of a non-contiguous array).
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
+        if not arr.flags.writeable and _numpy_version(np) < (2, 1):
+            # numpy before 2.1 has no DLPack 1.0, and its legacy export refuses read-only
+            # arrays: hand their bytes over instead (a copy, as safetensors makes one too).
+            items.append((k, dtype, list(arr.shape), arr.tobytes()))
+            continue
         items.append((k, dtype, list(arr.shape), arr.reshape(-1).view(np.uint8)))
     _check_names(items)
     return items

@@ -82,7 +82,10 @@ iterator is called:
 =================  ===================================================================
 
 An unknown key or a bad value raises :class:`~weightstream.UsageError` naming it, and stops the
-load (the plugin was asked for: it does not quietly fall back).
+load (the plugin was asked for: it does not quietly fall back). Errors in ``register()`` itself (a
+bad ``WEIGHTSTREAM_SGLANG`` value, or an SGLang whose iterators' signatures differ from those
+tested) are raised there too, but SGLang's ``load_plugins`` catches a plugin's error, logs it and
+goes on with its own iterators: check the log for ``weightstream`` when the plugin seems off.
 
 Example (in-process, as the tests do)::
 

@@ -52,7 +52,7 @@ from . import _options as O
 from ._errors import MissingTensorError, UsageError
 from ._frameworks import to_torch
 from ._loader import Loader
-from ._weightstream import read_metadata
+from ._open import _metadata as _open_metadata
 
 __all__ = ["from_pretrained", "patch", "patched_sites"]
 
@@ -223,10 +223,10 @@ class _Handle:
         return list(self._infos)
 
     def metadata(self):
-        """The ``__metadata__`` dict, or None."""
+        """The ``__metadata__`` dict (``{}`` for an empty one), or None without one, as
+        ``safetensors.safe_open`` returns it."""
         self._check()
-        meta = read_metadata(self._path, None)
-        return None if meta is None else dict(meta)
+        return _open_metadata(self._path, None)
 
     def _info(self, name, check=True):
         if check:
@@ -448,11 +448,19 @@ class patch:
         with _state:
             if self._entered:
                 raise UsageError("this weightstream.transformers.patch() is already active: make a new one to nest")
-            _install()
+            try:
+                _install()
+            except BaseException:
+                if not _active:  # nothing of ours stays replaced when no patch could start
+                    _uninstall()
+                raise
             self._entered = True
             _active.append(self._patcher)
         if not hasattr(_local, "stack"):
             _local.stack = []
+        # Patches this thread entered that exited on another thread: their patcher (and its
+        # loaders' staging rings) goes with them, not with this thread.
+        _local.stack[:] = [p for p in _local.stack if p in _active]
         _local.stack.append(self._patcher)
         return self
 

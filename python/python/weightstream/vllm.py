@@ -444,7 +444,8 @@ class WeightstreamModelLoader(DefaultModelLoader):
         secs = time.perf_counter() - start
         logger.info(
             "weightstream: %.2f GiB from %s to %s in %.2f s (%.2f GiB/s)",
-            nbytes / 2**30, paths[0] if len(paths) == 1 else f"{len(paths)} files under {os.path.dirname(paths[0])}",
+            nbytes / 2**30,
+            "no file" if not paths else paths[0] if len(paths) == 1 else f"{len(paths)} files under {os.path.dirname(paths[0])}",
             loader.device, secs,
             nbytes / 2**30 / secs if secs > 0 else 0.0,
         )
