@@ -16,8 +16,9 @@ use std::path::PathBuf;
 
 use pyo3::prelude::*;
 
-/// The `__metadata__` of a checkpoint's files (merged, the first file's value first), or `None`
-/// when there is none. Reads headers only.
+/// The `__metadata__` of a checkpoint's files (merged, the first file's value first): `{}` when a
+/// file has an empty one, `None` when none has one (absent or `null`), as safetensors returns
+/// it. Reads headers only.
 #[pyfunction]
 #[pyo3(signature = (path, storage_options=None))]
 fn read_metadata(
@@ -36,7 +37,7 @@ fn read_metadata(
             merged.entry(k.clone()).or_insert_with(|| v.clone());
         }
     }
-    Ok((!merged.is_empty()).then_some(merged))
+    Ok(ckpt.files.iter().any(|f| f.header.metadata_present).then_some(merged))
 }
 
 /// Whether a CUDA device is usable here.

@@ -86,6 +86,9 @@ pub struct Header {
     pub tensors: Vec<TensorInfo>,
     /// The `__metadata__` map (empty when absent).
     pub metadata: BTreeMap<String, String>,
+    /// Whether the header has a `__metadata__` map (an empty `{}` counts; absent or `null` do
+    /// not): safetensors' `metadata()` returns `{}` for the one and `None` for the others.
+    pub metadata_present: bool,
     /// Absolute offset of the data section: `8 + header length`.
     pub data_start: u64,
     /// Length of the header JSON in bytes.
@@ -239,7 +242,8 @@ pub fn parse_header(path: impl Into<PathBuf>, header: &[u8], file_len: u64) -> R
     if data_end != Some(file_len) {
         return Err(Error::DataLengthMismatch { file: path, data_end: data_end.unwrap_or(u64::MAX), file_len });
     }
-    Ok(Header { tensors, metadata: metadata.unwrap_or_default(), data_start, header_len, file_len })
+    let metadata_present = metadata.is_some();
+    Ok(Header { tensors, metadata: metadata.unwrap_or_default(), metadata_present, data_start, header_len, file_len })
 }
 
 const METADATA_ERR: &str = "__metadata__: ";
@@ -316,14 +320,15 @@ impl<'de> Visitor<'de> for HeaderVisitor<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawHeader, A::Error> {
         let mut tensors = Vec::with_capacity(map.size_hint().unwrap_or(self.capacity).min(MAX_TENSORS));
         let mut metadata = None;
+        let mut metadata_seen = false;
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             if key == "__metadata__" {
-                if metadata.is_some() {
+                if metadata_seen {
                     return Err(de::Error::custom(format!("{METADATA_ERR}appears twice")));
                 }
+                metadata_seen = true;
                 let seed = MetadataSeed { violation: &mut *self.violation };
-                metadata =
-                    Some(map.next_value_seed(seed).map_err(|e| de::Error::custom(format!("{METADATA_ERR}{e}")))?);
+                metadata = map.next_value_seed(seed).map_err(|e| de::Error::custom(format!("{METADATA_ERR}{e}")))?;
             } else {
                 if tensors.len() == MAX_TENSORS {
                     *self.violation = Some(LimitExceeded::Tensors);
@@ -351,32 +356,32 @@ impl<'de> Visitor<'de> for HeaderVisitor<'_> {
     }
 }
 
-/// `__metadata__`: `null` (as no metadata) or a map of string to string of at most
+/// `__metadata__`: `null` (as no metadata: `None`) or a map of string to string of at most
 /// [`MAX_METADATA_KEYS`] keys.
 struct MetadataSeed<'v> {
     violation: &'v mut Option<LimitExceeded>,
 }
 
 impl<'de> DeserializeSeed<'de> for MetadataSeed<'_> {
-    type Value = BTreeMap<String, String>;
+    type Value = Option<BTreeMap<String, String>>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_option(self)
     }
 }
 
 impl<'de> Visitor<'de> for MetadataSeed<'_> {
-    type Value = BTreeMap<String, String>;
+    type Value = Option<BTreeMap<String, String>>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a map of string to string")
     }
 
     fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(BTreeMap::new())
+        Ok(None)
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(BTreeMap::new())
+        Ok(None)
     }
 
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
@@ -395,7 +400,7 @@ impl<'de> Visitor<'de> for MetadataSeed<'_> {
             let value = map.next_value::<String>()?;
             metadata.insert(key, value);
         }
-        Ok(metadata)
+        Ok(Some(metadata))
     }
 }
 
@@ -470,6 +475,20 @@ mod tests {
             permute(&mut items, order);
             assert_eq!(items, want);
         }
+    }
+
+    #[test]
+    fn metadata_present_tells_an_empty_map_from_none_and_null() {
+        let present = |h: &str| {
+            let h = parse_header("m.safetensors", h.as_bytes(), 8 + h.len() as u64).unwrap();
+            (h.metadata_present, h.metadata.len())
+        };
+        assert_eq!(present("{}"), (false, 0));
+        assert_eq!(present(r#"{"__metadata__":null}"#), (false, 0));
+        assert_eq!(present(r#"{"__metadata__":{}}"#), (true, 0));
+        assert_eq!(present(r#"{"__metadata__":{"a":"b"}}"#), (true, 1));
+        let twice = parse_header("m.safetensors", br#"{"__metadata__":null,"__metadata__":{}}"#, 48);
+        assert!(twice.is_err());
     }
 
     #[test]

@@ -6,12 +6,11 @@ positional and required, ``device``, keyword-only ``backend``), and returns what
 (0-d arrays for all-integer indices, ``{}`` for an empty ``__metadata__``, ...); the tests in
 ``python/tests/test_dropin.py`` compare the two on files safetensors writes."""
 
-import os
 
 from . import _options as O
-from ._errors import FormatError, MissingTensorError, SliceError, UsageError
+from ._errors import MissingTensorError, SliceError, UsageError
 from ._frameworks import _PACKED, converter
-from ._loader import Loader, _default_loader, check_path, is_remote
+from ._loader import Loader, _default_loader, check_path
 from ._weightstream import read_metadata
 
 
@@ -140,39 +139,8 @@ def _load_one(loader, path, conv, name, slice_=None):
 
 def _metadata(path, storage_options):
     """The ``__metadata__`` as safetensors returns it: None when absent (or ``null``), ``{}``
-    when present and empty. The Rust layer returns None for both; an empty one is told apart
-    in the header of a single local file (which that layer has already validated)."""
-    meta = read_metadata(path, storage_options)
-    if meta is not None or is_remote(path) or path.endswith(".json") or not os.path.isfile(path):
-        return meta
-    return {} if _has_metadata_key(path) else None
-
-
-def _has_metadata_key(path):
-    """Whether the header of ``path`` has a non-null ``__metadata__``. A header without the
-    bytes ``__metadata__`` and without JSON escapes (which could spell it) has none; only
-    otherwise is the header parsed (TODO(rust): have ``read_metadata`` return ``{}`` for a
-    present, empty ``__metadata__``, and drop this)."""
-    import json
-
-    # The file was validated by the Rust layer just before; if it was replaced since, its new
-    # header is bounded as the format bounds it and a broken one is a FormatError, not a crash.
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > _MAX_HEADER_LEN:
-            raise FormatError(f"{path}: header of {n} bytes, more than {_MAX_HEADER_LEN} (the file changed?)")
-        header = f.read(n)
-    if b"__metadata__" not in header and b"\\u" not in header:
-        return False
-    try:
-        top = json.loads(header, object_pairs_hook=lambda pairs: pairs)  # no dict of every tensor
-    except ValueError as e:
-        raise FormatError(f"{path}: the header is not JSON any more (the file changed?): {e}") from None
-    return isinstance(top, list) and any(k == "__metadata__" and v is not None for k, v in top)
-
-
-# The format's bound on a header (weightstream::format::MAX_HEADER_LEN, safetensors' 100 MB).
-_MAX_HEADER_LEN = 100_000_000
+    when present and empty (the Rust layer's header keeps which)."""
+    return read_metadata(path, storage_options)
 
 
 def _is_int(k):
