@@ -23,7 +23,7 @@ from typing import Dict, Optional, Union
 
 import numpy as np  # the real numpy: absolute import, this module is weightstream.numpy
 
-from . import _open
+from . import _open, _save
 from ._loader import load_bytes
 
 __all__ = ["safe_open", "load_file", "load", "save_file", "save"]
@@ -69,14 +69,6 @@ def load(data: bytes) -> Dict[str, np.ndarray]:
     return load_bytes(data, "np", "weightstream.numpy.load")
 
 
-def _writer(name):
-    """The writer's function ``name`` (``weightstream._save``), imported when first used: reading
-    never needs it."""
-    from . import _save
-
-    return getattr(_save, name)
-
-
 def save_file(tensor_dict: Dict[str, np.ndarray], filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
     """Write ``tensor_dict`` to ``filename`` in the safetensors format, as
     ``safetensors.numpy.save_file`` does.
@@ -85,7 +77,7 @@ def save_file(tensor_dict: Dict[str, np.ndarray], filename: Union[str, os.PathLi
 
         >>> save_file({"w": np.zeros((2, 2))}, "model.safetensors")   # doctest: +SKIP
     """
-    return _writer("save_file")(tensor_dict, filename, metadata=metadata)
+    return _save.save_file(tensor_dict, filename, metadata=metadata)
 
 
 def save(tensor_dict: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None) -> bytes:
@@ -95,4 +87,4 @@ def save(tensor_dict: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] 
 
         >>> data = save({"w": np.zeros((2, 2))})   # doctest: +SKIP
     """
-    return _writer("save")(tensor_dict, metadata=metadata)
+    return _save.save(tensor_dict, metadata=metadata)

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch  # the real torch: absolute import, this module is weightstream.torch
 
-from . import _open
+from . import _open, _save
 from ._loader import load_bytes
 
 __all__ = ["safe_open", "load_file", "load", "load_model", "save_file", "save", "save_model", "storage_ptr", "storage_size"]
@@ -95,11 +95,9 @@ def load_model(
     # Which of the model's names share memory and which one of each group the file holds: the
     # writer's port of safetensors' rules, so that load_model and save_model agree with each
     # other and with files safetensors wrote.
-    from ._save import remove_duplicate_names
-
     state_dict = load_file(filename, device=device, backend=backend)
     model_state_dict = model.state_dict()
-    to_removes = remove_duplicate_names(model_state_dict, preferred_names=state_dict.keys())
+    to_removes = _save.remove_duplicate_names(model_state_dict, preferred_names=state_dict.keys())
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = set(missing)
     for to_remove_group in to_removes.values():
@@ -122,24 +120,12 @@ def load_model(
 
 def storage_ptr(tensor: torch.Tensor) -> int:
     """The address of ``tensor``'s storage (0 for a tensor without one), as safetensors.torch's."""
-    from ._save import _storage_ptr
-
-    return _storage_ptr(tensor)
+    return _save._storage_ptr(tensor)
 
 
 def storage_size(tensor: torch.Tensor) -> int:
     """The bytes of ``tensor``'s storage, as safetensors.torch's."""
-    from ._save import _storage_size
-
-    return _storage_size(tensor)
-
-
-def _writer(name):
-    """The writer's function ``name`` (``weightstream._save``), imported when first used: reading
-    never needs it."""
-    from . import _save
-
-    return getattr(_save, name)
+    return _save._storage_size(tensor)
 
 
 def save_file(tensors: Dict[str, torch.Tensor], filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
@@ -150,7 +136,7 @@ def save_file(tensors: Dict[str, torch.Tensor], filename: Union[str, os.PathLike
 
         >>> save_file({"w": torch.zeros(2, 2)}, "model.safetensors")   # doctest: +SKIP
     """
-    return _writer("save_file_torch")(tensors, filename, metadata=metadata)
+    return _save.save_file_torch(tensors, filename, metadata=metadata)
 
 
 def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
@@ -160,7 +146,7 @@ def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = 
 
         >>> data = save({"w": torch.zeros(2, 2)})   # doctest: +SKIP
     """
-    return _writer("save_torch")(tensors, metadata=metadata)
+    return _save.save_torch(tensors, metadata=metadata)
 
 
 def save_model(model: torch.nn.Module, filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None, force_contiguous: bool = True) -> None:
@@ -170,4 +156,4 @@ def save_model(model: torch.nn.Module, filename: Union[str, os.PathLike], metada
 
         >>> save_model(torch.nn.Linear(4, 4), "linear.safetensors")   # doctest: +SKIP
     """
-    return _writer("save_model")(model, filename, metadata=metadata, force_contiguous=force_contiguous)
+    return _save.save_model(model, filename, metadata=metadata, force_contiguous=force_contiguous)

@@ -50,7 +50,7 @@ import threading
 
 from . import _options as O
 from ._errors import MissingTensorError, UsageError
-from ._frameworks import to_torch
+from ._frameworks import _torch, to_torch
 from ._loader import Loader
 from ._open import _metadata as _open_metadata
 
@@ -72,14 +72,6 @@ _DTYPE_NAMES = {
     "f16": "float16", "fp16": "float16", "float16": "float16", "half": "float16",
     "f32": "float32", "fp32": "float32", "float32": "float32", "float": "float32",
 }
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise ImportError("weightstream.transformers needs torch: pip install 'weightstream[transformers]'") from None
-    return torch
-
 
 def _transformers():
     try:
