@@ -59,8 +59,8 @@ window, and the pairs are the same (only their order differs).
 
 Speed: on the CPU, SGLang's own iterators hand out lazy views of a memory map, so a warm load's
 one copy is the model's own ``copy_`` out of the page cache; ours reads each tensor into memory
-first, which costs a second copy (warm loads of a CPU model took about 1.5x to 2x SGLang's time
-on our busy 2-core VM). What ours brings is no memory map (a file truncated or replaced under a
+first, which costs a second copy (not benchmarked against SGLang; the same trade-off in vLLM's
+loop is measured in BENCHMARKS.md, "Frameworks and the safetensors drop-in on the CPU"). What ours brings is no memory map (a file truncated or replaced under a
 load is an error naming it, not a SIGBUS), memory bounded by the window rather than
 ``max_workers + 2`` files, and large parallel or O_DIRECT reads for cold storage. Yielding the
 tensors on the GPU, where streaming pays most, is not what SGLang's two iterators do and is left
