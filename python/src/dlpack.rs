@@ -337,3 +337,24 @@ pub fn import(capsule: &Bound<'_, PyAny>) -> PyResult<Imported> {
         release,
     })
 }
+
+/// `obj.__dlpack__()` over `obj`'s own memory (`copy=False`), asking for DLPack 1.0 first (it
+/// can say read-only), then the legacy capsule from a producer that refuses those keywords
+/// (numpy < 2.1). `what` names what `obj` is for in the `TypeError` of an object without
+/// `__dlpack__` ("a load_into destination", "tensor data").
+pub fn export_capsule<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyAny>> {
+    let py = obj.py();
+    let method = obj.getattr("__dlpack__").map_err(|_| {
+        pyo3::exceptions::PyTypeError::new_err(format!(
+            "{what} must support DLPack (__dlpack__), got {}",
+            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
+    })?;
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("max_version", (1, 0))?;
+    kwargs.set_item("copy", false)?;
+    match method.call((), Some(&kwargs)) {
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => method.call0(),
+        other => other,
+    }
+}

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use weightstream::{CancelToken, Destination, Device, DevicePlace, Dtype, Loader};
 
@@ -285,25 +285,11 @@ impl RawLoader {
     }
 }
 
-/// `obj.__dlpack__()`, asking for DLPack 1.0 first (it can say read-only), then legacy.
+/// `obj.__dlpack__()` for a `load_into` destination: its own memory or nothing (a copy would be
+/// filled and thrown away).
 fn export_capsule<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let py = obj.py();
-    let method = obj.getattr("__dlpack__").map_err(|_| {
-        PyTypeError::new_err(format!(
-            "a load_into destination must support DLPack (__dlpack__), got {}",
-            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
-        ))
-    })?;
-    let kwargs = pyo3::types::PyDict::new(py);
-    kwargs.set_item("max_version", (1, 0))?;
-    // Its own memory or nothing: a copy would be filled and thrown away.
-    kwargs.set_item("copy", false)?;
-    // A producer without DLPack 1.0 (numpy < 2.1) refuses the keyword: ask for legacy then.
-    let capsule = match method.call((), Some(&kwargs)) {
-        Err(e) if e.is_instance_of::<PyTypeError>(py) => method.call0(),
-        other => other,
-    };
-    capsule.map_err(|e| {
+    dlpack::export_capsule(obj, "a load_into destination").map_err(|e| {
         if e.is_instance_of::<pyo3::exceptions::PyBufferError>(py) {
             PyValueError::new_err(format!("cannot fill this destination in place: {e}"))
         } else {

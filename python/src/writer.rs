@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use pyo3::exceptions::{PyBufferError, PyTypeError};
+use pyo3::exceptions::PyBufferError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::PyBytes;
 use weightstream::format::{sort_like_reference, write_file_with, write_to_vec_with, WriteTensor};
 use weightstream::Dtype;
 
@@ -42,33 +42,13 @@ impl Held<'_> {
     }
 }
 
-/// `obj.__dlpack__()`, asking for DLPack 1.0 first (read-only arrays export only there).
-fn export_capsule<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    let py = obj.py();
-    let method = obj.getattr("__dlpack__").map_err(|_| {
-        PyTypeError::new_err(format!(
-            "tensor data must be bytes or support DLPack (__dlpack__), got {}",
-            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
-        ))
-    })?;
-    let kwargs = PyDict::new(py);
-    kwargs.set_item("max_version", (1, 0))?;
-    // The tensor's own memory: `import` refuses a capsule flagged as a copy.
-    kwargs.set_item("copy", false)?;
-    match method.call((), Some(&kwargs)) {
-        // A producer without DLPack 1.0 refuses the keywords: ask for the legacy capsule.
-        Err(e) if e.is_instance_of::<PyTypeError>(py) => method.call0(),
-        other => other,
-    }
-}
-
 fn hold<'py>(name: &str, data: &Bound<'py, PyAny>) -> PyResult<Held<'py>> {
     let py = data.py();
     if let Ok(b) = data.cast::<PyBytes>() {
         return Ok(Held::Bytes(b.clone()));
     }
     let bad = |m: String| usage(py, format!("tensor `{name}`: {m}"));
-    let im = dlpack::import(&export_capsule(data)?).map_err(|e| {
+    let im = dlpack::import(&dlpack::export_capsule(data, "tensor data that is not bytes")?).map_err(|e| {
         if e.is_instance_of::<PyBufferError>(py) {
             bad(e.to_string())
         } else {
