@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UsageError};
 use crate::io::IoKind;
 use crate::sink::Device;
 use crate::{Checkpoint, Loader};
@@ -91,7 +91,7 @@ impl FromStr for BenchStrategy {
     fn from_str(s: &str) -> Result<Self> {
         BenchStrategy::ALL.into_iter().find(|b| b.name() == s).ok_or_else(|| {
             let names: Vec<_> = BenchStrategy::ALL.iter().map(|b| b.name()).collect();
-            Error::usage(format!("unknown strategy `{s}` ({})", names.join(", ")))
+            Error::bad_option("strategy", s, format!("one of {}", names.join(", ")))
         })
     }
 }
@@ -191,11 +191,17 @@ impl BenchReport {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn run(ckpt: &Checkpoint, base: &Loader, strategies: &[BenchStrategy], opts: &BenchOptions) -> Result<BenchReport> {
-    if ckpt.files.iter().any(|f| f.is_remote()) && (opts.cold || strategies.iter().any(|s| s.is_baseline())) {
-        return Err(Error::usage(
-            "a remote source is benchmarked with the pipeline strategies only (no --cold, no mmap-copy or \
-             read-all: they read local files); scripts/remote_bench.sh compares remote loaders",
-        ));
+    if ckpt.files.iter().any(|f| f.is_remote()) {
+        let refuse = |option, why: &str| {
+            let why = format!("{why}; scripts/remote_bench.sh compares remote loaders");
+            Err(Error::unsupported(option, "a remote source", why))
+        };
+        if opts.cold {
+            return refuse("cold", "it evicts local files from the page cache");
+        }
+        if let Some(s) = strategies.iter().find(|s| s.is_baseline()) {
+            return refuse("strategy", &format!("the {} baseline reads local files", s.name()));
+        }
     }
     let device = base.resolved_device();
     let runs = opts.runs.max(1);
@@ -244,7 +250,7 @@ pub fn run(ckpt: &Checkpoint, base: &Loader, strategies: &[BenchStrategy], opts:
 /// Run the mmap-copy baseline in a child process; its own timing and bytes come back on stdout.
 fn mmap_copy_in_child(ckpt: &Checkpoint, device: Device, opts: &BenchOptions) -> Result<(f64, u64)> {
     let Some(exe) = &opts.child_exe else {
-        return Err(Error::usage("the mmap-copy baseline runs in a child process: set BenchOptions::child_exe"));
+        return Err(UsageError::Requires { option: "mmap-copy", needs: "BenchOptions::child_exe" }.into());
     };
     let mut cmd = std::process::Command::new(exe);
     cmd.env(CHILD_ENV, "mmap-copy").arg(device.to_string());
@@ -266,7 +272,12 @@ fn mmap_copy_in_child(ckpt: &Checkpoint, device: Device, opts: &BenchOptions) ->
     let mut it = text.split_whitespace().map(str::parse::<f64>);
     match (it.next(), it.next()) {
         (Some(Ok(secs)), Some(Ok(bytes))) => Ok((secs, bytes as u64)),
-        _ => Err(Error::internal(format!("mmap-copy child answered `{}`", text.trim()))),
+        // Not a weightstream bug: `child_exe` names an executable that does not call
+        // `child_main` first.
+        _ => {
+            let expected = format!("an executable that calls bench::child_main first (it answered `{}`)", text.trim());
+            Err(Error::bad_option("child_exe", exe.display(), expected))
+        }
     }
 }
 
@@ -279,7 +290,7 @@ pub fn child_main() -> Option<std::process::ExitCode> {
     let mut args = std::env::args_os().skip(1);
     let run = || -> Result<(f64, u64)> {
         if what != "mmap-copy" {
-            return Err(Error::usage(format!("unknown baseline `{what}`")));
+            return Err(Error::bad_option(CHILD_ENV, &what, "mmap-copy"));
         }
         let device: Device = args.next().and_then(|d| d.into_string().ok()).unwrap_or_default().parse()?;
         let paths: Vec<PathBuf> = args.map(PathBuf::from).collect();

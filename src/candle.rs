@@ -66,7 +66,7 @@ impl WeightstreamBackend {
     /// candle owns), then place them on `device`.
     ///
     /// The loader's device must be `auto` or `cpu` (both load to host memory here): a `cuda` or
-    /// `null` loader is [`Error::Usage`], not a silent change. A tensor whose loaded dtype
+    /// `null` loader is [`Error::Usage`] ([`crate::UsageError::Unsupported`]), not a silent change. A tensor whose loaded dtype
     /// candle lacks (BOOL, I8, U16, U64, F8_E5M2, the FNUZ fp8s, C64) is
     /// [`Error::BadDestination`] naming it; `Loader::dtype` converts float tensors first.
     pub fn new(loader: &Loader, path: impl AsRef<Path>, device: &candle_core::Device) -> Result<Self> {
@@ -74,10 +74,11 @@ impl WeightstreamBackend {
         let loader = match loader.device_option() {
             Device::Auto | Device::Cpu => loader.clone().device(Device::Cpu),
             other => {
-                return Err(Error::usage(format!(
-                    "the candle backend loads into candle's host memory: give it a cpu or auto \
-                     loader, not {other} (candle's Device says where tensors go)"
-                )))
+                let why = format!(
+                    "it loads into candle's host memory: give it a cpu or auto loader, not {other} (candle's \
+                     Device says where tensors go)"
+                );
+                return Err(Error::unsupported("device", "the candle backend", why));
             }
         };
         let infos = loader.describe(path)?;

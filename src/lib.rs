@@ -43,7 +43,7 @@ mod stream;
 pub mod text;
 pub mod trace;
 
-pub use error::{Error, ErrorKind, RemoteFailure, Result};
+pub use error::{Error, ErrorKind, RemoteFailure, Result, UsageError};
 pub use format::Dtype;
 pub use loader::{CancelToken, Destination, DevicePlace, Loader, TensorInfo, MAX_STAGING_COUNT, MIN_STAGING_SIZE};
 pub use model::{peak_host_rss_bytes, LoadStats, LoadedModel, TensorRef};

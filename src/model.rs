@@ -1,6 +1,6 @@
 //! What a load returns: the tensors, where they live, and how the load went.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UsageError};
 use crate::format::Dtype;
 use crate::sink::{Device, HostMemory};
 
@@ -252,21 +252,16 @@ impl<'a> TensorRef<'a> {
         f: impl FnOnce(&cudarc::driver::CudaSlice<T>) -> R,
     ) -> Result<R> {
         let (Some(ptr), Some(ordinal)) = (self.device_ptr(), self.device_ordinal()) else {
-            return Err(Error::usage(format!("tensor `{}` is not on a CUDA device", self.meta.name)));
+            return Err(self.misused("it is not on a CUDA device".into()));
         };
         if stream.context().ordinal() != ordinal {
-            return Err(Error::usage(format!(
-                "tensor `{}` is on cuda:{ordinal}, the stream on cuda:{}",
-                self.meta.name,
-                stream.context().ordinal()
-            )));
+            return Err(
+                self.misused(format!("it is on cuda:{ordinal}, the stream on cuda:{}", stream.context().ordinal()))
+            );
         }
         let size = std::mem::size_of::<T>() as u64;
         if size == 0 || self.meta.len % size != 0 {
-            return Err(Error::usage(format!(
-                "tensor `{}`: {} bytes are not a whole number of {}-byte elements",
-                self.meta.name, self.meta.len, size
-            )));
+            return Err(self.misused(format!("{} bytes are not a whole number of {size}-byte elements", self.meta.len)));
         }
         /// Leaks the slice back to a plain pointer on every path, so cudarc never frees it.
         struct Borrowed<T>(Option<cudarc::driver::CudaSlice<T>>);
@@ -293,10 +288,7 @@ impl<'a> TensorRef<'a> {
             Storage::Host(_) => Ok(self.host_bytes().unwrap_or_default().to_vec()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(a) => a.copy_to_host(self.meta.offset, self.meta.len as usize),
-            Storage::Null => Err(Error::usage(format!(
-                "tensor `{}` was loaded to the null device: its bytes were dropped",
-                self.meta.name
-            ))),
+            Storage::Null => Err(UsageError::BytesDropped { tensor: self.meta.name.clone() }.into()),
         }
     }
 
@@ -326,7 +318,7 @@ impl<'a> TensorRef<'a> {
     /// ```
     pub fn for_each_chunk(&self, max_chunk: usize, mut f: impl FnMut(&[u8])) -> Result<()> {
         if max_chunk == 0 {
-            return Err(Error::usage("for_each_chunk: max_chunk must be at least 1 byte"));
+            return Err(Error::bad_option("max_chunk", 0, "at least 1 byte"));
         }
         match &self.model.storage {
             Storage::Host(_) => {
@@ -346,11 +338,16 @@ impl<'a> TensorRef<'a> {
                 }
                 Ok(())
             }
-            Storage::Null => Err(Error::usage(format!(
-                "tensor `{}` was loaded to the null device: its bytes were dropped",
-                self.meta.name
-            ))),
+            Storage::Null => Err(UsageError::BytesDropped { tensor: self.meta.name.clone() }.into()),
         }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl TensorRef<'_> {
+    /// [`UsageError::BadTensorUse`] of this tensor.
+    fn misused(&self, why: String) -> Error {
+        UsageError::BadTensorUse { tensor: self.meta.name.clone(), why }.into()
     }
 }
 

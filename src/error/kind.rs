@@ -63,7 +63,7 @@ impl Error {
             NoCudaDriver | NoCudaDevice { .. } | CudaNotBuilt | Cuda { .. } | DeviceOutOfMemory { .. } => {
                 ErrorKind::Device
             }
-            Usage { .. }
+            Usage(_)
             | UnsupportedConversion { .. }
             | Conversion { .. }
             | BadShard { .. }

@@ -5,6 +5,7 @@
 
 mod kind;
 mod remote;
+mod usage;
 
 use std::io;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 pub use kind::ErrorKind;
 pub use remote::RemoteFailure;
 pub(crate) use remote::RemoteFault;
+pub use usage::UsageError;
 
 /// Shorthand for `Result<T, weightstream::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -247,12 +249,9 @@ pub enum Error {
     },
     /// An option or argument that cannot be honoured (a bad glob, size or device string, or a
     /// combination of options that this load cannot do as asked): a usage error, never a silent
-    /// downgrade.
-    #[error("{}", shown_message(what))]
-    Usage {
-        /// What is wrong.
-        what: String,
-    },
+    /// downgrade. Match on the [`UsageError`] for which option and why.
+    #[error("{0}")]
+    Usage(UsageError),
     /// A broken internal invariant (a bug in weightstream, not in the input): reported instead of
     /// a panic, with everything allocated released.
     #[error("internal error: {}", shown_message(what))]
@@ -477,10 +476,6 @@ impl Error {
 
     pub(crate) fn io(file: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io { file: file.into(), tensor: None, source }
-    }
-
-    pub(crate) fn usage(what: impl Into<String>) -> Self {
-        Error::Usage { what: what.into() }
     }
 
     pub(crate) fn internal(what: impl Into<String>) -> Self {

@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use super::{Dtype, MAX_HEADER_LEN};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UsageError};
 
 /// One tensor to write: its name, dtype, shape and little-endian bytes.
 #[derive(Debug, Clone)]
@@ -110,21 +110,15 @@ fn check(t: &WriteTensor<'_>) -> Result<u64> {
     let need = elements.and_then(|n| t.dtype.bytes_for(n));
     match need {
         Some(n) if n == t.data.len() as u64 => Ok(n),
-        Some(n) => Err(Error::usage(format!(
-            "tensor `{}`: {} bytes given for {} {:?}, which takes {n}",
-            t.name,
-            t.data.len(),
-            t.dtype,
-            t.shape
-        ))),
-        None if elements.is_some() => Err(Error::usage(format!(
-            "tensor `{}`: {} {:?} does not fill whole bytes ({} bits an element)",
-            t.name,
-            t.dtype,
-            t.shape,
-            t.dtype.bits()
-        ))),
-        None => Err(Error::usage(format!("tensor `{}`: the shape {:?} overflows", t.name, t.shape))),
+        Some(n) => Err(Error::bad_write(
+            &t.name,
+            format!("{} bytes given for {} {:?}, which takes {n}", t.data.len(), t.dtype, t.shape),
+        )),
+        None if elements.is_some() => Err(Error::bad_write(
+            &t.name,
+            format!("{} {:?} does not fill whole bytes ({} bits an element)", t.dtype, t.shape, t.dtype.bits()),
+        )),
+        None => Err(Error::bad_write(&t.name, format!("the shape {:?} overflows", t.shape))),
     }
 }
 
@@ -134,20 +128,18 @@ fn header_for(tensors: &[WriteTensor<'_>], metadata: Option<&BTreeMap<String, St
     for t in tensors {
         if t.name == "__metadata__" {
             // Readers take that key for the metadata map: the tensor would be lost.
-            return Err(Error::usage("a tensor cannot be named `__metadata__`"));
+            return Err(Error::bad_write(&t.name, "the name `__metadata__` is the header's metadata map"));
         }
         if !seen.insert(t.name.as_str()) {
-            return Err(Error::usage(format!("tensor `{}` given twice", t.name)));
+            return Err(Error::bad_write(&t.name, "given twice"));
         }
         entries.push((t.name.clone(), t.dtype, t.shape.clone(), check(t)?));
     }
     let header = header_json_with(&entries, metadata);
     if header.len() as u64 > MAX_HEADER_LEN {
         // No reader (the reference's or ours) opens such a file.
-        return Err(Error::usage(format!(
-            "the header would take {} bytes, more than the format's {MAX_HEADER_LEN}",
-            header.len()
-        )));
+        let message = format!("the header would take {} bytes, more than the format's {MAX_HEADER_LEN}", header.len());
+        return Err(UsageError::BadWrite { tensor: None, message }.into());
     }
     Ok(header)
 }

@@ -46,7 +46,7 @@ impl std::str::FromStr for IoKind {
             "auto" => Ok(IoKind::Auto),
             "uring" | "io_uring" => Ok(IoKind::Uring),
             "pread" => Ok(IoKind::Pread),
-            _ => Err(crate::Error::usage(format!("unknown io engine `{s}` (auto, uring, pread)"))),
+            _ => Err(crate::Error::bad_option("io", s, "auto, uring or pread")),
         }
     }
 }

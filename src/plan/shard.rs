@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UsageError};
 use crate::format::Dtype;
 
 /// The bytes of a tensor that a load reads: `rows` runs of `row_len` bytes, `row_stride` bytes
@@ -79,7 +79,7 @@ impl Shard {
     /// Rank `rank` of `world` ranks, with no split rule yet (every tensor whole).
     pub fn new(rank: usize, world: usize) -> Result<Self> {
         if world == 0 || rank >= world {
-            return Err(Error::usage(format!("--shard {rank}/{world}: the rank must be below the world size (> 0)")));
+            return Err(UsageError::BadShardSpec { rank, world }.into());
         }
         Ok(Shard { rank, world, splits: Vec::new(), slices: Vec::new() })
     }
@@ -101,7 +101,9 @@ impl Shard {
 
     /// Split tensors whose name matches `glob` along `dim` (rules are tried in order).
     pub fn split(mut self, glob: &str, dim: usize) -> Result<Self> {
-        let g = globset::Glob::new(glob).map_err(|e| Error::usage(format!("--split `{glob}`: {e}")))?;
+        let bad =
+            |e: globset::Error| UsageError::BadGlob { option: "split", glob: glob.to_string(), message: e.to_string() };
+        let g = globset::Glob::new(glob).map_err(bad)?;
         self.splits.push((g.compile_matcher(), dim));
         Ok(self)
     }

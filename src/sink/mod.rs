@@ -53,7 +53,7 @@ impl FromStr for Device {
             "cuda" => Ok(Device::Cuda(0)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Device::Cuda(n)),
-                _ => Err(Error::usage(format!("unknown device `{s}` (auto, cpu, null, cuda, cuda:N)"))),
+                _ => Err(Error::bad_option("device", s, "auto, cpu, null, cuda or cuda:N")),
             },
         }
     }

@@ -124,12 +124,13 @@ impl CheckpointFile {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     #[cfg_attr(not(feature = "remote"), allow(unused_variables))]
-    pub fn local_file(&self, what: &str) -> Result<&Arc<File>> {
+    pub fn local_file(&self, what: &'static str) -> Result<&Arc<File>> {
         match &self.access {
             FileAccess::Local(f) => Ok(f),
             #[cfg(feature = "remote")]
             FileAccess::Remote(_) => {
-                Err(Error::usage(format!("{what} needs a local file, not {}", self.path.display())))
+                let remote = format!("a remote source ({})", self.path.display());
+                Err(Error::unsupported(what, remote, "it needs a local file"))
             }
         }
     }

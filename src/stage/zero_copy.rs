@@ -84,14 +84,12 @@ impl<'a> ZeroCopyStage<'a> {
     ) -> Result<Self> {
         let pinned = pinned.max(1);
         if !dev.supports_read_only_register()? {
-            return Err(Error::usage(
-                "--zero-copy needs read-only host registration, which this device or driver lacks",
-            ));
+            let why = "it needs read-only host registration, which this device or driver lacks";
+            return Err(Error::unsupported("zero_copy", format!("device cuda:{}", dev.ordinal()), why));
         }
         if matches!(fault, Some(Fault::ShortReads(_))) {
-            return Err(Error::usage(
-                "short reads cannot be injected into zero-copy loads (nothing is read by a system call)",
-            ));
+            let why = "short reads cannot be injected into zero-copy loads (nothing is read by a system call)";
+            return Err(Error::conflict("inject_fault", "zero_copy", why));
         }
         let page = page_size();
         let max_gap = crate::plan::ScheduleOptions::coalesced(window_bytes).max_gap.unwrap_or(0);

@@ -176,7 +176,8 @@ impl DeviceArena {
     pub fn copy_to_host(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let end = offset.checked_add(len as u64).filter(|&e| e <= self.len as u64);
         if end.is_none() {
-            return Err(Error::usage(format!("range {offset}+{len} outside the arena of {} bytes", self.len)));
+            let expected = format!("within the arena of {} bytes", self.len);
+            return Err(Error::bad_option("range", format!("{offset}+{len}"), expected));
         }
         let mut out = vec![0u8; len];
         if len > 0 {

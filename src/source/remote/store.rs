@@ -17,7 +17,7 @@ use url::Url;
 
 use super::RemoteOptions;
 use crate::cancel::CancelToken;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UsageError};
 
 /// The keys of [`RemoteOptions::storage_options`] that weightstream reads itself; every other
 /// key is the store's (`object_store`'s config keys).
@@ -51,7 +51,9 @@ pub(crate) fn store_for(url: &Url, opts: &RemoteOptions) -> Result<Location> {
     let (scheme, path) = ObjectStoreScheme::parse(url).map_err(|e| bad(url.as_str(), e.to_string()))?;
     let retry = retry_config(url, opts)?;
     let store_opts = || opts.storage_options.iter().filter(|(k, _)| !OWN_KEYS.contains(&k.as_str()));
-    let key_error = |k: &str, e: object_store::Error| Error::usage(format!("{url}: storage option `{k}`: {e}"));
+    let key_error = |k: &str, e: object_store::Error| -> Error {
+        UsageError::BadStorageOption { url: url.to_string(), key: k.to_string(), message: e.to_string() }.into()
+    };
     let built: std::result::Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
         ObjectStoreScheme::AmazonS3 => {
             let mut b = AmazonS3Builder::from_env().with_url(url.as_str()).with_retry(retry);
@@ -144,7 +146,8 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime> {
         .thread_name("ws-remote")
         .enable_all()
         .build()
-        .map_err(|e| Error::internal(format!("cannot start the runtime for remote reads: {e}")))?;
+        // The OS refused its threads: no weightstream bug.
+        .map_err(|source| Error::ReadEngine { source })?;
     let rt: &'static tokio::runtime::Runtime = Box::leak(Box::new(rt));
     *slot = Some((pid, rt));
     Ok(rt)
