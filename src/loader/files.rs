@@ -20,19 +20,27 @@ use crate::source::{Checkpoint, RemoteOptions};
 pub(super) struct ReadFiles {
     /// Per planned file: its descriptor, or, for remote objects, its index in `remote`.
     pub handles: Vec<RawFd>,
+    /// `Some` when the files are read by requests (remote objects).
+    requests: Option<Requests>,
     /// O_DIRECT descriptors, open while the reads run.
     _direct: Vec<File>,
     #[cfg(feature = "remote")]
     remote: Option<Vec<Arc<crate::source::RemoteObject>>>,
 }
 
+/// How a source read by requests (an object store's GETs) rather than by system calls wants
+/// to be read: requests of `size` bytes, `concurrency` of them in flight. It shapes the
+/// strategy, the staging ring and the read sizes; local files have none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Requests {
+    pub size: usize,
+    pub concurrency: usize,
+}
+
 impl ReadFiles {
-    /// Whether the files are remote objects.
-    pub fn is_remote(&self) -> bool {
-        #[cfg(feature = "remote")]
-        return self.remote.is_some();
-        #[cfg(not(feature = "remote"))]
-        false
+    /// `Some` for a source read by requests.
+    pub fn requests(&self) -> Option<Requests> {
+        self.requests
     }
 }
 
@@ -75,6 +83,7 @@ impl Loader {
         };
         Ok(ReadFiles {
             handles,
+            requests: None,
             _direct: direct,
             #[cfg(feature = "remote")]
             remote: None,
@@ -101,7 +110,9 @@ impl Loader {
                 _ => Err(Error::internal("a checkpoint of local and remote files")),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ReadFiles { handles: (0..objects.len() as RawFd).collect(), _direct: Vec::new(), remote: Some(objects) })
+        let requests = Some(self.requests());
+        let handles = (0..objects.len() as RawFd).collect();
+        Ok(ReadFiles { handles, requests, _direct: Vec::new(), remote: Some(objects) })
     }
 
     #[cfg(not(feature = "remote"))]
