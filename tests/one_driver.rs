@@ -12,9 +12,7 @@ use std::sync::{Arc, Mutex};
 use weightstream::format::{write_file, WriteTensor};
 use weightstream::io::IoKind;
 use weightstream::progress::{Progress, ProgressFn};
-use weightstream::{
-    CancelToken, Destination, Device, Dtype, Error, ErrorKind, Loader, TensorPiece, MIN_STAGING_SIZE,
-};
+use weightstream::{CancelToken, Destination, Device, Dtype, Error, ErrorKind, Loader, TensorPiece, MIN_STAGING_SIZE};
 
 /// 12 tensors, some of several MiB (several pieces through small slots), some tiny; F32 and U8.
 fn write(dir: &Path) -> PathBuf {
@@ -37,8 +35,11 @@ fn write(dir: &Path) -> PathBuf {
     path
 }
 
+/// Every progress report: bytes done, bytes in all.
+type Seen = Arc<Mutex<Vec<(u64, u64)>>>;
+
 /// A progress callback that records every report.
-fn recorder() -> (ProgressFn, Arc<Mutex<Vec<(u64, u64)>>>) {
+fn recorder() -> (ProgressFn, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = Arc::clone(&seen);
     let f: ProgressFn = Arc::new(move |p: &Progress| s.lock().unwrap().push((p.bytes_done, p.bytes_total)));

@@ -239,7 +239,7 @@ impl Drive<'_> {
             (InPlaceReader::Workers(ReadConvertWorkers::new(l.threads, l.read_size, l.fault), l.read_size), "pread")
         } else {
             let depth = l.queue_depth.max(l.threads * 2).min(MAX_IN_FLIGHT);
-            let queue = ReadQueue::new(l.engine(depth, files)?, depth);
+            let queue = ReadQueue::new(files.engine(depth)?, depth);
             let io = queue.engine_name();
             (InPlaceReader::Engine(queue), io)
         };
@@ -267,7 +267,7 @@ impl Drive<'_> {
             None => staged_read_size(l.read_size, size),
         };
         let depth = (count * (size.div_ceil(read_size) + 1)).min(MAX_IN_FLIGHT);
-        let queue = ReadQueue::new(l.engine(depth, files)?, depth);
+        let queue = ReadQueue::new(files.engine(depth)?, depth);
         let mut stage = RingStage::new(sched, files.handles.clone(), ring, queue, l.direct, read_size as u64, l.trace);
         let io = stage.engine_name();
         let bytes = pipeline::run(plan, sched, &mut stage, sink, obs)?;
