@@ -191,7 +191,7 @@ impl BenchReport {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn run(ckpt: &Checkpoint, base: &Loader, strategies: &[BenchStrategy], opts: &BenchOptions) -> Result<BenchReport> {
-    if ckpt.files.iter().any(|f| f.is_remote()) {
+    if (opts.cold || strategies.iter().any(|s| s.is_baseline())) && ckpt.local_files("a baseline").is_err() {
         let refuse = |option, why: &str| {
             let why = format!("{why}; scripts/remote_bench.sh compares remote loaders");
             Err(Error::unsupported(option, "a remote source", why))
