@@ -118,14 +118,6 @@ pub enum UsageError {
         /// Why, in words.
         why: String,
     },
-    /// A usage error not yet given a variant of its own (transitional: being replaced by the
-    /// variants above).
-    #[doc(hidden)]
-    #[error("{}", shown_message(what))]
-    Other {
-        /// What is wrong.
-        what: String,
-    },
 }
 
 fn tensor_prefix(tensor: &Option<String>) -> String {
@@ -160,10 +152,5 @@ impl Error {
     /// [`UsageError::BadWrite`] about tensor `tensor`.
     pub(crate) fn bad_write(tensor: &str, message: impl Into<String>) -> Self {
         UsageError::BadWrite { tensor: Some(tensor.to_string()), message: message.into() }.into()
-    }
-
-    /// A usage error as words alone ([`UsageError::Other`]), for the sites not yet converted.
-    pub(crate) fn usage(what: impl Into<String>) -> Self {
-        UsageError::Other { what: what.into() }.into()
     }
 }

@@ -117,9 +117,7 @@ impl Loader {
         let strategy = match &on {
             On::Host { in_place, .. } => match self.strategy(device, plan, requests) {
                 Strategy::InPlace { .. } if !in_place => Strategy::Ring,
-                Strategy::ZeroCopy => {
-                    return Err(Error::usage(format!("--zero-copy needs a CUDA device, not {device}")))
-                }
+                Strategy::ZeroCopy => return Err(super::zero_copy_off_cuda(device)),
                 s => s,
             },
             #[cfg(feature = "cuda")]
@@ -288,10 +286,10 @@ impl Drive<'_> {
         use crate::stage::zero_copy::ZeroCopyStage;
         let l = self.loader;
         let On::Cuda(dev) = &self.on else {
-            return Err(Error::usage(format!("--zero-copy needs a CUDA device, not {}", self.on.device())));
+            return Err(super::zero_copy_off_cuda(self.on.device()));
         };
         if !sink.reads_by_dma() {
-            return Err(Error::usage("--zero-copy needs a sink that copies by DMA"));
+            return Err(Error::unsupported("zero_copy", "a sink that does not copy by DMA", "it needs a DMA copy"));
         }
         // The ring's shape bounds the windows: `count` windows of `size` bytes registered;
         // registration threads: as many as readers would be.
@@ -313,7 +311,7 @@ impl Drive<'_> {
         _: &mut dyn Sink,
         _: &mut Observer<'_>,
     ) -> Result<(u64, u64)> {
-        Err(Error::usage(format!("--zero-copy needs a CUDA device, not {}", self.on.device())))
+        Err(super::zero_copy_off_cuda(self.on.device()))
     }
 }
 

@@ -151,7 +151,13 @@ impl Loader {
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => self.load_into_device(ordinal, &plan, &files, ordered, &mut obs)?,
-            _ => return Err(Error::usage(format!("load_into fills host or CUDA memory, not {device}"))),
+            _ => {
+                return Err(Error::unsupported(
+                    "device",
+                    "load_into",
+                    format!("it fills host or CUDA memory, not {device}"),
+                ))
+            }
         };
         drop(files);
         Ok(LoadStats {

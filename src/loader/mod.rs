@@ -375,26 +375,28 @@ impl Loader {
     fn check_options(&self, device: Device) -> Result<()> {
         if let Some(to) = self.dtype {
             if !matches!(to, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-                return Err(Error::usage(format!("--dtype {to}: only F32, F16 and BF16 are targets")));
+                return Err(Error::bad_option("dtype", to, "F32, F16 or BF16 (the conversion targets)"));
             }
         }
         let (count, size) = self.ring_dims(device);
         if !(1..=MAX_STAGING_COUNT).contains(&count) {
-            let n = count;
-            return Err(Error::usage(format!("{n} staging buffers: between 1 and {MAX_STAGING_COUNT}")));
+            return Err(Error::bad_option("staging_count", count, format!("between 1 and {MAX_STAGING_COUNT}")));
         }
         if size < MIN_STAGING_SIZE {
-            let n = size;
-            return Err(Error::usage(format!("staging buffers of {n} bytes: at least {MIN_STAGING_SIZE}")));
+            return Err(Error::bad_option("staging_size", size, format!("at least {MIN_STAGING_SIZE} bytes")));
         }
         if self.zero_copy && !matches!(device, Device::Cuda(_)) {
-            return Err(Error::usage(format!("--zero-copy needs a CUDA device, not {device}")));
+            return Err(zero_copy_off_cuda(device));
         }
         if self.zero_copy && self.io != IoKind::Auto {
-            return Err(Error::usage("--zero-copy reads nothing through a read engine: --io does not apply"));
+            return Err(Error::conflict("zero_copy", "io", "zero-copy reads nothing through a read engine"));
         }
         if self.zero_copy && self.direct {
-            return Err(Error::usage("--zero-copy maps the page cache, which --direct bypasses: pick one"));
+            return Err(Error::conflict(
+                "zero_copy",
+                "direct",
+                "zero-copy maps the page cache, which O_DIRECT bypasses",
+            ));
         }
         Ok(())
     }
@@ -493,4 +495,9 @@ fn check_conversions(plan: &Plan) -> Result<()> {
         }),
         None => Ok(()),
     }
+}
+
+/// Zero-copy asked of `device`, which is not a CUDA device.
+fn zero_copy_off_cuda(device: Device) -> Error {
+    Error::unsupported("zero_copy", format!("device {device}"), "it needs a CUDA device")
 }

@@ -2,7 +2,7 @@
 //! explicit blocks ([`Loader::slice`]), all planned as one [`Shard`].
 
 use super::Loader;
-use crate::error::{Error, Result};
+use crate::error::{Result, UsageError};
 use crate::plan::Shard;
 use crate::sink::Device;
 
@@ -38,7 +38,7 @@ impl Loader {
 
     /// Load only entries `range` of dimension `dim` of the tensor named exactly `name`
     /// (repeatable, one rule a tensor; it takes precedence over [`Loader::split`] rules). A dim-0
-    /// slice reads only its own bytes; a range outside the dimension is [`Error::BadShard`]
+    /// slice reads only its own bytes; a range outside the dimension is [`crate::Error::BadShard`]
     /// naming the tensor. This is what a Python `get_slice(name)[a:b]` loads.
     ///
     /// ```
@@ -65,13 +65,10 @@ impl Loader {
         let twice =
             self.slices.iter().enumerate().find(|(i, (n, _, _))| self.slices[..*i].iter().any(|(m, _, _)| m == n));
         if let Some((_, (name, _, _))) = twice {
-            return Err(Error::usage(format!(
-                "two slices of `{}`: one slice a tensor (index the loaded block for other dimensions)",
-                crate::text::for_display(name)
-            )));
+            return Err(UsageError::SliceTwice { tensor: name.clone() }.into());
         }
         if self.shard.is_none() && !self.splits.is_empty() {
-            return Err(Error::usage("--split needs --shard RANK/WORLD"));
+            return Err(UsageError::Requires { option: "split", needs: "shard" }.into());
         }
         let shard = match (self.shard, self.slices.is_empty()) {
             (None, true) => None,
@@ -93,7 +90,10 @@ fn build_filter(only: &[String]) -> Result<Option<globset::GlobSet>> {
     }
     let mut b = globset::GlobSetBuilder::new();
     for g in only {
-        b.add(globset::Glob::new(g).map_err(|e| Error::usage(format!("--only `{g}`: {e}")))?);
+        let bad = |e: globset::Error| UsageError::BadGlob { option: "only", glob: g.clone(), message: e.to_string() };
+        b.add(globset::Glob::new(g).map_err(bad)?);
     }
-    b.build().map(Some).map_err(|e| Error::usage(format!("--only: {e}")))
+    // Each glob parsed: the set fails only as a whole (its matcher too large).
+    let bad = |e: globset::Error| UsageError::BadGlob { option: "only", glob: only.join(" "), message: e.to_string() };
+    Ok(Some(b.build().map_err(bad)?))
 }

@@ -109,7 +109,10 @@ impl Loader {
             Device::Cuda(_) => {}
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(Error::CudaNotBuilt),
-            _ => return Err(Error::usage(format!("stream hands tensors out in host or CUDA memory, not {device}"))),
+            _ => {
+                let why = format!("it hands tensors out in host or CUDA memory, not {device}");
+                return Err(Error::unsupported("device", "stream", why));
+            }
         }
         let cut = batches(&plan, window_bytes)?;
         let window = Arc::new(Window::new(window_bytes));

@@ -79,7 +79,7 @@ impl Loader {
     pub fn load_with(&self, path: impl AsRef<Path>, sink: &mut impl TensorSink) -> Result<LoadStats> {
         let started = Instant::now();
         if self.zero_copy {
-            return Err(Error::usage("load_with hands host bytes to the caller: --zero-copy does not apply"));
+            return Err(Error::unsupported("zero_copy", "load_with", "it hands host bytes to the caller"));
         }
         let ckpt = self.open(path.as_ref())?;
         let device = Device::Cpu;

@@ -59,16 +59,18 @@ impl Checkpoint {
         let files: Vec<_> = which.map(|i| &self.files[i]).collect();
         #[cfg(feature = "remote")]
         if let Some(first) = files.iter().find(|f| matches!(f.access, FileAccess::Remote(_))) {
-            let refuse =
-                |what: &str| Err(Error::usage(format!("{what} applies to local files, not {}", first.path.display())));
+            let refuse = |option, why: &str| {
+                let remote = format!("a remote source ({})", first.path.display());
+                Err(Error::unsupported(option, remote, format!("{why} local files")))
+            };
             if opts.direct {
-                return refuse("O_DIRECT");
+                return refuse("direct", "O_DIRECT applies to");
             }
             if opts.zero_copy {
-                return refuse("--zero-copy");
+                return refuse("zero_copy", "zero-copy maps");
             }
             if opts.io != IoKind::Auto {
-                return refuse(&format!("--io {:?}", opts.io));
+                return refuse("io", &format!("the {:?} read engine reads", opts.io));
             }
             let objects = files
                 .iter()
@@ -122,8 +124,9 @@ impl ReadFiles {
             return Ok(self.with_fault(Box::new(engine?)));
         }
         let eo = EngineOptions { kind: opts.io, queue_depth: depth.max(64), threads: opts.threads };
-        let engine = open_engine(&eo, opts.direct)
-            .map_err(|e| Error::usage(format!("cannot start the {:?} read engine: {e}", opts.io)))?;
+        let engine = open_engine(&eo, opts.direct).map_err(|e| {
+            Error::unsupported("io", "this system", format!("cannot start the {:?} read engine: {e}", opts.io))
+        })?;
         Ok(self.with_fault(engine))
     }
 
