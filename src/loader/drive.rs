@@ -117,7 +117,7 @@ impl Loader {
         let strategy = match &on {
             On::Host { in_place, .. } => match self.strategy(device, plan, requests) {
                 Strategy::InPlace { .. } if !in_place => Strategy::Ring,
-                Strategy::ZeroCopy => return Err(super::zero_copy_off_cuda(device)),
+                Strategy::ZeroCopy => return Err(zero_copy_off_cuda(device)),
                 s => s,
             },
             #[cfg(feature = "cuda")]
@@ -286,7 +286,7 @@ impl Drive<'_> {
         use crate::stage::zero_copy::ZeroCopyStage;
         let l = self.loader;
         let On::Cuda(dev) = &self.on else {
-            return Err(super::zero_copy_off_cuda(self.on.device()));
+            return Err(zero_copy_off_cuda(self.on.device()));
         };
         if !sink.reads_by_dma() {
             return Err(Error::unsupported("zero_copy", "a sink that does not copy by DMA", "it needs a DMA copy"));
@@ -311,7 +311,7 @@ impl Drive<'_> {
         _: &mut dyn Sink,
         _: &mut Observer<'_>,
     ) -> Result<(u64, u64)> {
-        Err(super::zero_copy_off_cuda(self.on.device()))
+        Err(zero_copy_off_cuda(self.on.device()))
     }
 }
 
@@ -333,4 +333,9 @@ fn mostly_large(plan: &Plan, requests: Option<Requests>) -> bool {
 fn staged_read_size(read_size: usize, slot_size: usize) -> usize {
     let min = (slot_size / 1024).div_ceil(DIRECT_ALIGN as usize) * DIRECT_ALIGN as usize;
     read_size.max(min)
+}
+
+/// Zero-copy asked of `device`, which is not a CUDA device.
+pub(super) fn zero_copy_off_cuda(device: Device) -> Error {
+    Error::unsupported("zero_copy", format!("device {device}"), "it needs a CUDA device")
 }

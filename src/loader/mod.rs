@@ -187,14 +187,14 @@ impl Loader {
     }
 
     /// Size of one staging buffer, rounded down to a multiple of 4 KiB (O_DIRECT's alignment).
-    /// A load fails with [`Error::Usage`] when it is below [`MIN_STAGING_SIZE`].
+    /// A load fails with [`crate::UsageError::BadOption`] when it is below [`MIN_STAGING_SIZE`].
     pub fn staging_size(mut self, bytes: usize) -> Self {
         self.staging_size = Some(bytes / DIRECT_ALIGN as usize * DIRECT_ALIGN as usize);
         self
     }
 
-    /// Number of staging buffers. A load fails with [`Error::Usage`] when it is 0 or more than
-    /// [`MAX_STAGING_COUNT`].
+    /// Number of staging buffers. A load fails with [`crate::UsageError::BadOption`] when it is 0
+    /// or more than [`MAX_STAGING_COUNT`].
     pub fn staging_count(mut self, count: usize) -> Self {
         self.staging_count = Some(count);
         self
@@ -248,7 +248,8 @@ impl Loader {
     /// the page cache, with no CPU copy; each 16 MiB window of a file is mapped read-only and
     /// page-locked in place (`cuMemHostRegister`) while its copies run. Conversion works as
     /// with the ring; with O_DIRECT (no page cache to map) or a non-CUDA device the load fails
-    /// with [`Error::Usage`]. Not yet measured on a GPU: see BENCHMARKS.md before relying on it.
+    /// with [`crate::UsageError::Conflict`] or [`crate::UsageError::Unsupported`]. Not yet
+    /// measured on a GPU: see BENCHMARKS.md before relying on it.
     ///
     /// ```
     /// let loader = weightstream::Loader::new().zero_copy(true);
@@ -386,17 +387,13 @@ impl Loader {
             return Err(Error::bad_option("staging_size", size, format!("at least {MIN_STAGING_SIZE} bytes")));
         }
         if self.zero_copy && !matches!(device, Device::Cuda(_)) {
-            return Err(zero_copy_off_cuda(device));
+            return Err(drive::zero_copy_off_cuda(device));
         }
         if self.zero_copy && self.io != IoKind::Auto {
             return Err(Error::conflict("zero_copy", "io", "zero-copy reads nothing through a read engine"));
         }
         if self.zero_copy && self.direct {
-            return Err(Error::conflict(
-                "zero_copy",
-                "direct",
-                "zero-copy maps the page cache, which O_DIRECT bypasses",
-            ));
+            return Err(Error::conflict("zero_copy", "direct", "zero-copy maps the page cache, O_DIRECT bypasses it"));
         }
         Ok(())
     }
@@ -495,9 +492,4 @@ fn check_conversions(plan: &Plan) -> Result<()> {
         }),
         None => Ok(()),
     }
-}
-
-/// Zero-copy asked of `device`, which is not a CUDA device.
-fn zero_copy_off_cuda(device: Device) -> Error {
-    Error::unsupported("zero_copy", format!("device {device}"), "it needs a CUDA device")
 }
