@@ -7,7 +7,6 @@
 //! (chosen once from the target, the options and the source), the staging (leased from the
 //! loader's pool, back on drop), the stage, the schedule, the trace of the sink's own spans.
 
-#[cfg(feature = "cuda")]
 use std::sync::Arc;
 
 use super::files::{ReadFiles, Requests};
@@ -70,6 +69,32 @@ pub(super) struct Run {
     pub pinned: bool,
     /// The sink's device conversion scratch.
     pub device_scratch_bytes: u64,
+}
+
+impl Run {
+    /// The figures of a load that ran as this run: `started` when its planning began, `trace`
+    /// for the ways that return only figures.
+    pub fn stats(
+        self,
+        device: Device,
+        plan: &Plan,
+        direct: bool,
+        started: std::time::Instant,
+        trace: Option<crate::trace::TraceRecorder>,
+    ) -> crate::model::LoadStats {
+        crate::model::LoadStats {
+            device,
+            io: self.io,
+            direct,
+            bytes_read: self.bytes_read,
+            bytes_loaded: plan.bytes_loaded(),
+            seconds: started.elapsed().as_secs_f64(),
+            staging_bytes: self.staging_bytes,
+            pinned: self.pinned,
+            device_scratch_bytes: self.device_scratch_bytes,
+            trace: trace.map(Arc::new),
+        }
+    }
 }
 
 /// One run, set up: the strategy, the staging shape, the device and its conversion kernels.

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use super::drive::On;
@@ -160,18 +159,7 @@ impl Loader {
             }
         };
         drop(files);
-        Ok(LoadStats {
-            device,
-            io: out.io,
-            direct: self.direct,
-            bytes_read: out.bytes_read,
-            bytes_loaded: plan.bytes_loaded(),
-            seconds: started.elapsed().as_secs_f64(),
-            staging_bytes: out.staging_bytes,
-            pinned: out.pinned,
-            device_scratch_bytes: out.device_scratch_bytes,
-            trace: trace.map(Arc::new),
-        })
+        Ok(out.stats(device, &plan, self.direct, started, trace))
     }
 
     #[cfg(feature = "cuda")]

@@ -22,7 +22,7 @@ pub use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::{EngineOptions, Fault, IoKind};
-use crate::model::{LoadStats, LoadedModel, Storage, TensorMeta};
+use crate::model::{LoadedModel, Storage, TensorMeta};
 use crate::pipeline::Observer;
 use crate::plan::Plan;
 use crate::pool::StagingPool;
@@ -451,18 +451,7 @@ impl Loader {
             Device::Auto => return Err(Error::internal("device `auto` left unresolved")),
         };
         drop(files);
-        let stats = LoadStats {
-            device,
-            io: out.io,
-            direct: self.direct,
-            bytes_read: out.bytes_read,
-            bytes_loaded: plan.bytes_loaded(),
-            seconds: started.elapsed().as_secs_f64(),
-            staging_bytes: out.staging_bytes,
-            pinned: out.pinned,
-            device_scratch_bytes: out.device_scratch_bytes,
-            trace: None,
-        };
+        let stats = out.stats(device, &plan, self.direct, started, None);
         let tensors = plan
             .tensors
             .into_iter()

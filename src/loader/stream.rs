@@ -198,10 +198,11 @@ impl Loader {
                 trace: trace.as_deref_mut(),
                 runs: Some((before, total)),
             };
+            let batch = Batch { part: &part, files: &files, stop, tx };
             let bytes = match device {
                 #[cfg(feature = "cuda")]
-                Device::Cuda(_) => stream_cuda_batch(self.streams, drive, &part, &files, stop, tx, &mut obs)?,
-                _ => stream_host_batch(drive, &part, &files, stop, tx, &mut obs)?,
+                Device::Cuda(_) => batch.to_cuda(self.streams, drive, &mut obs)?,
+                _ => batch.to_host(drive, &mut obs)?,
             };
             before += bytes;
             read.fetch_add(bytes, Ordering::Relaxed);
@@ -210,61 +211,59 @@ impl Loader {
     }
 }
 
-/// One host batch: a fresh page-aligned buffer that readers fill in place (or ring pieces are
-/// copied into), its tensors handed out as shares as they land.
-fn stream_host_batch(
-    drive: Drive<'_>,
-    part: &Plan,
-    files: &ReadFiles,
-    stop: &CancelToken,
-    tx: &Sender<Result<StreamedTensor>>,
-    obs: &mut Observer<'_>,
-) -> Result<u64> {
-    let batch = Arc::new(HostMemory::new(part.dst_len as usize)?);
-    let emit = {
-        let batch = Arc::clone(&batch);
-        emitter(part, tx, move |offset, len, span| {
-            let (offset, len, span) = (offset as usize, len as usize, span as usize);
-            TensorData::Host(HostShare { batch: Arc::clone(&batch), offset, len, span })
-        })
-    };
-    let mut sink = Handout::new(BatchSink::new(batch), part, stop, emit);
-    let run = drive.run(part, files, &mut sink, obs)?;
-    sink.finish_batch()?;
-    Ok(run.bytes_read)
+/// One batch of a stream: its part of the plan, its files, the stream's stop token and channel.
+struct Batch<'a> {
+    part: &'a Plan,
+    files: &'a ReadFiles,
+    stop: &'a CancelToken,
+    tx: &'a Sender<Result<StreamedTensor>>,
 }
 
-/// One CUDA batch: a fresh device allocation that the copies fill, its tensors handed out as
-/// shares once their copies' fences fired.
-#[cfg(feature = "cuda")]
-fn stream_cuda_batch(
-    streams: usize,
-    drive: Drive<'_>,
-    part: &Plan,
-    files: &ReadFiles,
-    stop: &CancelToken,
-    tx: &Sender<Result<StreamedTensor>>,
-    obs: &mut Observer<'_>,
-) -> Result<u64> {
-    use crate::sink::cuda::{CudaSink, DeviceArena};
-    use crate::stream::DeviceBatch;
-    let dev = drive.cuda().cloned().ok_or_else(|| Error::internal("a CUDA batch without its device"))?;
-    let batch = Arc::new(DeviceBatch(DeviceArena::alloc(&dev, (part.dst_len as usize).max(1))?));
-    let places: Vec<(u64, usize)> =
-        part.tensors.iter().map(|t| (batch.0.ptr() + t.dst_offset, t.len as usize)).collect();
-    let emit = {
-        let batch = Arc::clone(&batch);
-        emitter(part, tx, move |offset, len, _| TensorData::Device { batch: Arc::clone(&batch), offset, len })
-    };
-    let (size, converter, timed) = (drive.slot_size(), drive.converter(), obs.trace.is_some());
-    // SAFETY: every place lies inside `batch` (the plan's destinations rebased to 0, each with
-    // its loaded size, within dst_len), on `dev`, and they do not overlap; `batch` is kept alive
-    // by this function past the sink's drop, and a tensor that shares it is handed out only
-    // after its copies' fence fired.
-    let inner = unsafe { CudaSink::into_pointers(&dev, places, streams, part.converts(), size, timed, converter)? };
-    let mut sink = Handout::new(inner, part, stop, emit);
-    let finished = drive.run(part, files, &mut sink, obs).and_then(|run| sink.finish_batch().map(|()| run.bytes_read));
-    drop(sink);
-    drop(batch);
-    finished
+impl Batch<'_> {
+    /// One host batch: a fresh page-aligned buffer that readers fill in place (or ring pieces are
+    /// copied into), its tensors handed out as shares as they land.
+    fn to_host(&self, drive: Drive<'_>, obs: &mut Observer<'_>) -> Result<u64> {
+        let Batch { part, files, stop, tx } = *self;
+        let batch = Arc::new(HostMemory::new(part.dst_len as usize)?);
+        let emit = {
+            let batch = Arc::clone(&batch);
+            emitter(part, tx, move |offset, len, span| {
+                let (offset, len, span) = (offset as usize, len as usize, span as usize);
+                TensorData::Host(HostShare { batch: Arc::clone(&batch), offset, len, span })
+            })
+        };
+        let mut sink = Handout::new(BatchSink::new(batch), part, stop, emit);
+        let run = drive.run(part, files, &mut sink, obs)?;
+        sink.finish_batch()?;
+        Ok(run.bytes_read)
+    }
+
+    /// One CUDA batch: a fresh device allocation that the copies fill, its tensors handed out as
+    /// shares once their copies' fences fired.
+    #[cfg(feature = "cuda")]
+    fn to_cuda(&self, streams: usize, drive: Drive<'_>, obs: &mut Observer<'_>) -> Result<u64> {
+        let Batch { part, files, stop, tx } = *self;
+        use crate::sink::cuda::{CudaSink, DeviceArena};
+        use crate::stream::DeviceBatch;
+        let dev = drive.cuda().cloned().ok_or_else(|| Error::internal("a CUDA batch without its device"))?;
+        let batch = Arc::new(DeviceBatch(DeviceArena::alloc(&dev, (part.dst_len as usize).max(1))?));
+        let places: Vec<(u64, usize)> =
+            part.tensors.iter().map(|t| (batch.0.ptr() + t.dst_offset, t.len as usize)).collect();
+        let emit = {
+            let batch = Arc::clone(&batch);
+            emitter(part, tx, move |offset, len, _| TensorData::Device { batch: Arc::clone(&batch), offset, len })
+        };
+        let (size, converter, timed) = (drive.slot_size(), drive.converter(), obs.trace.is_some());
+        // SAFETY: every place lies inside `batch` (the plan's destinations rebased to 0, each with
+        // its loaded size, within dst_len), on `dev`, and they do not overlap; `batch` is kept alive
+        // by this function past the sink's drop, and a tensor that shares it is handed out only
+        // after its copies' fence fired.
+        let inner = unsafe { CudaSink::into_pointers(&dev, places, streams, part.converts(), size, timed, converter)? };
+        let mut sink = Handout::new(inner, part, stop, emit);
+        let finished =
+            drive.run(part, files, &mut sink, obs).and_then(|run| sink.finish_batch().map(|()| run.bytes_read));
+        drop(sink);
+        drop(batch);
+        finished
+    }
 }

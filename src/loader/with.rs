@@ -91,18 +91,7 @@ impl Loader {
         let drive = loader.drive(On::Host { device, in_place: false }, &plan, files.requests())?;
         let mut adapter = CallerSink { sink, next: 0, early: BTreeMap::new(), scratch: Vec::new() };
         let out = drive.run(&plan, &files, &mut adapter, &mut obs)?;
-        Ok(LoadStats {
-            device,
-            io: out.io,
-            direct: self.direct,
-            bytes_read: out.bytes_read,
-            bytes_loaded: plan.bytes_loaded(),
-            seconds: started.elapsed().as_secs_f64(),
-            staging_bytes: out.staging_bytes,
-            pinned: out.pinned,
-            device_scratch_bytes: 0,
-            trace: trace.map(std::sync::Arc::new),
-        })
+        Ok(out.stats(device, &plan, self.direct, started, trace))
     }
 }
 
