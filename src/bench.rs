@@ -308,7 +308,7 @@ pub fn child_main() -> Option<std::process::ExitCode> {
 
 /// Evict `path` from the page cache; returns the fraction of its pages still resident after.
 pub fn evict(path: &Path) -> Result<f64> {
-    let f = crate::source::open_regular(path)?;
+    let f = crate::regular_file::open_regular(path)?;
     // SAFETY: advisory call on an open fd; no memory is touched.
     let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     if rc != 0 {

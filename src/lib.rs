@@ -36,6 +36,7 @@ mod pipeline_tests;
 pub mod plan;
 mod pool;
 pub mod progress;
+mod regular_file;
 pub mod sink;
 pub mod source;
 pub mod stage;

@@ -22,7 +22,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use local::open_regular;
+pub use crate::regular_file::open_regular;
 #[cfg(feature = "remote")]
 pub use remote::RemoteObject;
 
