@@ -191,7 +191,7 @@ impl BenchReport {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn run(ckpt: &Checkpoint, base: &Loader, strategies: &[BenchStrategy], opts: &BenchOptions) -> Result<BenchReport> {
-    if ckpt.files.iter().any(|f| f.is_remote()) && (opts.cold || strategies.iter().any(|s| s.is_baseline())) {
+    if (opts.cold || strategies.iter().any(|s| s.is_baseline())) && ckpt.local_files("a baseline").is_err() {
         return Err(Error::usage(
             "a remote source is benchmarked with the pipeline strategies only (no --cold, no mmap-copy or \
              read-all: they read local files); scripts/remote_bench.sh compares remote loaders",

@@ -46,7 +46,10 @@ pub mod trace;
 
 pub use error::{Error, ErrorKind, RemoteFailure, Result};
 pub use format::Dtype;
-pub use loader::{CancelToken, Destination, DevicePlace, Loader, TensorInfo, MAX_STAGING_COUNT, MIN_STAGING_SIZE};
+pub use loader::{
+    CancelToken, Destination, DevicePlace, Loader, SinkError, TensorInfo, TensorPiece, TensorSink, MAX_STAGING_COUNT,
+    MIN_STAGING_SIZE,
+};
 pub use model::{peak_host_rss_bytes, LoadStats, LoadedModel, TensorRef};
 pub use sink::Device;
 pub use source::Checkpoint;

@@ -34,6 +34,11 @@ pub struct LoadStats {
     /// Bytes of device memory used as conversion scratch besides the model (0 when nothing was
     /// converted on a GPU).
     pub device_scratch_bytes: u64,
+    /// The load's trace when [`crate::Loader::trace`] was on, for the ways that return only
+    /// figures ([`crate::Loader::load_into`], [`crate::Loader::load_with`],
+    /// [`crate::TensorStream::trace`]); [`crate::Loader::load`] keeps it in the model
+    /// ([`LoadedModel::trace`]) and leaves this `None`.
+    pub trace: Option<std::sync::Arc<crate::trace::TraceRecorder>>,
 }
 
 impl std::fmt::Display for LoadStats {

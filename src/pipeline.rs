@@ -4,8 +4,8 @@
 
 use std::time::Instant;
 
+use crate::cancel::CancelToken;
 use crate::error::{Error, RemoteFault, Result};
-use crate::loader::CancelToken;
 use crate::plan::{Plan, Schedule};
 use crate::progress::{Progress, ProgressFn};
 use crate::sink::{Delivery, Sink};
@@ -17,9 +17,21 @@ pub(crate) struct Observer<'a> {
     pub progress: Option<&'a ProgressFn>,
     pub cancel: Option<&'a CancelToken>,
     pub trace: Option<&'a mut TraceRecorder>,
+    /// A load made of several runs (a stream's batches): the bytes the earlier runs read and the
+    /// bytes of all runs, so that progress counts the whole load, not each run.
+    pub runs: Option<(u64, u64)>,
 }
 
-impl Observer<'_> {
+impl<'a> Observer<'a> {
+    /// One run that is the whole load.
+    pub(crate) fn new(
+        progress: Option<&'a ProgressFn>,
+        cancel: Option<&'a CancelToken>,
+        trace: Option<&'a mut TraceRecorder>,
+    ) -> Self {
+        Observer { progress, cancel, trace, runs: None }
+    }
+
     fn check_cancel(&self) -> Result<()> {
         match self.cancel {
             Some(t) if t.is_cancelled() => Err(Error::Cancelled),
@@ -90,7 +102,11 @@ pub(crate) fn run(
         }
         done += bytes;
         if let Some(p) = obs.progress {
-            p(&Progress { bytes_done: done, bytes_total: total, file: file.clone() });
+            let (bytes_done, bytes_total) = match obs.runs {
+                Some((before, all)) => (before + done, all),
+                None => (done, total),
+            };
+            p(&Progress { bytes_done, bytes_total, file: file.clone() });
         }
     }
     cx.finished = true;

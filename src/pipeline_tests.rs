@@ -140,7 +140,7 @@ fn no_slot_is_refilled_before_the_fence_of_its_last_delivery_fired() {
         };
         {
             let mut stage = RingStage::new(&sched, fds, &mut ring, queue, false, read_size, false);
-            let mut obs = Observer { progress: None, cancel: None, trace: None };
+            let mut obs = Observer::new(None, None, None);
             let read = run(&plan, &sched, &mut stage, &mut sink, &mut obs).unwrap();
             assert_eq!(read, sched.bytes_to_read(), "case {case}");
         }

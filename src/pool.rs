@@ -5,6 +5,7 @@
 //! same time (a second concurrent load allocates a ring of its own, and the pool keeps one per
 //! device when both are back), and a load started from a progress callback does not deadlock.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::error::Result;
@@ -108,6 +109,66 @@ impl StagingPool {
                 p.converters.push((ordinal, c.clone()));
                 Ok(c)
             }
+        }
+    }
+}
+
+/// Where a leased ring goes back to.
+#[derive(Debug, Clone, Copy)]
+enum Home {
+    Host,
+    #[cfg(feature = "cuda")]
+    Pinned(usize),
+}
+
+/// A staging ring lent for one run: it goes back to its pool when dropped, on every path (a
+/// failed run, a panic unwinding through the load) without a hand-written give-back.
+pub(crate) struct StagingLease<'p> {
+    pool: &'p StagingPool,
+    ring: Option<StagingRing>,
+    home: Home,
+}
+
+impl StagingPool {
+    /// Lend a host ring of `count` slots of `size` bytes (the kept one when it fits).
+    pub(crate) fn lease_host(&self, count: usize, size: usize) -> Result<StagingLease<'_>> {
+        Ok(StagingLease { pool: self, ring: Some(self.host(count, size)?), home: Home::Host })
+    }
+
+    /// Lend a pinned ring of device `dev` (the kept one when it fits).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn lease_pinned(
+        &self,
+        dev: &std::sync::Arc<crate::sink::cuda::CudaDevice>,
+        count: usize,
+        size: usize,
+    ) -> Result<StagingLease<'_>> {
+        let ring = self.pinned(dev, count, size)?;
+        Ok(StagingLease { pool: self, ring: Some(ring), home: Home::Pinned(dev.ordinal()) })
+    }
+}
+
+impl Deref for StagingLease<'_> {
+    type Target = StagingRing;
+    fn deref(&self) -> &StagingRing {
+        // The ring is taken only by Drop.
+        self.ring.as_ref().unwrap_or_else(|| unreachable!("a staging lease without its ring"))
+    }
+}
+
+impl DerefMut for StagingLease<'_> {
+    fn deref_mut(&mut self) -> &mut StagingRing {
+        self.ring.as_mut().unwrap_or_else(|| unreachable!("a staging lease without its ring"))
+    }
+}
+
+impl Drop for StagingLease<'_> {
+    fn drop(&mut self) {
+        let Some(ring) = self.ring.take() else { return };
+        match self.home {
+            Home::Host => self.pool.give_back_host(ring),
+            #[cfg(feature = "cuda")]
+            Home::Pinned(ordinal) => self.pool.give_back_pinned(ordinal, ring),
         }
     }
 }

@@ -32,7 +32,7 @@ pub struct Span {
 /// assert_eq!(t.spans().len(), 1);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TraceRecorder {
     origin: Instant,
     spans: Vec<Span>,

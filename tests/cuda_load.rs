@@ -372,3 +372,48 @@ fn load_into_device_pointers_equals_a_host_load() {
         }
     }
 }
+
+#[test]
+fn zero_copy_through_load_into_and_stream_equals_a_host_load() {
+    // Through the one driver, zero-copy is a strategy of every way onto CUDA: caller pointers
+    // and stream batches take the page-cache windows as the arena does, plain and converted.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_mixed(dir.path());
+    let Some(_gpu) = gpu() else { return };
+    let dev = CudaDevice::open(0).unwrap();
+    for dtype in [None, Some(Dtype::BF16)] {
+        let with = |l: Loader| match dtype {
+            Some(d) => l.dtype(d),
+            None => l,
+        };
+        let cpu = with(Loader::new().device(Device::Cpu)).load(&path).unwrap();
+        let loader = with(Loader::new().device(Device::Cuda(0)).zero_copy(true).trace(true));
+        let arenas: Vec<(String, DeviceArena)> = cpu
+            .tensors()
+            .map(|t| (t.name().to_string(), DeviceArena::alloc(&dev, t.byte_len() as usize).unwrap()))
+            .collect();
+        let dests = arenas.iter().map(|(n, a)| {
+            // SAFETY: each arena is device memory of cuda:0, alive until after the load, used
+            // by nothing else.
+            (
+                n.clone(),
+                weightstream::Destination::Device(unsafe { weightstream::DevicePlace::new(a.ptr(), a.len(), 0) }),
+            )
+        });
+        let stats = loader.load_into(&path, dests).unwrap();
+        assert_eq!(stats.io, "zero-copy", "{dtype:?}");
+        assert!(stats.trace.as_ref().is_some_and(|t| t.spans().iter().any(|s| s.name == "copy")), "{dtype:?}");
+        for (n, a) in &arenas {
+            assert_eq!(a.copy_to_host(0, a.len()).unwrap(), cpu.tensor(n).unwrap().to_host_vec().unwrap(), "{n}");
+        }
+        let mut stream = loader.stream(&path, 64 << 20).unwrap();
+        let mut count = 0;
+        for t in stream.by_ref() {
+            let t = t.unwrap();
+            assert_eq!(t.to_host_vec().unwrap(), cpu.tensor(t.name()).unwrap().to_host_vec().unwrap(), "{}", t.name());
+            count += 1;
+        }
+        assert_eq!(count, cpu.len(), "{dtype:?}");
+        assert!(stream.trace().is_some_and(|t| t.spans().iter().any(|s| s.name == "copy")), "{dtype:?}");
+    }
+}

@@ -35,7 +35,10 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         use Error::*;
         match self {
-            Io { .. } | UnexpectedEof { .. } | ReadEngine { .. } | HostOutOfMemory { .. } => ErrorKind::Io,
+            // A caller's sink that failed (an upload, a write) failed at moving bytes: as reading.
+            Io { .. } | UnexpectedEof { .. } | ReadEngine { .. } | HostOutOfMemory { .. } | Sink { .. } => {
+                ErrorKind::Io
+            }
             // Missing, refused or replaced: the source is wrong. A server that failed or stalled
             // after its retries: reading failed, and may succeed later.
             Remote { failure, .. } => match failure {

@@ -253,6 +253,18 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
+    /// A caller's [`crate::TensorSink`] refused a piece: its own error, with the file and the
+    /// tensor it was taking.
+    #[error("{}: the sink failed on tensor `{}`: {source}", shown_path(file), crate::text::for_display(tensor))]
+    Sink {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The sink's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A broken internal invariant (a bug in weightstream, not in the input): reported instead of
     /// a panic, with everything allocated released.
     #[error("internal error: {}", shown_message(what))]

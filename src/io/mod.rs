@@ -10,8 +10,6 @@
 mod fault;
 pub(crate) mod pool;
 mod pread;
-#[cfg(feature = "remote")]
-mod remote;
 #[cfg(all(feature = "uring", target_os = "linux"))]
 mod uring;
 
@@ -21,8 +19,6 @@ use std::os::fd::RawFd;
 
 pub use fault::{Fault, FaultyEngine};
 pub use pread::PreadEngine;
-#[cfg(feature = "remote")]
-pub use remote::RemoteEngine;
 #[cfg(all(feature = "uring", target_os = "linux"))]
 pub use uring::UringEngine;
 

@@ -4,7 +4,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use super::{run, Loader};
+use super::drive::On;
+#[cfg(feature = "cuda")]
+use super::drive::Run;
+use super::Loader;
 use crate::error::{Error, Result};
 use crate::model::LoadStats;
 use crate::pipeline::Observer;
@@ -82,9 +85,6 @@ impl Loader {
         let started = Instant::now();
         let ckpt = self.open(path.as_ref())?;
         let (device, only, shard) = self.prepare()?;
-        if self.zero_copy {
-            return Err(Error::usage("load_into does not support --zero-copy yet: load through the ring"));
-        }
         let mut dests: HashMap<String, Destination<'a>> = destinations.into_iter().collect();
         let first = ckpt.files.first().map(|f| f.path.clone()).unwrap_or_else(|| path.as_ref().to_path_buf());
         let bad = |tensor: &str, message: String| Error::BadDestination {
@@ -133,9 +133,8 @@ impl Loader {
         check_device_overlap(&plan, &ordered, &bad)?;
         let files = self.read_files(&ckpt, &plan)?;
         let mut trace = self.trace.then(TraceRecorder::new);
-        let mut obs =
-            Observer { progress: self.progress.as_ref(), cancel: self.cancel.as_ref(), trace: trace.as_mut() };
-        let (io, bytes_read, staging_bytes, pinned, scratch) = match device {
+        let mut obs = Observer::new(self.progress.as_ref(), self.cancel.as_ref(), trace.as_mut());
+        let out = match device {
             Device::Cpu => {
                 let buffers = ordered
                     .into_iter()
@@ -144,39 +143,17 @@ impl Loader {
                         Destination::Device(_) => None,
                     })
                     .collect();
-                let mut sink = HostSink::into_buffers(buffers);
                 // As a load would: in place (reading and converting into the buffers: one copy),
                 // or through the ring where in place cannot honour the options.
-                let (io, bytes, staging) = match self.strategy(device, &plan, files.is_remote()) {
-                    run::Strategy::InPlace { convert_on_workers } => {
-                        self.in_place(&plan, &files, &mut sink, convert_on_workers, &mut obs)?
-                    }
-                    _ => {
-                        let (count, size) = self.ring_dims_for(device, files.is_remote());
-                        let mut ring = self.pool.host(count, size)?;
-                        let run = self.through_ring(&plan, &files, &mut ring, &mut sink, &mut obs);
-                        self.pool.give_back_host(ring);
-                        run?
-                    }
-                };
-                (io, bytes, staging, false, 0)
+                let drive = self.drive(On::Host { device, in_place: true }, &plan, files.requests())?;
+                drive.run(&plan, &files, &mut HostSink::into_buffers(buffers), &mut obs)?
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => self.load_into_device(ordinal, &plan, &files, ordered, &mut obs)?,
             _ => return Err(Error::usage(format!("load_into fills host or CUDA memory, not {device}"))),
         };
         drop(files);
-        Ok(LoadStats {
-            device,
-            io,
-            direct: self.direct,
-            bytes_read,
-            bytes_loaded: plan.bytes_loaded(),
-            seconds: started.elapsed().as_secs_f64(),
-            staging_bytes,
-            pinned,
-            device_scratch_bytes: scratch,
-        })
+        Ok(out.stats(device, &plan, self.direct, started, trace))
     }
 
     #[cfg(feature = "cuda")]
@@ -187,7 +164,7 @@ impl Loader {
         files: &super::files::ReadFiles,
         ordered: Vec<Destination<'_>>,
         obs: &mut Observer<'_>,
-    ) -> Result<(&'static str, u64, u64, bool, u64)> {
+    ) -> Result<Run> {
         use crate::sink::cuda::{CudaDevice, CudaSink};
         let dev = CudaDevice::open(ordinal)?;
         // Work already queued on the destinations (a framework's zero-fill, or a previous owner
@@ -201,24 +178,15 @@ impl Loader {
                 Destination::Host(_) => Err(Error::internal("a host destination on a CUDA load")),
             })
             .collect::<Result<Vec<_>>>()?;
-        let converter = match plan.converts() {
-            true => Some(self.pool.converter(&dev)?),
-            false => None,
-        };
-        let (count, size) = self.ring_dims_for(Device::Cuda(ordinal), files.is_remote());
-        let mut ring = self.pool.pinned(&dev, count, size)?;
+        let drive = self.drive(On::Cuda(dev.clone()), plan, files.requests())?;
+        let (size, converter) = (drive.slot_size(), drive.converter());
         // SAFETY: each place comes from a `DevicePlace`, whose maker promised device memory of
         // this ordinal valid until the load returns; sizes were checked against the plan and
         // the ranges for overlap; the sink is dropped before this function returns.
         let mut sink = unsafe {
             CudaSink::into_pointers(&dev, places, self.streams, plan.converts(), size, self.trace, converter)?
         };
-        let run = self.through_ring(plan, files, &mut ring, &mut sink, obs);
-        let scratch = sink.scratch_bytes();
-        drop(sink);
-        self.pool.give_back_pinned(ordinal, ring);
-        let (io, bytes, staging) = run?;
-        Ok((io, bytes, staging, true, scratch))
+        drive.run(plan, files, &mut sink, obs)
     }
 }
 

@@ -2,15 +2,17 @@
 //! options, and a staging pool per device shared by clones.
 
 mod describe;
+mod drive;
 mod files;
 mod into;
 mod parts;
 mod remote;
-mod run;
 mod stream;
+mod with;
 
 pub use describe::TensorInfo;
 pub use into::{Destination, DevicePlace};
+pub use with::{SinkError, TensorPiece, TensorSink};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,16 +22,17 @@ pub use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::{EngineOptions, Fault, IoKind};
-use crate::model::{LoadStats, LoadedModel, TensorMeta};
+use crate::model::{LoadedModel, Storage, TensorMeta};
 use crate::pipeline::Observer;
 use crate::plan::Plan;
 use crate::pool::StagingPool;
 use crate::progress::ProgressFn;
-use crate::sink::Device;
+use crate::sink::{Device, HostMemory, HostSink, NullSink};
 use crate::source::{Checkpoint, RemoteOptions};
 use crate::stage::ring::DIRECT_ALIGN;
 use crate::trace::TraceRecorder;
-use run::Strategy;
+use drive::On;
+use files::Requests;
 
 /// Reads in flight at most (an io_uring of 4096 entries has 8192 completion slots).
 const MAX_IN_FLIGHT: usize = 4096;
@@ -349,23 +352,21 @@ impl Loader {
     /// assert_eq!(Loader::new().staging_count(2).ring_dims(Device::Cuda(0)), (2, 16 << 20));
     /// ```
     pub fn ring_dims(&self, device: Device) -> (usize, usize) {
-        self.ring_dims_for(device, false)
+        self.ring_dims_for(device, None)
     }
 
     /// [`Loader::ring_dims`] for local files, or for remote objects (`remote`), where by default
     /// a slot holds a whole request and the ring holds every request in flight and two slots
     /// more (10 × 8 MiB for host loads, 8 × 16 MiB for CUDA, with the default 8 × 8 MiB GETs).
-    pub(crate) fn ring_dims_for(&self, device: Device, remote: bool) -> (usize, usize) {
+    pub(crate) fn ring_dims_for(&self, device: Device, requests: Option<Requests>) -> (usize, usize) {
         let default_size = match device {
             Device::Cpu | Device::Null if !self.direct => 4 << 20,
             _ => 16 << 20,
         };
         let (mut count, mut size) = (8, default_size);
-        if remote {
-            let request = self.remote.request_size;
-            size = size.max(request);
-            count =
-                count.max(self.remote.concurrency.saturating_mul(request).div_ceil(size) + 2).min(MAX_STAGING_COUNT);
+        if let Some(r) = requests {
+            size = size.max(r.size);
+            count = count.max(r.concurrency.saturating_mul(r.size).div_ceil(size) + 2).min(MAX_STAGING_COUNT);
         }
         (self.staging_count.unwrap_or(count), self.staging_size.unwrap_or(size))
     }
@@ -398,27 +399,6 @@ impl Loader {
         Ok(())
     }
 
-    /// The strategy for `plan` on `device`: every option is honoured, or this is an error.
-    fn strategy(&self, device: Device, plan: &Plan, remote: bool) -> Strategy {
-        match device {
-            _ if self.zero_copy => Strategy::ZeroCopy,
-            // Remote reads: straight into the arena (one copy, no ring) when the plan is mostly
-            // large tensors; through the ring, whose extents coalesce small tensors into large
-            // GETs, when small ones would be many of the GETs, or when converting (the
-            // read-and-convert workers use pread).
-            Device::Cpu if remote => match !plan.converts() && self.mostly_large(plan) {
-                true => Strategy::InPlace { convert_on_workers: false },
-                false => Strategy::Ring,
-            },
-            // O_DIRECT needs 4 KiB-aligned buffers, which arena places (256 bytes) are not; an
-            // io_uring asked for is honoured through the ring, the workers read with pread.
-            Device::Cpu if !(self.direct || plan.converts() && self.io == IoKind::Uring) => {
-                Strategy::InPlace { convert_on_workers: plan.converts() }
-            }
-            _ => Strategy::Ring,
-        }
-    }
-
     /// Load an already opened checkpoint.
     pub fn load_checkpoint(&self, ckpt: &Checkpoint) -> Result<LoadedModel> {
         let started = Instant::now();
@@ -441,30 +421,38 @@ impl Loader {
         // Data is read through the descriptors the headers were read from (O_DIRECT: a second
         // descriptor of the same open file), or from the objects as their headers found them.
         let files = self.read_files(ckpt, &plan)?;
-        let strategy = self.strategy(device, &plan, files.is_remote());
         let mut trace = self.trace.then(TraceRecorder::new);
-        let mut obs =
-            Observer { progress: self.progress.as_ref(), cancel: self.cancel.as_ref(), trace: trace.as_mut() };
-        let out = match device {
-            Device::Cpu | Device::Null => self.load_host(device, strategy, &plan, &files, &mut obs)?,
+        let mut obs = Observer::new(self.progress.as_ref(), self.cancel.as_ref(), trace.as_mut());
+        let (storage, out) = match device {
+            Device::Cpu => {
+                let mut arena = HostMemory::new(plan.dst_len as usize)?;
+                let drive = self.drive(On::Host { device, in_place: true }, &plan, files.requests())?;
+                let out = drive.run(&plan, &files, &mut HostSink::new(&mut arena), &mut obs)?;
+                (Storage::Host(arena), out)
+            }
+            Device::Null => {
+                let drive = self.drive(On::Host { device, in_place: false }, &plan, files.requests())?;
+                (Storage::Null, drive.run(&plan, &files, &mut NullSink, &mut obs)?)
+            }
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => self.load_cuda(ordinal, strategy, &plan, &files, &mut obs)?,
+            Device::Cuda(ordinal) => {
+                use crate::sink::cuda::{CudaDevice, CudaSink, DeviceArena};
+                let dev = CudaDevice::open(ordinal)?;
+                let arena = DeviceArena::alloc(&dev, plan.dst_len as usize)?;
+                let drive = self.drive(On::Cuda(dev.clone()), &plan, files.requests())?;
+                let (size, converter) = (drive.slot_size(), drive.converter());
+                let converts = plan.converts();
+                let mut sink = CudaSink::new(&dev, &arena, self.streams, converts, size, self.trace, converter)?;
+                let out = drive.run(&plan, &files, &mut sink, &mut obs)?;
+                drop(sink);
+                (Storage::Cuda(arena), out)
+            }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(Error::CudaNotBuilt),
             Device::Auto => return Err(Error::internal("device `auto` left unresolved")),
         };
         drop(files);
-        let stats = LoadStats {
-            device,
-            io: out.io,
-            direct: self.direct,
-            bytes_read: out.bytes_read,
-            bytes_loaded: plan.bytes_loaded(),
-            seconds: started.elapsed().as_secs_f64(),
-            staging_bytes: out.staging_bytes,
-            pinned: out.pinned,
-            device_scratch_bytes: out.device_scratch_bytes,
-        };
+        let stats = out.stats(device, &plan, self.direct, started, None);
         let tensors = plan
             .tensors
             .into_iter()
@@ -477,7 +465,7 @@ impl Loader {
                 len: t.len,
             })
             .collect();
-        let mut model = LoadedModel::new(device, tensors, out.storage, stats);
+        let mut model = LoadedModel::new(device, tensors, storage, stats);
         model.trace = trace;
         Ok(model)
     }

@@ -1,7 +1,7 @@
 //! Loading parts of tensors: tensor-parallel shards ([`Loader::shard`], [`Loader::split`]) and
 //! explicit blocks ([`Loader::slice`]), all planned as one [`Shard`].
 
-use super::{run, Loader};
+use super::Loader;
 use crate::error::{Error, Result};
 use crate::plan::Shard;
 use crate::sink::Device;
@@ -82,6 +82,18 @@ impl Loader {
                 Some(self.splits.iter().try_fold(sliced, |s, (g, d)| s.split(g, *d))?)
             }
         };
-        Ok((device, run::build_filter(&self.only)?, shard))
+        Ok((device, build_filter(&self.only)?, shard))
     }
+}
+
+/// The `--only` globs as one set (`None`: every tensor).
+fn build_filter(only: &[String]) -> Result<Option<globset::GlobSet>> {
+    if only.is_empty() {
+        return Ok(None);
+    }
+    let mut b = globset::GlobSetBuilder::new();
+    for g in only {
+        b.add(globset::Glob::new(g).map_err(|e| Error::usage(format!("--only `{g}`: {e}")))?);
+    }
+    b.build().map(Some).map_err(|e| Error::usage(format!("--only: {e}")))
 }

@@ -1,8 +1,8 @@
 //! The loader's remote options: the storage options, how many GETs of what size, the ring
 //! they need, and when a remote load to `cpu` reads in place.
 
+use super::files::Requests;
 use super::{round_to_multiple, Loader, MIN_STAGING_SIZE};
-use crate::plan::Plan;
 use crate::sink::Device;
 use crate::stage::ring::DIRECT_ALIGN;
 
@@ -58,19 +58,11 @@ impl Loader {
     /// assert_eq!(Loader::new().remote_concurrency(16).remote_ring_dims(Device::Cpu), (18, 8 << 20));
     /// ```
     pub fn remote_ring_dims(&self, device: Device) -> (usize, usize) {
-        self.ring_dims_for(device, true)
+        self.ring_dims_for(device, Some(self.requests()))
     }
 
-    /// Whether reading `plan` in place (one GET per tensor piece of at most a request) would
-    /// spend at most a quarter of its GETs on tensors under 1 MiB: each is a round trip that the
-    /// ring would have coalesced.
-    pub(super) fn mostly_large(&self, plan: &Plan) -> bool {
-        const SMALL: u64 = 1 << 20;
-        let request = self.remote.request_size.max(1) as u64;
-        let (small, large_gets) = plan.tensors.iter().fold((0u64, 0u64), |(s, g), t| match t.len < SMALL {
-            true => (s + 1, g),
-            false => (s, g + t.len.div_ceil(request)),
-        });
-        small.saturating_mul(4) <= small + large_gets
+    /// How a remote source is read: GETs of the request size, the concurrency in flight.
+    pub(super) fn requests(&self) -> Requests {
+        Requests { size: self.remote.request_size, concurrency: self.remote.concurrency }
     }
 }

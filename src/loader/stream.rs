@@ -4,25 +4,27 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use super::drive::{Drive, On};
 use super::files::ReadFiles;
-use super::run::Strategy;
 use super::Loader;
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
+use crate::format::Dtype;
 use crate::pipeline::Observer;
 use crate::plan::Plan;
-use crate::sink::Device;
-use crate::sink::HostMemory;
+use crate::sink::{Device, HostMemory};
 use crate::source::Checkpoint;
 use crate::stream::handout::{BatchSink, Emit, Handout};
 use crate::stream::{batches, HostShare, StreamedTensor, TensorData, TensorStream, Window};
+use crate::trace::TraceRecorder;
 
 /// What each streamed tensor of a batch carries, taken when it is handed out.
 struct Meta {
     name: String,
-    dtype: crate::Dtype,
-    stored_dtype: crate::Dtype,
+    dtype: Dtype,
+    stored_dtype: Dtype,
     shape: Vec<u64>,
     offset: u64,
     len: u64,
@@ -101,9 +103,6 @@ impl Loader {
     pub fn stream(&self, path: impl AsRef<Path>, window_bytes: u64) -> Result<TensorStream> {
         let ckpt = self.open(path.as_ref())?;
         let (device, plan) = self.plan_of(&ckpt, &|_| true)?;
-        if self.zero_copy {
-            return Err(Error::usage("stream does not support --zero-copy yet: it loads through the ring"));
-        }
         match device {
             Device::Cpu => {}
             #[cfg(feature = "cuda")]
@@ -114,21 +113,30 @@ impl Loader {
         }
         let cut = batches(&plan, window_bytes)?;
         let window = Arc::new(Window::new(window_bytes));
-        let stop = crate::CancelToken::new();
+        let stop = CancelToken::new();
         let (tx, rx) = channel();
         let remaining = plan.tensors.len();
         let bytes_read = Arc::new(AtomicU64::new(0));
+        let trace = Arc::new(OnceLock::new());
         let producer = {
             let (mut loader, window, stop) = (self.clone(), Arc::clone(&window), stop.clone());
+            let kept = Arc::clone(&trace);
             // Reads that wait on a server (remote engines) end when the stream is dropped too.
             loader.stream_stop = Some(stop.clone());
             let read = Arc::clone(&bytes_read);
             std::thread::Builder::new()
                 .name("weightstream-stream".into())
                 .spawn(move || {
-                    if let Err(e) = loader.produce(&ckpt, &plan, cut, device, (&window, &stop, &read), &tx) {
+                    let mut recorder = loader.trace.then(TraceRecorder::new);
+                    let shared = (&*window, &stop, &*read);
+                    if let Err(e) = loader.produce(&ckpt, &plan, cut, device, shared, recorder.as_mut(), &tx) {
                         let _ = tx.send(Err(e)); // nobody listens once the stream was dropped
                     }
+                    // Set before the channel closes (tx drops after): an ended stream has it.
+                    if let Some(r) = recorder {
+                        let _ = kept.set(Arc::new(r));
+                    }
+                    drop(tx);
                 })
                 .map_err(|e| Error::internal(format!("cannot start the stream's thread: {e}")))?
         };
@@ -140,18 +148,21 @@ impl Loader {
             remaining,
             ended: false,
             bytes_read,
+            trace,
         })
     }
 
-    /// The producer: each batch takes room in the window, gets a fresh buffer and runs; the
-    /// bytes it read are added to `read`.
+    /// The producer: each batch takes room in the window, gets a fresh buffer and runs through
+    /// the driver; the bytes it read are added to `read`. Progress counts the whole stream.
+    #[allow(clippy::too_many_arguments)]
     fn produce(
         &self,
         ckpt: &Checkpoint,
         plan: &Plan,
         cut: Vec<std::ops::Range<usize>>,
         device: Device,
-        (window, stop, read): (&Window, &crate::CancelToken, &AtomicU64),
+        (window, stop, read): (&Window, &CancelToken, &AtomicU64),
+        mut trace: Option<&mut TraceRecorder>,
         tx: &Sender<Result<StreamedTensor>>,
     ) -> Result<()> {
         #[cfg(feature = "cuda")]
@@ -159,33 +170,57 @@ impl Loader {
             Device::Cuda(o) => Some(crate::sink::cuda::CudaDevice::open(o)?),
             _ => None,
         };
-        for range in cut {
-            let part = plan.part(range);
+        let on = || match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                dev.clone().map(On::Cuda).ok_or_else(|| Error::internal("a CUDA stream without its device"))
+            }
+            _ => Ok(On::Host { device: Device::Cpu, in_place: true }),
+        };
+        let parts: Vec<Plan> = cut.into_iter().map(|range| plan.part(range)).collect();
+        // The source's shape (read by requests or not) is the same for every batch.
+        let requests = self.read_files(ckpt, plan)?.requests();
+        let mut total = 0;
+        for part in &parts {
+            total += self.drive(on()?, part, requests)?.schedule(part).bytes_to_read();
+        }
+        let mut before = 0;
+        for part in parts {
             window.take(part.dst_len)?;
             let files = self.read_files(ckpt, &part)?;
-            let mut obs = Observer { progress: None, cancel: self.cancel.as_ref(), trace: None };
+            let drive = self.drive(on()?, &part, files.requests())?;
+            let mut obs = Observer {
+                progress: self.progress.as_ref(),
+                cancel: self.cancel.as_ref(),
+                trace: trace.as_deref_mut(),
+                runs: Some((before, total)),
+            };
+            let batch = Batch { part: &part, files: &files, stop, tx };
             let bytes = match device {
                 #[cfg(feature = "cuda")]
-                Device::Cuda(_) => {
-                    let dev = dev.as_ref().ok_or_else(|| Error::internal("a CUDA stream without its device"))?;
-                    self.stream_cuda_batch(dev, &part, &files, stop, tx, &mut obs)?
-                }
-                _ => self.stream_host_batch(&part, &files, stop, tx, &mut obs)?,
+                Device::Cuda(_) => batch.to_cuda(self.streams, drive, &mut obs)?,
+                _ => batch.to_host(drive, &mut obs)?,
             };
+            before += bytes;
             read.fetch_add(bytes, Ordering::Relaxed);
-            drop(files);
         }
         Ok(())
     }
+}
 
-    fn stream_host_batch(
-        &self,
-        part: &Plan,
-        files: &ReadFiles,
-        stop: &crate::CancelToken,
-        tx: &Sender<Result<StreamedTensor>>,
-        obs: &mut Observer<'_>,
-    ) -> Result<u64> {
+/// One batch of a stream: its part of the plan, its files, the stream's stop token and channel.
+struct Batch<'a> {
+    part: &'a Plan,
+    files: &'a ReadFiles,
+    stop: &'a CancelToken,
+    tx: &'a Sender<Result<StreamedTensor>>,
+}
+
+impl Batch<'_> {
+    /// One host batch: a fresh page-aligned buffer that readers fill in place (or ring pieces are
+    /// copied into), its tensors handed out as shares as they land.
+    fn to_host(&self, drive: Drive<'_>, obs: &mut Observer<'_>) -> Result<u64> {
+        let Batch { part, files, stop, tx } = *self;
         let batch = Arc::new(HostMemory::new(part.dst_len as usize)?);
         let emit = {
             let batch = Arc::clone(&batch);
@@ -195,60 +230,36 @@ impl Loader {
             })
         };
         let mut sink = Handout::new(BatchSink::new(batch), part, stop, emit);
-        // As a whole load would: in place (reading and converting into the batch), or through
-        // the ring where in place cannot honour the options (O_DIRECT, io_uring converting).
-        let (_, bytes, _) = match self.strategy(Device::Cpu, part, files.is_remote()) {
-            Strategy::InPlace { convert_on_workers } => {
-                self.in_place(part, files, &mut sink, convert_on_workers, obs)?
-            }
-            _ => {
-                let (count, size) = self.ring_dims_for(Device::Cpu, files.is_remote());
-                let mut ring = self.pool.host(count, size)?;
-                let run = self.through_ring(part, files, &mut ring, &mut sink, obs);
-                self.pool.give_back_host(ring);
-                run?
-            }
-        };
+        let run = drive.run(part, files, &mut sink, obs)?;
         sink.finish_batch()?;
-        Ok(bytes)
+        Ok(run.bytes_read)
     }
 
+    /// One CUDA batch: a fresh device allocation that the copies fill, its tensors handed out as
+    /// shares once their copies' fences fired.
     #[cfg(feature = "cuda")]
-    fn stream_cuda_batch(
-        &self,
-        dev: &Arc<crate::sink::cuda::CudaDevice>,
-        part: &Plan,
-        files: &ReadFiles,
-        stop: &crate::CancelToken,
-        tx: &Sender<Result<StreamedTensor>>,
-        obs: &mut Observer<'_>,
-    ) -> Result<u64> {
+    fn to_cuda(&self, streams: usize, drive: Drive<'_>, obs: &mut Observer<'_>) -> Result<u64> {
+        let Batch { part, files, stop, tx } = *self;
         use crate::sink::cuda::{CudaSink, DeviceArena};
         use crate::stream::DeviceBatch;
-        let batch = Arc::new(DeviceBatch(DeviceArena::alloc(dev, (part.dst_len as usize).max(1))?));
+        let dev = drive.cuda().cloned().ok_or_else(|| Error::internal("a CUDA batch without its device"))?;
+        let batch = Arc::new(DeviceBatch(DeviceArena::alloc(&dev, (part.dst_len as usize).max(1))?));
         let places: Vec<(u64, usize)> =
             part.tensors.iter().map(|t| (batch.0.ptr() + t.dst_offset, t.len as usize)).collect();
         let emit = {
             let batch = Arc::clone(&batch);
             emitter(part, tx, move |offset, len, _| TensorData::Device { batch: Arc::clone(&batch), offset, len })
         };
-        let converter = match part.converts() {
-            true => Some(self.pool.converter(dev)?),
-            false => None,
-        };
-        let (count, size) = self.ring_dims_for(Device::Cuda(dev.ordinal()), files.is_remote());
-        let mut ring = self.pool.pinned(dev, count, size)?;
-        // SAFETY: every place lies inside `batch` (the plan's destinations rebased to 0, each
-        // with its loaded size, within dst_len), on `dev`, and they do not overlap; `batch` is
-        // kept alive by this function past the sink's drop, and a tensor that shares it is
-        // handed out only after its copies' fence fired.
-        let inner =
-            unsafe { CudaSink::into_pointers(dev, places, self.streams, part.converts(), size, false, converter)? };
+        let (size, converter, timed) = (drive.slot_size(), drive.converter(), obs.trace.is_some());
+        // SAFETY: every place lies inside `batch` (the plan's destinations rebased to 0, each with
+        // its loaded size, within dst_len), on `dev`, and they do not overlap; `batch` is kept alive
+        // by this function past the sink's drop, and a tensor that shares it is handed out only
+        // after its copies' fence fired.
+        let inner = unsafe { CudaSink::into_pointers(&dev, places, streams, part.converts(), size, timed, converter)? };
         let mut sink = Handout::new(inner, part, stop, emit);
-        let run = self.through_ring(part, files, &mut ring, &mut sink, obs);
-        let finished = run.and_then(|(_, bytes, _)| sink.finish_batch().map(|()| bytes));
+        let finished =
+            drive.run(part, files, &mut sink, obs).and_then(|run| sink.finish_batch().map(|()| run.bytes_read));
         drop(sink);
-        self.pool.give_back_pinned(dev.ordinal(), ring);
         drop(batch);
         finished
     }

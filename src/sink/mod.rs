@@ -332,6 +332,18 @@ pub trait Sink {
 
     /// Block until every delivery has landed.
     fn finish(&mut self) -> Result<()>;
+
+    /// Bytes of device memory this sink holds as conversion scratch besides its destinations
+    /// (reported as [`crate::LoadStats::device_scratch_bytes`]); 0 for host sinks.
+    fn scratch_bytes(&self) -> u64 {
+        0
+    }
+
+    /// Add this sink's own timed spans (a device's copies) to `trace`, after a successful run.
+    fn write_trace(&mut self, trace: &mut crate::trace::TraceRecorder) -> Result<()> {
+        let _ = trace;
+        Ok(())
+    }
 }
 
 /// Drops every byte: measures the read pipeline alone.

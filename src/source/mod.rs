@@ -14,6 +14,7 @@
 //! pinned to the ETag its header was read at in the same spirit.
 
 mod local;
+pub(crate) mod read;
 #[cfg(feature = "remote")]
 pub mod remote;
 
@@ -247,6 +248,20 @@ impl Checkpoint {
         }
         drop(owner);
         Ok(Checkpoint { files, index })
+    }
+
+    /// Every file as an open local file, or a usage error saying that `what` needs local files
+    /// (a remote object is read through its store only).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # weightstream::format::write_file(dir.path().join("a.safetensors"), &[weightstream::format::WriteTensor::new("w", weightstream::Dtype::U8, vec![1], &[1])], &Default::default())?;
+    /// let ckpt = weightstream::Checkpoint::open(dir.path())?;
+    /// assert_eq!(ckpt.local_files("an mmap")?.len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn local_files(&self, what: &str) -> Result<Vec<&Arc<File>>> {
+        self.files.iter().map(|f| f.local_file(what)).collect()
     }
 
     /// Total bytes of tensor data over all files.

@@ -120,6 +120,14 @@ impl<S: Sink> Sink for Handout<'_, S> {
     fn finish(&mut self) -> Result<()> {
         self.inner.finish().inspect_err(|_| self.landing.borrow_mut().failed = true)
     }
+
+    fn scratch_bytes(&self) -> u64 {
+        self.inner.scratch_bytes()
+    }
+
+    fn write_trace(&mut self, trace: &mut crate::trace::TraceRecorder) -> Result<()> {
+        self.inner.write_trace(trace)
+    }
 }
 
 /// The host memory of one batch: the readers read (and convert) into it in place, or staged

@@ -234,6 +234,8 @@ pub struct TensorStream {
     pub(crate) remaining: usize,
     pub(crate) ended: bool,
     pub(crate) bytes_read: Arc<std::sync::atomic::AtomicU64>,
+    /// The stream's trace, set by the producer before the last item when tracing is on.
+    pub(crate) trace: Arc<std::sync::OnceLock<Arc<crate::trace::TraceRecorder>>>,
 }
 
 impl TensorStream {
@@ -245,6 +247,27 @@ impl TensorStream {
     /// Bytes read from the files so far (as [`crate::LoadStats::bytes_read`] counts them).
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The stream's trace (reads, conversions, deliveries of every batch, as
+    /// [`crate::LoadedModel::trace`] records a load's), once the iterator has ended, when
+    /// [`crate::Loader::trace`] was on.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let p = dir.path().join("m.safetensors");
+    /// use weightstream::{format::{write_file, WriteTensor}, Device, Dtype, Loader};
+    /// write_file(&p, &[WriteTensor::new("a", Dtype::U8, vec![3], &[1, 2, 3])], &Default::default())?;
+    /// let mut stream = Loader::new().device(Device::Cpu).trace(true).stream(&p, 1 << 20)?;
+    /// for t in stream.by_ref() { t?; }
+    /// assert!(!stream.trace().ok_or("no trace")?.spans().is_empty());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn trace(&self) -> Option<Arc<crate::trace::TraceRecorder>> {
+        if !self.ended {
+            return None;
+        }
+        self.trace.get().cloned()
     }
 
     /// The window the stream was opened with.

@@ -38,7 +38,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let loader = args.loader.loader();
     let ckpt = loader.open(&args.path)?;
-    let remote = ckpt.files.iter().any(|f| f.is_remote());
+    let remote = ckpt.local_files("a baseline").is_err();
     let strategies = if args.strategies.is_empty() && remote {
         vec![BenchStrategy::Pipeline]
     } else if args.strategies.is_empty() {

@@ -157,23 +157,6 @@ impl<'a> CudaSink<'a> {
         }
     }
 
-    /// Bytes of device scratch this sink holds for conversion (0 when nothing converts).
-    pub fn scratch_bytes(&self) -> u64 {
-        self.scratch.as_ref().map_or(0, |(a, _)| a.len() as u64)
-    }
-
-    /// Add device-timed copy spans to `trace` (after `finish`).
-    pub fn write_trace(&mut self, trace: &mut TraceRecorder) -> Result<()> {
-        let Some((base, base_host, copies)) = &self.timing else { return Ok(()) };
-        let offset_us = base_host.saturating_duration_since(trace.origin()).as_secs_f64() * 1e6;
-        for c in copies {
-            let s = c.start.elapsed_since(base)? as f64 * 1e3;
-            let e = c.end.elapsed_since(base)? as f64 * 1e3;
-            trace.span_us("copy", format!("stream {} (slot {})", c.stream, c.slot), offset_us + s, e - s, c.bytes);
-        }
-        Ok(())
-    }
-
     fn slot_event(&mut self, slot: usize) -> Result<std::rc::Rc<Event>> {
         while self.slot_events.len() <= slot {
             self.slot_events.push(std::rc::Rc::new(Event::new(&self.dev, false)?));
@@ -185,6 +168,23 @@ impl<'a> CudaSink<'a> {
 impl Sink for CudaSink<'_> {
     fn reads_by_dma(&self) -> bool {
         true
+    }
+
+    /// Bytes of device scratch this sink holds for conversion (0 when nothing converts).
+    fn scratch_bytes(&self) -> u64 {
+        self.scratch.as_ref().map_or(0, |(a, _)| a.len() as u64)
+    }
+
+    /// Add device-timed copy spans to `trace` (after `finish`).
+    fn write_trace(&mut self, trace: &mut TraceRecorder) -> Result<()> {
+        let Some((base, base_host, copies)) = &self.timing else { return Ok(()) };
+        let offset_us = base_host.saturating_duration_since(trace.origin()).as_secs_f64() * 1e6;
+        for c in copies {
+            let s = c.start.elapsed_since(base)? as f64 * 1e3;
+            let e = c.end.elapsed_since(base)? as f64 * 1e3;
+            trace.span_us("copy", format!("stream {} (slot {})", c.stream, c.slot), offset_us + s, e - s, c.bytes);
+        }
+        Ok(())
     }
 
     fn deliver(&mut self, d: &Delivery<'_>) -> Result<Fence> {

@@ -12,6 +12,7 @@
 //! replaced during a load is an error ([`RemoteFailure::Changed`]), never a mix of old and new
 //! bytes.
 
+mod engine;
 mod store;
 
 use std::ops::Range;
@@ -23,7 +24,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore};
 use url::Url;
 
-pub(crate) use store::handle as runtime_handle;
+pub(crate) use engine::RemoteEngine;
 pub use store::OWN_KEYS;
 
 use super::{CheckpointFile, RemoteOptions};

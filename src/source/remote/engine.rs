@@ -13,11 +13,11 @@ use std::time::Duration;
 use futures_util::future::{select, Either};
 use tokio::sync::{watch, Semaphore};
 
-use super::{RawCompletion, RawEngine, RawRead};
+use super::store::handle as runtime_handle;
+use super::RemoteObject;
 use crate::cancel::CancelToken;
 use crate::error::{RemoteFailure, RemoteFault};
-use crate::source::remote::runtime_handle;
-use crate::source::RemoteObject;
+use crate::io::{RawCompletion, RawEngine, RawRead};
 
 /// A read engine over remote objects.
 pub struct RemoteEngine {
