@@ -22,7 +22,10 @@ Left out: `src/bin` (not part of the library's module tree), `#[cfg(test)]` item
 A cycle is a strongly connected component of more than one module; each is printed as cycle
 paths `a -> b -> a` that cover its modules, followed by one source location per edge inside it.
 
-Exit status: 0 without cycles, 1 with cycles, 2 on a usage error.
+Also an error: a module that names one of the crate root's re-exports (`use crate::{Dtype,
+Error}`, `crate::CancelToken` in an expression) instead of the module that defines it.
+
+Exit status: 0 without cycles or root re-export uses, 1 with any, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -421,6 +424,46 @@ def build_graph(mods: dict[Mod, Module]) -> Graph:
     return graph
 
 
+def root_reexport_uses(mods: dict[Mod, Module]) -> list[tuple[Module, int, str, str]]:
+    """Paths outside the crate root that name one of its re-exports (`crate::Dtype`,
+    `use crate::{Error, Result}`, `super::Loader` from a top-level module): (module, line, path
+    as written, the path to write instead: the root's own `use` path)."""
+    root = mods.get(ROOT)
+    if root is None:
+        return []
+    res = Resolver(mods)
+    found = []
+    for mod in mods.values():
+        if mod.path == ROOT:
+            continue
+        for path, line, text in mod.refs:
+            s = res.start(mod.path, path)
+            if s is None or s[0] != ROOT or not s[1]:
+                continue
+            name = s[1][0]
+            if name in root.children or name not in root.uses:
+                continue
+            instead = canonical(res, ROOT, root.uses[name].path) + s[1][1:]
+            found.append((mod, line, text, "::".join(["crate"] + instead)))
+    return found
+
+
+def canonical(res: Resolver, at: Mod, path: list[str], depth: int = 0) -> list[str]:
+    """The path from the crate root through modules (and their facades) to what `path`, written
+    in `at`, names: a re-export of an item from outside the re-exporting module is followed."""
+    s = res.start(at, path)
+    if s is None:
+        return path
+    cur, segs = s
+    while segs and segs[0] in res.mods[cur].children:
+        cur, segs = cur + (segs[0],), segs[1:]
+    if segs and depth < 32 and (u := res.mods[cur].uses.get(segs[0])):
+        t = res.resolve(cur, u.path)
+        if t is not None and not within(t.module, cur):
+            return canonical(res, cur, u.path, depth + 1) + segs[1:]
+    return list(cur) + segs
+
+
 def lift(graph: Graph) -> dict[Mod, dict[Mod, list[tuple[Mod, Mod, Edge]]]]:
     """The edges between sibling subtrees: `a -> b` becomes `a' -> b'`, the children of their
     lowest common ancestor that hold `a` and `b`. An edge between a module and its own ancestor
@@ -564,14 +607,24 @@ def main(argv: list[str] | None = None) -> int:
         for a in sorted(graph):
             for b, e in sorted(graph[a].items()):
                 print(f"{show(a)} -> {show(b)}  ({e.file.name}:{e.line} `{e.text}`)")
-    report = cycles_report(graph, src.resolve().parent)
+    repo = src.resolve().parent
+    report = cycles_report(graph, repo)
     n_edges = sum(len(v) for v in graph.values())
     if report:
         print(f"module cycles in {src} ({len(mods)} modules, {n_edges} edges):")
         print("\n".join(report))
-        return 1
-    print(f"no module cycles in {src} ({len(mods)} modules, {n_edges} edges)")
-    return 0
+    else:
+        print(f"no module cycles in {src} ({len(mods)} modules, {n_edges} edges)")
+    root_uses = root_reexport_uses(mods)
+    if root_uses:
+        print(f"crate root re-exports used inside the crate ({len(root_uses)}; name the defining module instead):")
+        for mod, line, text, instead in sorted(root_uses, key=lambda x: (str(x[0].file), x[1])):
+            try:
+                where = mod.file.relative_to(repo)
+            except ValueError:
+                where = mod.file
+            print(f"  {where}:{line} `{text}`: write `{instead}`")
+    return 1 if report or root_uses else 0
 
 
 if __name__ == "__main__":

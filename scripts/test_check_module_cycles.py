@@ -283,3 +283,38 @@ def test_the_repository_check_runs_in_seconds():
     r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert r.returncode in (0, 1), r.stdout + r.stderr
     assert time.monotonic() - t < 10
+
+
+def test_root_reexports_used_inside_the_crate_are_errors(tmp_path):
+    files = {
+        "lib.rs": """\
+            mod cancel;
+            pub mod format;
+            mod loader;
+            mod user;
+            pub use format::Dtype;
+            pub use loader::CancelToken;
+            pub fn root_own() -> Dtype { Dtype::F32 }
+            """,
+        "cancel.rs": "pub struct CancelToken;\n",
+        "format/mod.rs": "mod dtype;\npub use dtype::Dtype;\n",
+        "format/dtype.rs": "pub enum Dtype { F32 }\n",
+        "loader/mod.rs": "pub use crate::cancel::CancelToken;\n",
+        "user.rs": """\
+            use crate::{format, Dtype};
+            pub fn f(_: &crate::CancelToken) -> Dtype { crate::root_own() }
+            """,
+    }
+    r = check(tree(tmp_path / "bad", files))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "no module cycles" in r.stdout
+    assert "src/user.rs:1 `crate::Dtype`: write `crate::format::Dtype`" in r.stdout
+    assert "src/user.rs:2 `crate::CancelToken`: write `crate::cancel::CancelToken`" in r.stdout
+    # `crate::format` (a module) and `crate::root_own` (the root's own item) are fine.
+    assert "crate::format`" not in r.stdout and "root_own" not in r.stdout
+    files["user.rs"] = """\
+        use crate::format::Dtype;
+        pub fn f(_: &crate::cancel::CancelToken) -> Dtype { crate::root_own() }
+        """
+    r = check(tree(tmp_path / "good", files))
+    assert r.returncode == 0, r.stdout + r.stderr

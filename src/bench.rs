@@ -14,8 +14,9 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::io::IoKind;
+use crate::loader::Loader;
 use crate::sink::Device;
-use crate::{Checkpoint, Loader};
+use crate::source::Checkpoint;
 
 /// One way to load a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

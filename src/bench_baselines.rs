@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::sink::Device;
-use crate::Checkpoint;
+use crate::source::Checkpoint;
 
 /// Where a baseline puts each tensor: an owned Vec (cpu), its own device allocation filled by a
 /// pageable host-to-device copy (cuda, as candle does), or (null) a reused 8 MiB buffer, so that

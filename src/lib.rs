@@ -44,10 +44,11 @@ mod stream;
 pub mod text;
 pub mod trace;
 
+pub use cancel::CancelToken;
 pub use error::{Error, ErrorKind, RemoteFailure, Result};
 pub use format::Dtype;
 pub use loader::{
-    CancelToken, Destination, DevicePlace, Loader, SinkError, TensorInfo, TensorPiece, TensorSink, MAX_STAGING_COUNT,
+    Destination, DevicePlace, Loader, SinkError, TensorInfo, TensorPiece, TensorSink, MAX_STAGING_COUNT,
     MIN_STAGING_SIZE,
 };
 pub use model::{peak_host_rss_bytes, LoadStats, LoadedModel, TensorRef};

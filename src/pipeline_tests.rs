@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
+use crate::format::Dtype;
 use crate::format::{write_file, WriteTensor};
 use crate::io::{RawCompletion, RawEngine, RawRead, ReadQueue};
 use crate::pipeline::{run, Observer};
@@ -18,7 +19,6 @@ use crate::sink::{Fence, Staged};
 use crate::source::Checkpoint;
 use crate::stage::ring::RingStage;
 use crate::stage::StagingRing;
-use crate::Dtype;
 
 /// A small xorshift generator: the tests are reproducible from their seed.
 struct Rng(u64);

@@ -33,7 +33,8 @@ pub use cpu::{convert_host, convert_with_kernel_math};
 #[cfg(feature = "cuda")]
 pub use cuda::{DeviceConverter, KernelSource};
 
-use crate::{Dtype, Error};
+use crate::error::{Error, Result};
+use crate::format::Dtype;
 
 /// Every conversion between two different dtypes that has a kernel, with the suffix of its names
 /// (`ws_convert_<suffix>` on the device, `ws_host_convert_<suffix>` in the host shim). Must list
@@ -92,7 +93,7 @@ pub(crate) fn suffix(from: Dtype, to: Dtype) -> Option<&'static str> {
 
 /// Checks a conversion request: the pair is supported and the buffer lengths fit. Returns the
 /// number of elements.
-pub(crate) fn check(from: Dtype, to: Dtype, src_len: usize, dst_len: usize) -> crate::Result<usize> {
+pub(crate) fn check(from: Dtype, to: Dtype, src_len: usize, dst_len: usize) -> Result<usize> {
     if !supported(from, to) {
         return Err(conversion_error(from, to, "no such conversion".into()));
     }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use crate::cancel::CancelToken;
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::{EngineOptions, Fault, IoKind};

@@ -61,7 +61,7 @@ pub struct RemoteOptions {
     /// Bytes asked for by one GET at most.
     pub request_size: usize,
     /// Stops the header reads of an open when cancelled ([`crate::Error::Cancelled`]).
-    pub cancel: Option<crate::CancelToken>,
+    pub cancel: Option<crate::cancel::CancelToken>,
 }
 
 impl Default for RemoteOptions {

@@ -197,7 +197,7 @@ impl Stage for RingStage<'_> {
             };
             if end - start > self.ring.slot_size() as u64 {
                 let what = format!("extent of {} bytes planned for slots of {}", end - start, self.ring.slot_size());
-                return Err(StageError::named(self.next, e.offset, crate::Error::internal(what)));
+                return Err(StageError::named(self.next, e.offset, crate::error::Error::internal(what)));
             }
             // All of a slot's reads are queued at once; wait for room rather than overfill the
             // engine (an io_uring's completion queue is bounded).
@@ -253,7 +253,7 @@ impl Stage for RingStage<'_> {
                     // Unreachable by construction (a slot's reads always fit an empty queue);
                     // never return a half-loaded model if it were not.
                     let what = "staged reads stalled with extents left";
-                    return Err(StageError::named(self.next, 0, crate::Error::internal(what)));
+                    return Err(StageError::named(self.next, 0, crate::error::Error::internal(what)));
                 }
                 return Ok(None);
             }
@@ -265,7 +265,7 @@ impl Stage for RingStage<'_> {
             let slot = (c.tag >> 32) as usize;
             let Some(job) = self.jobs.get_mut(slot).and_then(Option::as_mut) else {
                 let what = "read completion for an idle staging slot";
-                return Err(StageError::named(self.next, c.offset, crate::Error::internal(what)));
+                return Err(StageError::named(self.next, c.offset, crate::error::Error::internal(what)));
             };
             let e = &self.sched.extents[job.extent];
             let n =

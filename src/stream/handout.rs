@@ -7,8 +7,8 @@ use std::rc::Rc;
 
 use std::sync::Arc;
 
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
-use crate::loader::CancelToken;
 use crate::plan::Plan;
 use crate::sink::{Delivery, Fence, HostMemory, HostRegion, Sink, Staged};
 

@@ -15,9 +15,9 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
-use crate::loader::CancelToken;
 use crate::plan::Plan;
 use crate::sink::Device;
 
@@ -429,7 +429,7 @@ mod tests {
             .map(|(i, d)| WriteTensor::new(format!("t{i}"), Dtype::U8, vec![d.len() as u64], d))
             .collect();
         write_file(&p, &ws, &Default::default()).unwrap();
-        let plan = Plan::new(&crate::Checkpoint::open(&p).unwrap(), &|_| true, &|_, d| d).unwrap();
+        let plan = Plan::new(&crate::source::Checkpoint::open(&p).unwrap(), &|_| true, &|_, d| d).unwrap();
         (dir, plan)
     }
 
