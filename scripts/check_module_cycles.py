@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fail on import cycles between the modules of the library crate (`src/`).
 
-Each file is a module of its own (`src/sink/cuda/driver.rs` is `sink::cuda::driver`,
+Each file is a module of its own (`src/cuda/driver.rs` is `cuda::driver`,
 `src/sink/mod.rs` is `sink`). Every path into the crate is mapped to the module that defines
 what it names:
 

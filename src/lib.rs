@@ -25,10 +25,13 @@ mod cancel;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod convert;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 pub mod format;
 pub mod io;
 mod loader;
+mod memory;
 mod model;
 mod pipeline;
 #[cfg(test)]

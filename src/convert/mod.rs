@@ -1,5 +1,5 @@
-//! Dtype conversion: which pairs exist, the size of their output, the host path ([`cpu`]) and the
-//! CUDA kernels ([`cuda`], feature `cuda`).
+//! Dtype conversion: which pairs exist, the size of their output, and the host path ([`cpu`]).
+//! The CUDA kernels of the same pairs are `crate::cuda::kernels` (feature `cuda`).
 //!
 //! The conversions are F32↔F16, F32↔BF16, F16↔BF16, F64→{F32, F16, BF16} and
 //! F8_E4M3/F8_E5M2→{F16, BF16, F32}, plus the identity for every dtype (a copy). Rounding is to
@@ -23,15 +23,10 @@
 //! ```
 
 pub mod cpu;
-/// The device side of conversion: the kernels, loaded and launched by the CUDA sink.
-#[cfg(feature = "cuda")]
-pub use crate::sink::cuda::kernels as cuda;
 mod lanes;
 pub(crate) mod workers;
 
 pub use cpu::{convert_host, convert_with_kernel_math};
-#[cfg(feature = "cuda")]
-pub use cuda::{DeviceConverter, KernelSource};
 
 use crate::error::{Error, Result};
 use crate::format::Dtype;

@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
+use crate::memory::{Fence, HostMemory, HostRegion, Staged};
 use crate::plan::Plan;
-use crate::sink::{Delivery, Fence, HostMemory, HostRegion, Sink, Staged};
+use crate::sink::{Delivery, Sink};
 
 /// Hands tensor `i` of the batch on (`Err`: nobody takes it any more).
 pub(crate) type Emit = Box<dyn FnMut(usize) -> Result<()>>;

@@ -50,7 +50,7 @@ pub(crate) enum TensorData {
 
 /// A stream's device batch: freed only after the device finished the work queued on it.
 #[cfg(feature = "cuda")]
-pub(crate) struct DeviceBatch(pub(crate) crate::sink::cuda::DeviceArena);
+pub(crate) struct DeviceBatch(pub(crate) crate::cuda::DeviceArena);
 
 #[cfg(feature = "cuda")]
 impl Drop for DeviceBatch {
@@ -182,7 +182,7 @@ impl std::fmt::Debug for StreamedTensor {
 
 /// A landed tensor's bytes in its host batch, which the share keeps alive.
 pub(crate) struct HostShare {
-    pub(crate) batch: Arc<crate::sink::HostMemory>,
+    pub(crate) batch: Arc<crate::memory::HostMemory>,
     pub(crate) offset: usize,
     pub(crate) len: usize,
     /// Its bytes and the padding after it, up to the next tensor (or the batch's end).
