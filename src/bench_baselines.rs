@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::sink::Device;
-use crate::Checkpoint;
+use crate::source::Checkpoint;
 
 /// Where a baseline puts each tensor: an owned Vec (cpu), its own device allocation filled by a
 /// pageable host-to-device copy (cuda, as candle does), or (null) a reused 8 MiB buffer, so that
@@ -13,7 +13,7 @@ struct BaselineTarget {
     keep: Vec<Vec<u8>>,
     scratch: Vec<u8>,
     #[cfg(feature = "cuda")]
-    cuda: Option<(std::sync::Arc<crate::sink::cuda::CudaDevice>, Vec<crate::sink::cuda::DeviceArena>)>,
+    cuda: Option<(std::sync::Arc<crate::cuda::CudaDevice>, Vec<crate::cuda::DeviceArena>)>,
 }
 
 impl BaselineTarget {
@@ -25,7 +25,7 @@ impl BaselineTarget {
             scratch: if device == Device::Null { vec![0; 8 << 20] } else { Vec::new() },
             #[cfg(feature = "cuda")]
             cuda: match device {
-                Device::Cuda(n) => Some((crate::sink::cuda::CudaDevice::open(n)?, Vec::new())),
+                Device::Cuda(n) => Some((crate::cuda::CudaDevice::open(n)?, Vec::new())),
                 _ => None,
             },
         })
@@ -35,13 +35,13 @@ impl BaselineTarget {
         self.total += bytes.len() as u64;
         #[cfg(feature = "cuda")]
         if let Some((dev, arenas)) = &mut self.cuda {
-            let arena = crate::sink::cuda::DeviceArena::alloc(dev, bytes.len())?;
+            let arena = crate::cuda::DeviceArena::alloc(dev, bytes.len())?;
             if !bytes.is_empty() {
                 // SAFETY: the destination is a fresh allocation of bytes.len() bytes and the
                 // source a live slice; from pageable memory the driver has copied the bytes out
                 // before returning.
                 unsafe {
-                    crate::sink::cuda::driver::memcpy_htod_async(
+                    crate::cuda::driver::memcpy_htod_async(
                         arena.ptr(),
                         bytes.as_ptr(),
                         bytes.len(),

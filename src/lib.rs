@@ -25,10 +25,13 @@ mod cancel;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod convert;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 pub mod format;
 pub mod io;
 mod loader;
+mod memory;
 mod model;
 mod pipeline;
 #[cfg(test)]
@@ -36,6 +39,7 @@ mod pipeline_tests;
 pub mod plan;
 mod pool;
 pub mod progress;
+mod regular_file;
 pub mod sink;
 pub mod source;
 pub mod stage;
@@ -43,10 +47,11 @@ mod stream;
 pub mod text;
 pub mod trace;
 
+pub use cancel::CancelToken;
 pub use error::{Error, ErrorKind, RemoteFailure, Result, UsageError};
 pub use format::Dtype;
 pub use loader::{
-    CancelToken, Destination, DevicePlace, Loader, SinkError, TensorInfo, TensorPiece, TensorSink, MAX_STAGING_COUNT,
+    Destination, DevicePlace, Loader, SinkError, TensorInfo, TensorPiece, TensorSink, MAX_STAGING_COUNT,
     MIN_STAGING_SIZE,
 };
 pub use model::{peak_host_rss_bytes, LoadStats, LoadedModel, TensorRef};

@@ -2,13 +2,14 @@
 
 use crate::error::{Error, Result, UsageError};
 use crate::format::Dtype;
-use crate::sink::{Device, HostMemory};
+use crate::memory::HostMemory;
+use crate::sink::Device;
 
 /// Where a model's bytes live. Dropping it frees the arena as one.
 pub(crate) enum Storage {
     Host(HostMemory),
     #[cfg(feature = "cuda")]
-    Cuda(crate::sink::cuda::DeviceArena),
+    Cuda(crate::cuda::DeviceArena),
     Null,
 }
 

@@ -8,17 +8,17 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
+use crate::format::Dtype;
 use crate::format::{write_file, WriteTensor};
 use crate::io::{RawCompletion, RawEngine, RawRead, ReadQueue};
+use crate::memory::{Fence, Staged};
 use crate::pipeline::{run, Observer};
 use crate::plan::ScheduleOptions;
 use crate::plan::{Plan, Schedule};
 use crate::sink::{Delivery, Sink};
-use crate::sink::{Fence, Staged};
 use crate::source::Checkpoint;
 use crate::stage::ring::RingStage;
 use crate::stage::StagingRing;
-use crate::Dtype;
 
 /// A small xorshift generator: the tests are reproducible from their seed.
 struct Rng(u64);

@@ -18,7 +18,7 @@ struct Pooled {
     /// Declared before the pinned rings so that they drop first: the rings' buffers hold the
     /// device's context, which a module needs until it is unloaded.
     #[cfg(feature = "cuda")]
-    converters: Vec<(usize, std::sync::Arc<crate::convert::cuda::DeviceConverter>)>,
+    converters: Vec<(usize, std::sync::Arc<crate::cuda::kernels::DeviceConverter>)>,
     #[cfg(feature = "cuda")]
     pinned: Vec<(usize, StagingRing)>,
 }
@@ -62,7 +62,7 @@ impl StagingPool {
     #[cfg(feature = "cuda")]
     pub(crate) fn pinned(
         &self,
-        dev: &std::sync::Arc<crate::sink::cuda::CudaDevice>,
+        dev: &std::sync::Arc<crate::cuda::CudaDevice>,
         count: usize,
         size: usize,
     ) -> Result<StagingRing> {
@@ -75,7 +75,7 @@ impl StagingPool {
             Some(r) if fits(&r, count, size) => Ok(r),
             other => {
                 drop(other); // free the old ring before pinning the new one
-                crate::sink::cuda::pinned_ring(dev, count, size)
+                crate::stage::StagingRing::pinned(dev, count, size)
             }
         }
     }
@@ -93,15 +93,15 @@ impl StagingPool {
     #[cfg(feature = "cuda")]
     pub(crate) fn converter(
         &self,
-        dev: &std::sync::Arc<crate::sink::cuda::CudaDevice>,
-    ) -> Result<std::sync::Arc<crate::convert::cuda::DeviceConverter>> {
+        dev: &std::sync::Arc<crate::cuda::CudaDevice>,
+    ) -> Result<std::sync::Arc<crate::cuda::kernels::DeviceConverter>> {
         let ordinal = dev.ordinal();
         let found = self.lock().converters.iter().find(|(o, _)| *o == ordinal).map(|(_, c)| c.clone());
         if let Some(c) = found {
             return Ok(c);
         }
         dev.bind()?;
-        let c = std::sync::Arc::new(crate::convert::cuda::DeviceConverter::load()?);
+        let c = std::sync::Arc::new(crate::cuda::kernels::DeviceConverter::load()?);
         let mut p = self.lock();
         match p.converters.iter().find(|(o, _)| *o == ordinal) {
             Some((_, other)) => Ok(other.clone()),
@@ -139,7 +139,7 @@ impl StagingPool {
     #[cfg(feature = "cuda")]
     pub(crate) fn lease_pinned(
         &self,
-        dev: &std::sync::Arc<crate::sink::cuda::CudaDevice>,
+        dev: &std::sync::Arc<crate::cuda::CudaDevice>,
         count: usize,
         size: usize,
     ) -> Result<StagingLease<'_>> {

@@ -9,8 +9,8 @@ mod common;
 
 use common::SplitMix;
 use cudarc::driver::{result as dr, sys};
-use weightstream::convert::cuda::{self as wc, DeviceConverter, KernelSource};
 use weightstream::convert::{conversions, convert_host, convert_with_kernel_math, output_len};
+use weightstream::cuda::kernels::{self as wc, DeviceConverter, KernelSource};
 use weightstream::{Dtype, Error};
 
 /// Makes device 0's primary context current, or says why not (one line) and returns `None`.

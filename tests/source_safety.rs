@@ -89,6 +89,13 @@ fn fifos_where_files_should_be_are_refused_without_hanging() {
     let o = other.path().to_path_buf();
     write(&o.join("a.safetensors"), 1);
     mkfifo(&o.join("model.safetensors.index.json"));
+    let p = o.join("model.safetensors.index.json");
     let err = within_20s(move || Checkpoint::open(&o).unwrap_err());
+    assert!(matches!(err, Error::BadSource { .. }), "{err:?}");
+    // The format layer's path conveniences open through the same guard.
+    let (h, i) = (d.join("b.safetensors"), p.clone());
+    let err = within_20s(move || weightstream::format::read_header(&h).unwrap_err());
+    assert!(matches!(err, Error::BadSource { .. }), "{err:?}");
+    let err = within_20s(move || weightstream::format::ShardIndex::read(&i).unwrap_err());
     assert!(matches!(err, Error::BadSource { .. }), "{err:?}");
 }

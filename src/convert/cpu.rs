@@ -11,7 +11,8 @@ use std::thread;
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 
 use super::{check, conversion_error};
-use crate::{Dtype, Result};
+use crate::error::Result;
+use crate::format::Dtype;
 
 /// Source bytes below which [`convert_host`] stays on the calling thread.
 const PARALLEL_MIN_BYTES: usize = 8 << 20;

@@ -10,7 +10,7 @@
 
 use bytemuck::Pod;
 
-use crate::Dtype;
+use crate::format::Dtype;
 
 /// Converts `src` into `dst` (lengths already checked) when the pair has a fast path and both
 /// slices are aligned for their element types. Returns whether it did.

@@ -1,5 +1,5 @@
-//! Dtype conversion: which pairs exist, the size of their output, the host path ([`cpu`]) and the
-//! CUDA kernels ([`cuda`], feature `cuda`).
+//! Dtype conversion: which pairs exist, the size of their output, and the host path ([`cpu`]).
+//! The CUDA kernels of the same pairs are `crate::cuda::kernels` (feature `cuda`).
 //!
 //! The conversions are F32↔F16, F32↔BF16, F16↔BF16, F64→{F32, F16, BF16} and
 //! F8_E4M3/F8_E5M2→{F16, BF16, F32}, plus the identity for every dtype (a copy). Rounding is to
@@ -23,17 +23,13 @@
 //! ```
 
 pub mod cpu;
-/// The device side of conversion: the kernels, loaded and launched by the CUDA sink.
-#[cfg(feature = "cuda")]
-pub use crate::sink::cuda::kernels as cuda;
 mod lanes;
 pub(crate) mod workers;
 
 pub use cpu::{convert_host, convert_with_kernel_math};
-#[cfg(feature = "cuda")]
-pub use cuda::{DeviceConverter, KernelSource};
 
-use crate::{Dtype, Error};
+use crate::error::{Error, Result};
+use crate::format::Dtype;
 
 /// Every conversion between two different dtypes that has a kernel, with the suffix of its names
 /// (`ws_convert_<suffix>` on the device, `ws_host_convert_<suffix>` in the host shim). Must list
@@ -92,7 +88,7 @@ pub(crate) fn suffix(from: Dtype, to: Dtype) -> Option<&'static str> {
 
 /// Checks a conversion request: the pair is supported and the buffer lengths fit. Returns the
 /// number of elements.
-pub(crate) fn check(from: Dtype, to: Dtype, src_len: usize, dst_len: usize) -> crate::Result<usize> {
+pub(crate) fn check(from: Dtype, to: Dtype, src_len: usize, dst_len: usize) -> Result<usize> {
     if !supported(from, to) {
         return Err(conversion_error(from, to, "no such conversion".into()));
     }

@@ -11,9 +11,9 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Instant;
 
+use crate::format::Dtype;
 use crate::io::pool::WorkerPool;
 use crate::io::Fault;
-use crate::Dtype;
 
 /// One piece: `len` bytes of `fd` at `offset`, as `from`, to land as `to` in `dst_len` bytes at
 /// `dst`.

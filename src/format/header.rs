@@ -104,13 +104,12 @@ impl Header {
     }
 }
 
-/// Read and validate the header of the file at `path`.
-///
-/// Allocates at most the header length, and only after that length was checked against
-/// [`MAX_HEADER_LEN`] and against the file size. Does not use mmap.
+/// Read and validate the header of the regular file at `path` (a FIFO or a directory is
+/// [`Error::BadSource`]). Allocates at most the header length, and only after that length was
+/// checked against [`MAX_HEADER_LEN`] and against the file size. Does not use mmap.
 pub fn read_header(path: impl AsRef<Path>) -> Result<Header> {
     let path = path.as_ref();
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = crate::regular_file::open_regular(path)?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     read_header_from(path, &mut file, file_len)
 }

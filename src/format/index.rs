@@ -160,7 +160,7 @@ impl ShardIndex {
         };
         // A regular file only (a FIFO would block the read forever), read through the descriptor
         // whose size was checked, at most one byte past the limit (the file may grow meanwhile).
-        let file = crate::source::open_regular(path)?;
+        let file = crate::regular_file::open_regular(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len > MAX_INDEX_LEN {
             return Err(bad(format!("index is {len} bytes, more than the {MAX_INDEX_LEN} allowed"), None));

@@ -36,13 +36,13 @@ pub enum IoKind {
 }
 
 impl std::str::FromStr for IoKind {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> crate::Result<Self> {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> crate::error::Result<Self> {
         match s {
             "auto" => Ok(IoKind::Auto),
             "uring" | "io_uring" => Ok(IoKind::Uring),
             "pread" => Ok(IoKind::Pread),
-            _ => Err(crate::Error::bad_option("io", s, "auto, uring or pread")),
+            _ => Err(crate::error::Error::bad_option("io", s, "auto, uring or pread")),
         }
     }
 }

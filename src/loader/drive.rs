@@ -12,14 +12,14 @@ use std::sync::Arc;
 use super::files::{ReadFiles, Requests};
 use super::{Loader, MAX_IN_FLIGHT};
 use crate::convert::workers::ReadConvertWorkers;
+#[cfg(feature = "cuda")]
+use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 use crate::io::IoKind;
 use crate::io::ReadQueue;
 use crate::pipeline::{self, Observer};
 use crate::plan::{Plan, Schedule, ScheduleOptions};
 use crate::pool::StagingLease;
-#[cfg(feature = "cuda")]
-use crate::sink::cuda::CudaDevice;
 use crate::sink::{Device, Sink};
 use crate::stage::in_place::{InPlaceReader, InPlaceStage};
 use crate::stage::ring::{RingStage, DIRECT_ALIGN};
@@ -109,7 +109,7 @@ pub(super) struct Drive<'l> {
     /// A source read by requests (GETs): their size and how many fly at once.
     requests: Option<Requests>,
     #[cfg(feature = "cuda")]
-    converter: Option<Arc<crate::convert::cuda::DeviceConverter>>,
+    converter: Option<Arc<crate::cuda::kernels::DeviceConverter>>,
 }
 
 impl Loader {
@@ -184,7 +184,7 @@ impl Drive<'_> {
 
     /// The device's conversion kernels, when the plan converts on a CUDA device.
     #[cfg(feature = "cuda")]
-    pub fn converter(&self) -> Option<Arc<crate::convert::cuda::DeviceConverter>> {
+    pub fn converter(&self) -> Option<Arc<crate::cuda::kernels::DeviceConverter>> {
         self.converter.clone()
     }
 

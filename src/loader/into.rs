@@ -171,7 +171,8 @@ impl Loader {
         ordered: Vec<Destination<'_>>,
         obs: &mut Observer<'_>,
     ) -> Result<Run> {
-        use crate::sink::cuda::{CudaDevice, CudaSink};
+        use crate::cuda::CudaDevice;
+        use crate::sink::cuda::CudaSink;
         let dev = CudaDevice::open(ordinal)?;
         // Work already queued on the destinations (a framework's zero-fill, or a previous owner
         // of the block in its caching allocator) runs on streams ours do not wait for: let it

@@ -18,16 +18,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use crate::cancel::CancelToken;
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::{EngineOptions, Fault, IoKind};
+use crate::memory::HostMemory;
 use crate::model::{LoadedModel, Storage, TensorMeta};
 use crate::pipeline::Observer;
 use crate::plan::Plan;
 use crate::pool::StagingPool;
 use crate::progress::ProgressFn;
-use crate::sink::{Device, HostMemory, HostSink, NullSink};
+use crate::sink::{Device, HostSink, NullSink};
 use crate::source::{Checkpoint, RemoteOptions};
 use crate::stage::ring::DIRECT_ALIGN;
 use crate::trace::TraceRecorder;
@@ -435,7 +436,8 @@ impl Loader {
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
-                use crate::sink::cuda::{CudaDevice, CudaSink, DeviceArena};
+                use crate::cuda::{CudaDevice, DeviceArena};
+                use crate::sink::cuda::CudaSink;
                 let dev = CudaDevice::open(ordinal)?;
                 let arena = DeviceArena::alloc(&dev, plan.dst_len as usize)?;
                 let drive = self.drive(On::Cuda(dev.clone()), &plan, files.requests())?;

@@ -12,9 +12,10 @@ use super::Loader;
 use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
+use crate::memory::HostMemory;
 use crate::pipeline::Observer;
 use crate::plan::Plan;
-use crate::sink::{Device, HostMemory};
+use crate::sink::Device;
 use crate::source::Checkpoint;
 use crate::stream::handout::{BatchSink, Emit, Handout};
 use crate::stream::{batches, HostShare, StreamedTensor, TensorData, TensorStream, Window};
@@ -170,7 +171,7 @@ impl Loader {
     ) -> Result<()> {
         #[cfg(feature = "cuda")]
         let dev = match device {
-            Device::Cuda(o) => Some(crate::sink::cuda::CudaDevice::open(o)?),
+            Device::Cuda(o) => Some(crate::cuda::CudaDevice::open(o)?),
             _ => None,
         };
         let on = || match device {
@@ -243,7 +244,8 @@ impl Batch<'_> {
     #[cfg(feature = "cuda")]
     fn to_cuda(&self, streams: usize, drive: Drive<'_>, obs: &mut Observer<'_>) -> Result<u64> {
         let Batch { part, files, stop, tx } = *self;
-        use crate::sink::cuda::{CudaSink, DeviceArena};
+        use crate::cuda::DeviceArena;
+        use crate::sink::cuda::CudaSink;
         use crate::stream::DeviceBatch;
         let dev = drive.cuda().cloned().ok_or_else(|| Error::internal("a CUDA batch without its device"))?;
         let batch = Arc::new(DeviceBatch(DeviceArena::alloc(&dev, (part.dst_len as usize).max(1))?));

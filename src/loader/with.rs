@@ -10,10 +10,11 @@ use super::drive::On;
 use super::Loader;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
+use crate::memory::Fence;
 use crate::model::LoadStats;
 use crate::pipeline::Observer;
 use crate::plan::Plan;
-use crate::sink::{Delivery, Device, Fence, Sink};
+use crate::sink::{Delivery, Device, Sink};
 use crate::trace::TraceRecorder;
 
 /// What a [`TensorSink`] may fail with: its own error, returned by the load as

@@ -208,10 +208,10 @@ pub struct Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::Dtype;
     use crate::format::{write_file, WriteTensor};
     use crate::plan::{Plan, ARENA_ALIGN};
     use crate::source::Checkpoint;
-    use crate::Dtype;
 
     /// Random layouts, selections and chunk sizes: the pieces cover every selected tensor exactly
     /// once, each inside its extent at the right file offset, extents within the chunk size.

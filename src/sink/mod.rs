@@ -4,6 +4,10 @@
 //! the sink copies, converts or drops them, and returns a [`Fence`] that fires once it no longer
 //! reads them. The stage waits on that fence before it reuses the memory, so event-gated reuse
 //! lives in one type. A caller-provided destination is just another sink.
+//!
+//! The memory types a sink shares with the stages (`Fence`, `Staged`, `HostMemory`,
+//! `HostRegion`) live in `crate::memory` and are re-exported here; the CUDA layer the CUDA sink
+//! drives is `crate::cuda`.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -11,13 +15,13 @@ mod host;
 
 use std::fmt;
 use std::ops::Range;
-use std::ptr::NonNull;
 use std::str::FromStr;
 
 pub(crate) use host::write_piece;
-pub use host::{HostMemory, HostSink};
+pub use host::HostSink;
 
 use crate::error::{Error, Result};
+pub use crate::memory::{Fence, HostMemory, HostRegion, Staged};
 use crate::plan::{Plan, Schedule};
 
 /// A load target.
@@ -74,94 +78,11 @@ impl fmt::Display for Device {
 pub fn cuda_available() -> bool {
     #[cfg(feature = "cuda")]
     {
-        cuda::device_count().map(|n| n > 0).unwrap_or(false)
+        crate::cuda::device_count().map(|n| n > 0).unwrap_or(false)
     }
     #[cfg(not(feature = "cuda"))]
     {
         false
-    }
-}
-
-/// Fires once a sink no longer reads the bytes of one delivery.
-///
-/// ```
-/// use weightstream::sink::Fence;
-/// assert!(Fence::done().wait().is_ok());
-/// let fence = Fence::new(|| Ok(()));
-/// assert!(!fence.is_done());
-/// fence.wait()?;
-/// # Ok::<(), weightstream::Error>(())
-/// ```
-#[must_use = "a stage must wait on the fence before it reuses the delivered memory"]
-pub struct Fence(Option<Box<dyn FnOnce() -> Result<()>>>);
-
-impl Fence {
-    /// A fence that has already fired (the sink is done with the bytes when `deliver` returns).
-    pub fn done() -> Self {
-        Fence(None)
-    }
-
-    /// A fence that fires when `wait` returns (a CUDA event's synchronize, say).
-    pub fn new(wait: impl FnOnce() -> Result<()> + 'static) -> Self {
-        Fence(Some(Box::new(wait)))
-    }
-
-    /// Whether it is known to have fired without waiting.
-    pub fn is_done(&self) -> bool {
-        self.0.is_none()
-    }
-
-    /// Block until it fired.
-    pub fn wait(self) -> Result<()> {
-        match self.0 {
-            Some(w) => w(),
-            None => Ok(()),
-        }
-    }
-}
-
-impl fmt::Debug for Fence {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.is_done() { "Fence(done)" } else { "Fence(pending)" })
-    }
-}
-
-/// The bytes of a delivery, as the stage made them available.
-#[derive(Debug, Clone, Copy)]
-pub enum Staged<'a> {
-    /// Host bytes the CPU may read: `bytes[i]` is byte `file_offset + i` of the extents' file.
-    Host {
-        /// The bytes, covering every extent of the delivery.
-        bytes: &'a [u8],
-        /// The file offset of `bytes[0]`.
-        file_offset: u64,
-    },
-    /// Page-locked bytes that only the device may read (a file's page cache mapped and
-    /// registered in place: the CPU must not touch them, a truncated file would fault).
-    DeviceReadable {
-        /// Start of the mapping; byte `i` is byte `file_offset + i` of the file.
-        ptr: *const u8,
-        /// Its length.
-        len: usize,
-        /// The file offset of `ptr`.
-        file_offset: u64,
-    },
-    /// The stage read (and converted) the bytes straight into the sink's [`HostRegion`].
-    InPlace,
-}
-
-impl Staged<'_> {
-    /// The address of the byte at `file_offset` and how many bytes follow it, when the bytes are
-    /// in memory (not for [`Staged::InPlace`], or an offset outside them).
-    pub fn locate(&self, file_offset: u64) -> Option<(*const u8, usize)> {
-        let (ptr, len, base) = match *self {
-            Staged::Host { bytes, file_offset } => (bytes.as_ptr(), bytes.len(), file_offset),
-            Staged::DeviceReadable { ptr, len, file_offset } => (ptr, len, file_offset),
-            Staged::InPlace => return None,
-        };
-        let at = usize::try_from(file_offset.checked_sub(base)?).ok()?;
-        // SAFETY: at <= len, so the pointer stays inside (or one past) the staged bytes.
-        (at <= len).then(|| (unsafe { ptr.add(at) }, len - at))
     }
 }
 
@@ -224,74 +145,6 @@ impl<'a> Delivery<'a> {
                 Ok((*p, src))
             })
         })
-    }
-}
-
-/// Host memory a sink lends the readers, to read (and convert) into directly: one region laid
-/// out as the plan's destinations (each tensor's loaded bytes at
-/// [`crate::plan::PlannedTensor::dst_range`] of it), or one place per planned tensor (caller
-/// buffers).
-#[derive(Debug, Clone)]
-pub struct HostRegion {
-    places: RegionPlaces,
-}
-
-#[derive(Debug, Clone)]
-enum RegionPlaces {
-    One { ptr: NonNull<u8>, len: usize },
-    PerTensor(Vec<(NonNull<u8>, usize)>),
-}
-
-impl HostRegion {
-    /// A region of `len` bytes at `ptr`, laid out as the plan's destinations.
-    ///
-    /// # Safety
-    /// `ptr` must be valid for writes of `len` bytes from the sink's `host_region` call until the
-    /// load returned (readers still queued when `finish` is called on an error path are drained
-    /// after it). Readers write each byte once, before the delivery that reports it; nothing
-    /// else may write those bytes meanwhile, and nothing may read a byte before that delivery
-    /// (a stream hands a tensor out once its last delivery came).
-    pub unsafe fn new(ptr: NonNull<u8>, len: usize) -> Self {
-        HostRegion { places: RegionPlaces::One { ptr, len } }
-    }
-
-    /// Planned tensor `i`'s loaded bytes at `places[i]`, a pointer and a length that must be the
-    /// tensor's loaded size.
-    ///
-    /// # Safety
-    /// As for [`HostRegion::new`], for each place.
-    pub unsafe fn per_tensor(places: Vec<(NonNull<u8>, usize)>) -> Self {
-        HostRegion { places: RegionPlaces::PerTensor(places) }
-    }
-
-    /// Where the loaded bytes `dst` (a [`crate::plan::PlannedTensor::dst_range`]) of planned
-    /// tensor `tensor`, whose destination starts at `dst_offset`, are written; `None` when they
-    /// fall outside the region or the tensor's place.
-    ///
-    /// ```
-    /// let mut buf = [0u8; 64];
-    /// let ptr = std::ptr::NonNull::new(buf.as_mut_ptr()).unwrap();
-    /// // SAFETY (of the example): `buf` outlives the region, and nothing else uses it.
-    /// let one = unsafe { weightstream::sink::HostRegion::new(ptr, 64) };
-    /// assert_eq!(one.destination(0, 0, &(8..16)), Some(ptr.as_ptr().wrapping_add(8)));
-    /// assert_eq!(one.destination(0, 0, &(60..70)), None);
-    /// let per = unsafe { weightstream::sink::HostRegion::per_tensor(vec![(ptr, 64)]) };
-    /// assert_eq!(per.destination(0, 256, &(260..264)), Some(ptr.as_ptr().wrapping_add(4)));
-    /// assert_eq!(per.destination(1, 0, &(0..1)), None);
-    /// ```
-    pub fn destination(&self, tensor: usize, dst_offset: u64, dst: &Range<u64>) -> Option<*mut u8> {
-        let (ptr, len, start, end) = match &self.places {
-            RegionPlaces::One { ptr, len } => (*ptr, *len, dst.start, dst.end),
-            RegionPlaces::PerTensor(places) => {
-                let (ptr, len) = *places.get(tensor)?;
-                (ptr, len, dst.start.checked_sub(dst_offset)?, dst.end.checked_sub(dst_offset)?)
-            }
-        };
-        if start > end || end > len as u64 {
-            return None;
-        }
-        // SAFETY: start <= end <= len, so the pointer stays inside (or one past) the place.
-        Some(unsafe { ptr.as_ptr().add(start as usize) })
     }
 }
 

@@ -23,7 +23,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use local::open_regular;
+pub use crate::regular_file::open_regular;
 #[cfg(feature = "remote")]
 pub use remote::RemoteObject;
 
@@ -61,7 +61,7 @@ pub struct RemoteOptions {
     /// Bytes asked for by one GET at most.
     pub request_size: usize,
     /// Stops the header reads of an open when cancelled ([`crate::Error::Cancelled`]).
-    pub cancel: Option<crate::CancelToken>,
+    pub cancel: Option<crate::cancel::CancelToken>,
 }
 
 impl Default for RemoteOptions {

@@ -10,8 +10,8 @@ use super::{Landed, LandedBytes, Stage, StageError, StageFault, Timing};
 use crate::convert::workers::{JobError, ReadConvertJob, ReadConvertWorkers};
 use crate::error::Error;
 use crate::io::{ReadQueue, ReadRequest};
+use crate::memory::{Fence, HostRegion};
 use crate::plan::{Plan, Schedule};
-use crate::sink::{Fence, HostRegion};
 
 /// What performs the reads.
 pub(crate) enum InPlaceReader {

@@ -19,10 +19,11 @@ use std::io;
 use std::ops::Range;
 use std::time::Instant;
 
-pub use ring::{StagingMemory, StagingRing};
+pub use ring::StagingRing;
 
 use crate::error::Error;
-use crate::sink::{Fence, Staged};
+pub use crate::memory::StagingMemory;
+use crate::memory::{Fence, Staged};
 
 /// Where the bytes of a landed unit are.
 #[derive(Debug, Clone, Copy)]

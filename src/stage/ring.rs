@@ -11,34 +11,8 @@ use std::time::Instant;
 use super::{Landed, LandedBytes, Stage, StageError, StageFault, Timing};
 use crate::error::Result;
 use crate::io::{ReadQueue, ReadRequest};
+use crate::memory::{Fence, HostMemory, StagingMemory};
 use crate::plan::Schedule;
-use crate::sink::{Fence, HostMemory};
-
-/// Memory a staging slot can live in: plain host pages, or pinned (page-locked) memory.
-pub trait StagingMemory: Send {
-    /// Start of the buffer (page-aligned).
-    fn as_mut_ptr(&mut self) -> *mut u8;
-    /// Length in bytes.
-    fn len(&self) -> usize;
-    /// Whether the buffer is empty.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Whether the memory is page-locked (DMA-able without a bounce).
-    fn is_pinned(&self) -> bool;
-}
-
-impl StagingMemory for HostMemory {
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.as_ptr()
-    }
-    fn len(&self) -> usize {
-        HostMemory::len(self)
-    }
-    fn is_pinned(&self) -> bool {
-        false
-    }
-}
 
 /// A ring of staging slots of equal size.
 ///
@@ -60,6 +34,15 @@ impl StagingRing {
     pub fn host(count: usize, size: usize) -> Result<Self> {
         let slots = (0..count.max(1))
             .map(|_| HostMemory::new(size).map(|m| Box::new(m) as Box<dyn StagingMemory>))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::from_slots(slots, size))
+    }
+
+    /// A ring of `count` pinned buffers of `size` bytes for `dev` (DMA-able without a bounce).
+    #[cfg(feature = "cuda")]
+    pub fn pinned(dev: &std::sync::Arc<crate::cuda::CudaDevice>, count: usize, size: usize) -> Result<Self> {
+        let slots = (0..count.max(1))
+            .map(|_| crate::cuda::PinnedBuf::new(dev, size).map(|b| Box::new(b) as Box<dyn StagingMemory>))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::from_slots(slots, size))
     }
@@ -197,7 +180,7 @@ impl Stage for RingStage<'_> {
             };
             if end - start > self.ring.slot_size() as u64 {
                 let what = format!("extent of {} bytes planned for slots of {}", end - start, self.ring.slot_size());
-                return Err(StageError::named(self.next, e.offset, crate::Error::internal(what)));
+                return Err(StageError::named(self.next, e.offset, crate::error::Error::internal(what)));
             }
             // All of a slot's reads are queued at once; wait for room rather than overfill the
             // engine (an io_uring's completion queue is bounded).
@@ -253,7 +236,7 @@ impl Stage for RingStage<'_> {
                     // Unreachable by construction (a slot's reads always fit an empty queue);
                     // never return a half-loaded model if it were not.
                     let what = "staged reads stalled with extents left";
-                    return Err(StageError::named(self.next, 0, crate::Error::internal(what)));
+                    return Err(StageError::named(self.next, 0, crate::error::Error::internal(what)));
                 }
                 return Ok(None);
             }
@@ -265,7 +248,7 @@ impl Stage for RingStage<'_> {
             let slot = (c.tag >> 32) as usize;
             let Some(job) = self.jobs.get_mut(slot).and_then(Option::as_mut) else {
                 let what = "read completion for an idle staging slot";
-                return Err(StageError::named(self.next, c.offset, crate::Error::internal(what)));
+                return Err(StageError::named(self.next, c.offset, crate::error::Error::internal(what)));
             };
             let e = &self.sched.extents[job.extent];
             let n =

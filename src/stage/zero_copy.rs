@@ -21,13 +21,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{Landed, LandedBytes, Stage, StageError, StageFault, Timing};
+use crate::cuda::driver as r;
+use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 use crate::io::Fault;
+use crate::memory::Fence;
 use crate::plan::schedule::Window;
 use crate::plan::{Plan, Schedule};
-use crate::sink::cuda::driver as r;
-use crate::sink::cuda::CudaDevice;
-use crate::sink::Fence;
 
 /// What a registrar thread needs.
 struct Registrar<'a> {

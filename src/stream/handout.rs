@@ -7,10 +7,11 @@ use std::rc::Rc;
 
 use std::sync::Arc;
 
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
-use crate::loader::CancelToken;
+use crate::memory::{Fence, HostMemory, HostRegion, Staged};
 use crate::plan::Plan;
-use crate::sink::{Delivery, Fence, HostMemory, HostRegion, Sink, Staged};
+use crate::sink::{Delivery, Sink};
 
 /// Hands tensor `i` of the batch on (`Err`: nobody takes it any more).
 pub(crate) type Emit = Box<dyn FnMut(usize) -> Result<()>>;

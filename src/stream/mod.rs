@@ -15,9 +15,9 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
-use crate::loader::CancelToken;
 use crate::plan::Plan;
 use crate::sink::Device;
 
@@ -50,7 +50,7 @@ pub(crate) enum TensorData {
 
 /// A stream's device batch: freed only after the device finished the work queued on it.
 #[cfg(feature = "cuda")]
-pub(crate) struct DeviceBatch(pub(crate) crate::sink::cuda::DeviceArena);
+pub(crate) struct DeviceBatch(pub(crate) crate::cuda::DeviceArena);
 
 #[cfg(feature = "cuda")]
 impl Drop for DeviceBatch {
@@ -182,7 +182,7 @@ impl std::fmt::Debug for StreamedTensor {
 
 /// A landed tensor's bytes in its host batch, which the share keeps alive.
 pub(crate) struct HostShare {
-    pub(crate) batch: Arc<crate::sink::HostMemory>,
+    pub(crate) batch: Arc<crate::memory::HostMemory>,
     pub(crate) offset: usize,
     pub(crate) len: usize,
     /// Its bytes and the padding after it, up to the next tensor (or the batch's end).
@@ -429,7 +429,7 @@ mod tests {
             .map(|(i, d)| WriteTensor::new(format!("t{i}"), Dtype::U8, vec![d.len() as u64], d))
             .collect();
         write_file(&p, &ws, &Default::default()).unwrap();
-        let plan = Plan::new(&crate::Checkpoint::open(&p).unwrap(), &|_| true, &|_, d| d).unwrap();
+        let plan = Plan::new(&crate::source::Checkpoint::open(&p).unwrap(), &|_| true, &|_, d| d).unwrap();
         (dir, plan)
     }
 

@@ -1,43 +1,17 @@
 //! The CUDA sink: copies on several streams into one device arena, conversion kernels from a
-//! bounded scratch region, an event behind each delivery as its fence.
-//!
-//! Layers as in cudarc: [`driver`] (thin `Result` wrappers, the only code touching cudarc's
-//! driver bindings), [`memory`] (RAII types), [`kernels`] (the conversion kernels), and here the
-//! sink the pipeline drives.
+//! bounded scratch region, an event behind each delivery as its fence. The CUDA layer it drives
+//! (driver, memory, kernels) is [`crate::cuda`]; its device types are re-exported here.
 
-pub mod driver;
-pub mod kernels;
-pub mod memory;
 mod rows;
 
 use std::sync::Arc;
 
-pub use memory::{CudaDevice, DeviceArena, Event, PinnedBuf, Stream};
-
+pub use crate::cuda::{device_count, CudaDevice, DeviceArena, Event, PinnedBuf, Stream};
+use crate::cuda::{driver, kernels};
 use crate::error::{Error, Result};
-use crate::sink::{Delivery, Fence, Sink, Staged};
-use crate::stage::{StagingMemory, StagingRing};
+use crate::memory::{Fence, Staged};
+use crate::sink::{Delivery, Sink};
 use crate::trace::TraceRecorder;
-
-/// Number of CUDA devices; [`crate::Error::NoCudaDriver`] when libcuda cannot be loaded.
-///
-/// ```
-/// match weightstream::sink::cuda::device_count() {
-///     Ok(n) => println!("{n} CUDA devices"),
-///     Err(e) => println!("{e}"),
-/// }
-/// ```
-pub fn device_count() -> Result<usize> {
-    driver::init_and_count()
-}
-
-/// A staging ring of `count` pinned buffers of `size` bytes for `dev`.
-pub fn pinned_ring(dev: &Arc<CudaDevice>, count: usize, size: usize) -> Result<StagingRing> {
-    let slots = (0..count.max(1))
-        .map(|_| PinnedBuf::new(dev, size).map(|b| Box::new(b) as Box<dyn StagingMemory>))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(StagingRing::from_slots(slots, size))
-}
 
 struct TimedCopy {
     slot: usize,

@@ -82,7 +82,11 @@ impl RemoteEngine {
     /// An engine over `objects` (a read's `fd` indexes them), with at most `concurrency` GETs in
     /// flight, cancelled when any of `tokens` is; an error when the runtime for remote requests
     /// cannot start.
-    pub fn new(objects: Vec<Arc<RemoteObject>>, concurrency: usize, tokens: Vec<CancelToken>) -> crate::Result<Self> {
+    pub fn new(
+        objects: Vec<Arc<RemoteObject>>,
+        concurrency: usize,
+        tokens: Vec<CancelToken>,
+    ) -> crate::error::Result<Self> {
         let (done_tx, done_rx) = channel();
         Ok(RemoteEngine {
             objects: Arc::new(objects),

@@ -15,7 +15,8 @@ use cudarc::nvrtc;
 
 use super::driver::{self as dr, CUdevice_attribute, CUdeviceptr, CUfunction, CUmodule, CUstream};
 use crate::convert::{conversion_error, table_index, TABLE};
-use crate::{Dtype, Error, Result};
+use crate::error::{Error, Result};
+use crate::format::Dtype;
 
 /// PTX for `compute_80` made by nvcc at build time, when nvcc was found.
 #[cfg(ws_convert_ptx)]

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use super::driver as r;
 use crate::error::{Error, Result};
-use crate::stage::StagingMemory;
+use crate::memory::StagingMemory;
 
 /// A CUDA device with its primary context retained.
 #[derive(Debug)]
