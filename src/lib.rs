@@ -19,30 +19,49 @@
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+/// The crate's internals (stages, plans, read engines, sinks, conversion, the CUDA layer):
+/// public with the `unstable` feature, for the crate's own tests and benches and for
+/// experiments, with no stability promise; crate-private without it. Without the feature, the
+/// items that only tests and benches use are unused: allowed there, as they were as `pub`.
+macro_rules! unstable_mods {
+    ($($(#[$attr:meta])* $name:ident;)*) => {$(
+        $(#[$attr])*
+        #[cfg(feature = "unstable")]
+        pub mod $name;
+        $(#[$attr])*
+        #[cfg(not(feature = "unstable"))]
+        #[allow(dead_code, unused_imports)]
+        mod $name;
+    )*};
+}
+
+unstable_mods! {
+    convert;
+    #[cfg(feature = "cuda")]
+    cuda;
+    io;
+    memory;
+    plan;
+    sink;
+    stage;
+}
+
 pub mod bench;
 mod bench_baselines;
 mod cancel;
 #[cfg(feature = "candle")]
 pub mod candle;
-pub mod convert;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 mod error;
 pub mod format;
-pub mod io;
 mod loader;
-mod memory;
 mod model;
 mod pipeline;
 #[cfg(test)]
 mod pipeline_tests;
-pub mod plan;
 mod pool;
 pub mod progress;
 mod regular_file;
-pub mod sink;
 pub mod source;
-pub mod stage;
 mod stream;
 pub mod text;
 pub mod trace;
@@ -50,11 +69,14 @@ pub mod trace;
 pub use cancel::CancelToken;
 pub use error::{Error, ErrorKind, RemoteFailure, Result, UsageError};
 pub use format::Dtype;
+#[cfg(feature = "unstable")]
+pub use io::Fault;
+pub use io::IoKind;
 pub use loader::{
     Destination, DevicePlace, Loader, SinkError, TensorInfo, TensorPiece, TensorSink, MAX_STAGING_COUNT,
     MIN_STAGING_SIZE,
 };
 pub use model::{peak_host_rss_bytes, LoadStats, LoadedModel, TensorRef};
-pub use sink::Device;
+pub use sink::{cuda_available, cuda_device_count, Device};
 pub use source::Checkpoint;
 pub use stream::{StreamedTensor, TensorStream};

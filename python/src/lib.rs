@@ -43,7 +43,7 @@ fn read_metadata(
 /// Whether a CUDA device is usable here.
 #[pyfunction]
 fn cuda_available(py: Python<'_>) -> bool {
-    py.detach(weightstream::sink::cuda_available)
+    py.detach(weightstream::cuda_available)
 }
 
 #[pymodule]

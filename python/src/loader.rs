@@ -126,9 +126,9 @@ impl RawLoader {
         }
         if let Some(io) = io {
             l = l.io(match io {
-                "auto" => weightstream::io::IoKind::Auto,
-                "pread" => weightstream::io::IoKind::Pread,
-                "uring" => weightstream::io::IoKind::Uring,
+                "auto" => weightstream::IoKind::Auto,
+                "pread" => weightstream::IoKind::Pread,
+                "uring" => weightstream::IoKind::Uring,
                 _ => return Err(usage(py, format!("unknown io `{io}` (auto, pread, uring)"))),
             });
         }

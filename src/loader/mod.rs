@@ -261,8 +261,8 @@ impl Loader {
         self
     }
 
-    /// Inject a read fault (tests of the error paths).
-    #[doc(hidden)]
+    /// Inject a read fault (tests of the error paths; with the `unstable` feature).
+    #[cfg(feature = "unstable")]
     pub fn inject_fault(mut self, fault: Fault) -> Self {
         self.fault = Some(fault);
         self

@@ -74,7 +74,28 @@ impl fmt::Display for Device {
     }
 }
 
+/// How many CUDA devices the driver sees: [`Error::NoCudaDriver`] without a driver,
+/// [`Error::CudaNotBuilt`] when the `cuda` feature is off.
+///
+/// ```
+/// // Without a GPU (or its driver) this is an error that says which is missing.
+/// match weightstream::cuda_device_count() {
+///     Ok(n) => println!("{n} CUDA devices"),
+///     Err(e) => println!("no CUDA: {e}"),
+/// }
+/// ```
+pub fn cuda_device_count() -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::device_count();
+    #[cfg(not(feature = "cuda"))]
+    Err(Error::CudaNotBuilt)
+}
+
 /// Whether a CUDA device with ordinal 0 is usable here (driver present, at least one device).
+///
+/// ```
+/// assert_eq!(weightstream::cuda_available(), weightstream::cuda_device_count().is_ok_and(|n| n > 0));
+/// ```
 pub fn cuda_available() -> bool {
     #[cfg(feature = "cuda")]
     {

@@ -205,7 +205,7 @@ fn demo_in(dir: &Path, args: &Args, interrupt: &Interrupt) -> Result<(), Stop> {
 fn why_no_gpu() -> String {
     #[cfg(feature = "cuda")]
     {
-        match weightstream::sink::cuda::device_count() {
+        match weightstream::cuda_device_count() {
             Ok(0) => "driver present, no device".into(),
             Ok(n) => format!("{n} devices"),
             Err(e) => e.to_string(),

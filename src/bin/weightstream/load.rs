@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use weightstream::io::IoKind;
 use weightstream::text::escape_controls;
+use weightstream::IoKind;
 use weightstream::{Device, Dtype, LoadedModel, Loader};
 
 /// Options shared by `load` and `bench`: how to build the loader.
