@@ -113,7 +113,8 @@ pub(super) struct Drive<'l> {
 }
 
 impl Loader {
-    /// The strategy for `plan` on `device`: every option is honoured, or this is an error.
+    /// The strategy for `plan` on `device`, from the options and how the source is read (the
+    /// options that cannot be honoured were refused before: `check_options`, [`Loader::drive`]).
     pub(super) fn strategy(&self, device: Device, plan: &Plan, requests: Option<Requests>) -> Strategy {
         match device {
             _ if self.zero_copy => Strategy::ZeroCopy,
@@ -135,8 +136,8 @@ impl Loader {
     }
 
     /// Set up one run of `plan` onto `on`, from a source read by `requests` (`None`: files read
-    /// by system calls). Options the target cannot honour are
-    /// usage errors here, before anything is allocated.
+    /// by system calls). Options the target cannot honour are usage errors here, before
+    /// anything is allocated.
     pub(super) fn drive(&self, on: On, plan: &Plan, requests: Option<Requests>) -> Result<Drive<'_>> {
         let device = on.device();
         let strategy = match &on {
