@@ -225,8 +225,8 @@ fn baseline(ckpt: &Checkpoint, loader: &Loader) -> Result<(), Stop> {
         _ => "a copy per tensor into a Vec",
     };
     outln!(
-        "baseline, same run: std::fs::read, then {copy}: {:.3} s ({:.2} GB/s); weightstream {:.3} s ({:.2} GB/s): \
-         {:.2}x (medians of {BASELINE_RUNS})",
+        "baseline, same run, medians of {BASELINE_RUNS} after a warm-up: std::fs::read, then {copy}: {:.3} s \
+         ({:.2} GB/s); weightstream {:.3} s ({:.2} GB/s): {:.2}x",
         plain.median(),
         plain.gbps(),
         ours.median(),
