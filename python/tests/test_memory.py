@@ -178,8 +178,13 @@ CTRL_C_LOOPS = {
 @pytest.mark.parametrize("how", sorted(CTRL_C_LOOPS))
 def test_ctrl_c_cancels_a_load_promptly(big, how):
     body = CTRL_C_LOOPS[how]
+    # SIGINT's default handling first: a job that a non-interactive shell starts in the background
+    # (`scripts/test_all.sh > log 2>&1 &` in a script) ignores SIGINT, the child inherits that, and
+    # Python then installs no KeyboardInterrupt handler of its own.
     child = textwrap.dedent(
         f"""
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import numpy as np, weightstream as ws
         BIG = {str(big)!r}
         loader = ws.Loader(threads=1, staging="1MiB", staging_count=2, direct=True)

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::flag;
+use weightstream::bench::{self, BenchOptions, BenchStrategy};
 use weightstream::format::{write_file, WriteTensor};
 use weightstream::{CancelToken, Checkpoint, Device, Dtype, Loader};
 
@@ -198,6 +199,39 @@ fn demo_in(dir: &Path, args: &Args, interrupt: &Interrupt) -> Result<(), Stop> {
         layout.len(),
         checked as f64 / 1048576.0,
         s.device
+    )?;
+    interrupt.check()?;
+    baseline(&ckpt, &loader)?;
+    Ok(())
+}
+
+/// Timed loads of each side of the same-run comparison (each after one untimed warm-up).
+const BASELINE_RUNS: usize = 3;
+
+/// The reference beside the demo's figure: the same load against the plain read-then-copy a
+/// user would otherwise write (`weightstream::bench`'s `read-all` baseline: `std::fs::read` of
+/// the file, then a copy of each tensor to the device, or into a Vec of its own on the host), in
+/// this run, each timed the same way.
+fn baseline(ckpt: &Checkpoint, loader: &Loader) -> Result<(), Stop> {
+    let opts = BenchOptions { runs: BASELINE_RUNS, ..Default::default() };
+    let report = bench::run(ckpt, loader, &[BenchStrategy::Pipeline, BenchStrategy::ReadAll], &opts)?;
+    let (ours, plain) = match report.rows.as_slice() {
+        [ours, plain] => (ours, plain),
+        _ => return Err(weightstream::Error::Internal { what: "demo: the comparison lost a row".into() }.into()),
+    };
+    let copy = match report.device {
+        Device::Cuda(_) => "a pageable host-to-device copy per tensor",
+        Device::Null => "a copy per tensor into a reused buffer",
+        _ => "a copy per tensor into a Vec",
+    };
+    outln!(
+        "baseline, same run, medians of {BASELINE_RUNS} after a warm-up: std::fs::read, then {copy}: {:.3} s \
+         ({:.2} GB/s); weightstream {:.3} s ({:.2} GB/s): {:.2}x",
+        plain.median(),
+        plain.gbps(),
+        ours.median(),
+        ours.gbps(),
+        plain.median() / ours.median()
     )?;
     Ok(())
 }
