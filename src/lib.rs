@@ -19,32 +19,48 @@
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-/// The crate's internals (stages, plans, read engines, sinks, conversion, the CUDA layer):
-/// public with the `unstable` feature, for the crate's own tests and benches and for
-/// experiments, with no stability promise; crate-private without it. Without the feature, the
-/// items that only tests and benches use are unused: allowed there, as they were as `pub`.
-macro_rules! unstable_mods {
-    ($($(#[$attr:meta])* $name:ident;)*) => {$(
-        $(#[$attr])*
-        #[cfg(feature = "unstable")]
-        pub mod $name;
-        $(#[$attr])*
-        #[cfg(not(feature = "unstable"))]
-        #[allow(dead_code, unused_imports)]
-        mod $name;
-    )*};
-}
-
-unstable_mods! {
-    convert;
-    #[cfg(feature = "cuda")]
-    cuda;
-    io;
-    memory;
-    plan;
-    sink;
-    stage;
-}
+// The crate's internals (stages, plans, read engines, sinks, memory, conversion, the CUDA
+// layer): public with the `unstable` feature, for the crate's own tests and benches and for
+// experiments, with no stability promise; crate-private without it, where the items only tests
+// and benches use are unused (allowed there, as they were as `pub`). Written out, not by a
+// macro, so that scripts/check_module_cycles.py sees every module.
+#[cfg(feature = "unstable")]
+pub mod convert;
+#[cfg(not(feature = "unstable"))]
+#[allow(dead_code, unused_imports)]
+mod convert;
+#[cfg(feature = "cuda")]
+#[cfg(feature = "unstable")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
+#[cfg(not(feature = "unstable"))]
+#[allow(dead_code, unused_imports)]
+mod cuda;
+#[cfg(feature = "unstable")]
+pub mod io;
+#[cfg(not(feature = "unstable"))]
+#[allow(dead_code, unused_imports)]
+mod io;
+#[cfg(feature = "unstable")]
+pub mod memory;
+#[cfg(not(feature = "unstable"))]
+#[allow(dead_code, unused_imports)]
+mod memory;
+#[cfg(feature = "unstable")]
+pub mod plan;
+#[cfg(not(feature = "unstable"))]
+#[allow(dead_code, unused_imports)]
+mod plan;
+#[cfg(feature = "unstable")]
+pub mod sink;
+#[cfg(not(feature = "unstable"))]
+#[allow(dead_code, unused_imports)]
+mod sink;
+#[cfg(feature = "unstable")]
+pub mod stage;
+#[cfg(not(feature = "unstable"))]
+#[allow(dead_code, unused_imports)]
+mod stage;
 
 pub mod bench;
 mod bench_baselines;
