@@ -177,3 +177,22 @@ fn a_failing_tensor_sink_stops_the_load_naming_the_tensor() {
     let err = Loader::new().zero_copy(true).load_with(&path, &mut |_: &TensorPiece<'_>| Ok(())).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Usage, "{err}");
 }
+
+#[test]
+fn a_stream_that_fails_still_has_its_trace_once_it_ended() {
+    // The iterator ends on the error item: the trace must be there by then, every time.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path());
+    let at = std::fs::metadata(&path).unwrap().len() - 100; // inside the last tensor
+    for _ in 0..20 {
+        let loader = Loader::new()
+            .device(Device::Cpu)
+            .io(IoKind::Pread)
+            .inject_fault(weightstream::Fault::EioAt(at))
+            .trace(true);
+        let mut stream = loader.stream(&path, 2 << 20).unwrap();
+        let last = stream.by_ref().last().expect("no items");
+        assert!(last.is_err(), "the injected error did not come out");
+        assert!(stream.trace().is_some(), "no trace after the error item");
+    }
+}

@@ -133,12 +133,14 @@ impl Loader {
                 .spawn(move || {
                     let mut recorder = loader.trace.then(TraceRecorder::new);
                     let shared = (&*window, &stop, &*read);
-                    if let Err(e) = loader.produce(&ckpt, &plan, cut, device, shared, recorder.as_mut(), &tx) {
-                        let _ = tx.send(Err(e)); // nobody listens once the stream was dropped
-                    }
-                    // Set before the channel closes (tx drops after): an ended stream has it.
+                    let produced = loader.produce(&ckpt, &plan, cut, device, shared, recorder.as_mut(), &tx);
+                    // The trace is set before the stream can end: before the error item (the
+                    // iterator ends on it) and before the channel closes (tx drops last).
                     if let Some(r) = recorder {
                         let _ = kept.set(Arc::new(r));
+                    }
+                    if let Err(e) = produced {
+                        let _ = tx.send(Err(e)); // nobody listens once the stream was dropped
                     }
                     drop(tx);
                 })
@@ -174,12 +176,14 @@ impl Loader {
             Device::Cuda(o) => Some(crate::cuda::CudaDevice::open(o)?),
             _ => None,
         };
-        let on = || match device {
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => {
-                dev.clone().map(On::Cuda).ok_or_else(|| Error::internal("a CUDA stream without its device"))
+        let on = || -> Result<On> {
+            match device {
+                #[cfg(feature = "cuda")]
+                Device::Cuda(_) => {
+                    dev.clone().map(On::Cuda).ok_or_else(|| Error::internal("a CUDA stream without its device"))
+                }
+                _ => Ok(On::Host { device: Device::Cpu, in_place: true }),
             }
-            _ => Ok(On::Host { device: Device::Cpu, in_place: true }),
         };
         let parts: Vec<Plan> = cut.into_iter().map(|range| plan.part(range)).collect();
         // The source's shape (read by requests or not) is the same for every batch.

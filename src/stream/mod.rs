@@ -234,7 +234,8 @@ pub struct TensorStream {
     pub(crate) remaining: usize,
     pub(crate) ended: bool,
     pub(crate) bytes_read: Arc<std::sync::atomic::AtomicU64>,
-    /// The stream's trace, set by the producer before the last item when tracing is on.
+    /// The stream's trace when tracing is on, set by the producer before the stream can end
+    /// (before an error item, and before the channel closes).
     pub(crate) trace: Arc<std::sync::OnceLock<Arc<crate::trace::TraceRecorder>>>,
 }
 

@@ -216,10 +216,11 @@ impl Sink for CudaSink<'_> {
                         };
                         let elements = len * 8 / t.stored_dtype.bits();
                         let out = t.dst_range(p.tensor_offset + done, len);
-                        // SAFETY: base holds len bytes of the stored dtype; out is inside t's
-                        // arena range (checked above for the whole piece), both on this
-                        // device; the kernel runs on `stream` after the copy into scratch.
-                        unsafe { conv.launch(t.stored_dtype, t.dtype, base, at(&out), elements as usize, stream.raw)? };
+                        let (from, to) = (t.stored_dtype, t.dtype);
+                        // SAFETY: scratch_base holds the len bytes of the stored dtype just
+                        // copied; out is inside t's place (checked above for the whole piece),
+                        // both on this device; the kernel runs on `stream` after that copy.
+                        unsafe { conv.launch(from, to, scratch_base, at(&out), elements as usize, stream.raw)? };
                         done += len;
                     }
                 }
