@@ -292,7 +292,9 @@ impl Drive<'_> {
         };
         let depth = (count * (size.div_ceil(read_size) + 1)).min(MAX_IN_FLIGHT);
         let queue = ReadQueue::new(files.engine(depth)?, depth);
-        let mut stage = RingStage::new(sched, files.handles.clone(), ring, queue, l.direct, read_size as u64, l.trace);
+        let in_order = sink.needs_file_order();
+        let mut stage = RingStage::new(sched, files.handles.clone(), ring, queue, l.direct, read_size as u64, l.trace)
+            .in_order(in_order);
         let io = stage.engine_name();
         let bytes = pipeline::run(plan, sched, &mut stage, sink, obs)?;
         Ok((io, bytes, stage.staging_bytes()))

@@ -2,7 +2,6 @@
 //! [`TensorSink`] as it lands, in file order, for callers that consume bytes without keeping
 //! them (hash, upload, quantize).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -90,24 +89,19 @@ impl Loader {
         let mut trace = self.trace.then(TraceRecorder::new);
         let mut obs = Observer::new(self.progress.as_ref(), self.cancel.as_ref(), trace.as_mut());
         let drive = loader.drive(On::Host { device, in_place: false }, &plan, files.requests())?;
-        let mut adapter = CallerSink { sink, next: 0, early: BTreeMap::new(), scratch: Vec::new() };
+        let mut adapter = CallerSink { sink, next: 0, scratch: Vec::new() };
         let out = drive.run(&plan, &files, &mut adapter, &mut obs)?;
         Ok(out.stats(device, &plan, self.direct, started, trace))
     }
 }
 
-/// A delivery that landed before those ahead of it: its extents' end, and its pieces' bytes.
-type Early = (usize, Vec<(crate::plan::Piece, Vec<u8>)>);
-
-/// The pipeline's sink over a caller's [`TensorSink`]: hands pieces out in schedule order.
-/// Slots can land out of order (a pread pool finishes reads as it will); a delivery that comes
-/// early is copied aside (at most the ring's other slots) until the ones before it came.
+/// The pipeline's sink over a caller's [`TensorSink`]. It asks for file order
+/// ([`Sink::needs_file_order`]): the ring hands slots out in extent order, an early slot waiting
+/// in its own slot, so nothing is copied aside and memory stays the ring's.
 struct CallerSink<'s, T: ?Sized> {
     sink: &'s mut T,
     /// The first extent not yet handed out.
     next: usize,
-    /// Early deliveries by first extent: their extents' end, and their pieces' bytes.
-    early: BTreeMap<usize, Early>,
     /// Conversion output, reused.
     scratch: Vec<u8>,
 }
@@ -148,33 +142,24 @@ impl<T: TensorSink + ?Sized> CallerSink<'_, T> {
 }
 
 impl<T: TensorSink + ?Sized> Sink for CallerSink<'_, T> {
+    fn needs_file_order(&self) -> bool {
+        true
+    }
+
     fn deliver(&mut self, d: &Delivery<'_>) -> Result<Fence> {
         if d.extents.start != self.next {
-            let pieces = d.host_pieces().map(|r| r.map(|(p, src)| (p, src.to_vec()))).collect::<Result<_>>()?;
-            self.early.insert(d.extents.start, (d.extents.end, pieces));
-            return Ok(Fence::done());
+            let what = format!("extent {} delivered while the sink waited for extent {}", d.extents.start, self.next);
+            return Err(Error::internal(what));
         }
         for piece in d.host_pieces() {
             let (p, src) = piece?;
             self.hand(d.plan, &p, src)?;
         }
         self.next = d.extents.end;
-        while let Some((end, pieces)) = self.early.remove(&self.next) {
-            for (p, src) in &pieces {
-                self.hand(d.plan, p, src)?;
-            }
-            self.next = end;
-        }
         Ok(Fence::done())
     }
 
     fn finish(&mut self) -> Result<()> {
-        match self.early.keys().next() {
-            None => Ok(()),
-            Some(first) => Err(Error::internal(format!(
-                "extents from {first} landed but extent {} never did before the load ended",
-                self.next
-            ))),
-        }
+        Ok(())
     }
 }

@@ -207,6 +207,12 @@ pub trait Sink {
     /// Block until every delivery has landed.
     fn finish(&mut self) -> Result<()>;
 
+    /// Whether deliveries must come in file order (a caller's sink that consumes a stream of
+    /// bytes): the ring then hands slots out in extent order, holding an early one in its slot.
+    fn needs_file_order(&self) -> bool {
+        false
+    }
+
     /// Bytes of device memory this sink holds as conversion scratch besides its destinations
     /// (reported as [`crate::LoadStats::device_scratch_bytes`]); 0 for host sinks.
     fn scratch_bytes(&self) -> u64 {

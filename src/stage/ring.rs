@@ -132,6 +132,13 @@ pub(crate) struct RingStage<'a> {
     fences: Vec<Option<(usize, Fence)>>,
     landed_extent: Vec<usize>,
     next: usize,
+    /// Hand slots out in extent order (a sink that needs file order): a slot that lands early
+    /// waits in `early`, holding its slot, until those before it were handed out; memory stays
+    /// the ring's.
+    in_order: bool,
+    early: std::collections::BTreeMap<usize, Landed>,
+    /// The next extent to hand out, in order.
+    handed: usize,
 }
 
 impl<'a> RingStage<'a> {
@@ -161,7 +168,16 @@ impl<'a> RingStage<'a> {
             fences: (0..slots).map(|_| None).collect(),
             landed_extent: vec![0; slots],
             next: 0,
+            in_order: false,
+            early: std::collections::BTreeMap::new(),
+            handed: 0,
         }
+    }
+
+    /// Hand landed slots out in extent order (file order), for a sink that needs it.
+    pub(crate) fn in_order(mut self, on: bool) -> Self {
+        self.in_order = on;
+        self
     }
 
     /// The engine's name (`"pread"`, `"uring"`).
@@ -231,6 +247,10 @@ impl Stage for RingStage<'_> {
 
     fn next(&mut self) -> Result<Option<Landed>, StageError> {
         loop {
+            if let Some(landed) = self.early.remove(&self.handed) {
+                self.handed += 1;
+                return Ok(Some(landed));
+            }
             if self.queue.in_flight() == 0 {
                 if self.next < self.sched.extents.len() {
                     // Unreachable by construction (a slot's reads always fit an empty queue);
@@ -272,12 +292,19 @@ impl Stage for RingStage<'_> {
                 read_done,
                 converted: None,
             });
-            return Ok(Some(Landed {
+            let landed = Landed {
                 extents: job.extent..job.extent + 1,
                 slot,
                 bytes: LandedBytes::Host { ptr, len: e.len as usize, file_offset: e.offset },
                 timing,
-            }));
+            };
+            if self.in_order && job.extent != self.handed {
+                // The extents before it are in flight (fill submits in order): wait for them.
+                self.early.insert(job.extent, landed);
+                continue;
+            }
+            self.handed = job.extent + 1;
+            return Ok(Some(landed));
         }
     }
 
@@ -294,6 +321,7 @@ impl Stage for RingStage<'_> {
             }
         }
         self.jobs.iter_mut().for_each(|j| *j = None);
+        self.early.clear();
         self.ring.reset();
     }
 
