@@ -151,13 +151,14 @@ impl StagingPool {
 impl Deref for StagingLease<'_> {
     type Target = StagingRing;
     fn deref(&self) -> &StagingRing {
-        // The ring is taken only by Drop.
+        // ok: the ring is Some from the lease's making until Drop takes it.
         self.ring.as_ref().unwrap_or_else(|| unreachable!("a staging lease without its ring"))
     }
 }
 
 impl DerefMut for StagingLease<'_> {
     fn deref_mut(&mut self) -> &mut StagingRing {
+        // ok: as in deref.
         self.ring.as_mut().unwrap_or_else(|| unreachable!("a staging lease without its ring"))
     }
 }

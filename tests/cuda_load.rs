@@ -342,6 +342,22 @@ fn shards_on_the_device_equal_shards_in_host_memory() {
     }
 }
 
+/// One device allocation per tensor of `cpu`, each its loaded size.
+fn device_places(dev: &std::sync::Arc<CudaDevice>, cpu: &weightstream::LoadedModel) -> Vec<(String, DeviceArena)> {
+    cpu.tensors().map(|t| (t.name().to_string(), DeviceArena::alloc(dev, t.byte_len() as usize).unwrap())).collect()
+}
+
+/// `load_into` destinations over `arenas`.
+fn destinations(
+    arenas: &[(String, DeviceArena)],
+) -> impl Iterator<Item = (String, weightstream::Destination<'static>)> + '_ {
+    arenas.iter().map(|(n, a)| {
+        // SAFETY: each arena is device memory of cuda:0, alive until after the load (the
+        // caller keeps `arenas`), used by nothing else.
+        (n.clone(), weightstream::Destination::Device(unsafe { weightstream::DevicePlace::new(a.ptr(), a.len(), 0) }))
+    })
+}
+
 #[test]
 fn load_into_device_pointers_equals_a_host_load() {
     // Caller-owned device memory (one allocation a tensor), plain, converted and sharded: the
@@ -354,18 +370,8 @@ fn load_into_device_pointers_equals_a_host_load() {
         [|l| l, |l| l.dtype(Dtype::BF16), |l| l.shard(1, 3).split("a.weight", 1).split("d.f32", 0)];
     for opt in options {
         let cpu = opt(Loader::new().device(Device::Cpu)).load(&path).unwrap();
-        let arenas: Vec<(String, DeviceArena)> = cpu
-            .tensors()
-            .map(|t| (t.name().to_string(), DeviceArena::alloc(&dev, t.byte_len() as usize).unwrap()))
-            .collect();
-        let dests = arenas.iter().map(|(n, a)| {
-            // SAFETY: each arena is device memory of cuda:0, alive until after the load, used
-            // by nothing else.
-            (
-                n.clone(),
-                weightstream::Destination::Device(unsafe { weightstream::DevicePlace::new(a.ptr(), a.len(), 0) }),
-            )
-        });
+        let arenas = device_places(&dev, &cpu);
+        let dests = destinations(&arenas);
         opt(Loader::new().device(Device::Cuda(0))).load_into(&path, dests).unwrap();
         for (n, a) in &arenas {
             assert_eq!(a.copy_to_host(0, a.len()).unwrap(), cpu.tensor(n).unwrap().to_host_vec().unwrap(), "{n}");
@@ -388,18 +394,8 @@ fn zero_copy_through_load_into_and_stream_equals_a_host_load() {
         };
         let cpu = with(Loader::new().device(Device::Cpu)).load(&path).unwrap();
         let loader = with(Loader::new().device(Device::Cuda(0)).zero_copy(true).trace(true));
-        let arenas: Vec<(String, DeviceArena)> = cpu
-            .tensors()
-            .map(|t| (t.name().to_string(), DeviceArena::alloc(&dev, t.byte_len() as usize).unwrap()))
-            .collect();
-        let dests = arenas.iter().map(|(n, a)| {
-            // SAFETY: each arena is device memory of cuda:0, alive until after the load, used
-            // by nothing else.
-            (
-                n.clone(),
-                weightstream::Destination::Device(unsafe { weightstream::DevicePlace::new(a.ptr(), a.len(), 0) }),
-            )
-        });
+        let arenas = device_places(&dev, &cpu);
+        let dests = destinations(&arenas);
         let stats = loader.load_into(&path, dests).unwrap();
         assert_eq!(stats.io, "zero-copy", "{dtype:?}");
         assert!(stats.trace.as_ref().is_some_and(|t| t.spans().iter().any(|s| s.name == "copy")), "{dtype:?}");

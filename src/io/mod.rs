@@ -223,7 +223,7 @@ impl ReadQueue {
     fn finish(&mut self, id: u64, outcome: io::Result<()>) -> Completion {
         let (req, done) = match self.pending.remove(&id) {
             Some(p) => (p.req, p.done),
-            None => unreachable!("finish is only called for a pending id"),
+            None => unreachable!("finish is only called for a pending id"), // ok: both callers looked the id up in `pending` first
         };
         Completion { tag: req.tag, offset: req.offset, len: req.len, result: outcome.map(|()| done) }
     }
