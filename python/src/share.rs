@@ -17,6 +17,9 @@ use crate::loader::{destination_of, finish, import_place, Opts, RawLoader};
 /// etag, last modified)`.
 type SharedTuple = (String, Py<PyBytes>, u64, Option<String>, String);
 
+/// A [`SharedTuple`] as Python passes it in.
+type SharedIn<'py> = (String, Bound<'py, PyBytes>, u64, Option<String>, String);
+
 /// One rank's share of a group load.
 #[pyclass(module = "weightstream._weightstream", name = "RawShare", frozen)]
 pub struct RawShare {
@@ -36,7 +39,7 @@ pub fn group_share(
     py: Python<'_>,
     loader: &RawLoader,
     path: PathBuf,
-    shared: Option<Vec<(String, Bound<'_, PyBytes>, u64, Option<String>, String)>>,
+    shared: Option<Vec<SharedIn<'_>>>,
     opts: Opts,
     shards: Vec<Option<(usize, usize)>>,
     rank: usize,
