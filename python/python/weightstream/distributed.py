@@ -350,6 +350,11 @@ class GroupIterator:
                 shown = ", ".join(f"{k}: {spec.get(k)!r} on rank {r}, {self._spec.get(k)!r} on rank {self._me}"
                                   for k in differ)
                 raise GroupMismatchError(f"{self._path}: the ranks of the group load differently ({shown})", rank=r)
+        if str(dist.get_backend(g)).lower() == "nccl" and self._spec["device type"] != "cuda":
+            raise UsageError(
+                f"group=: an NCCL group moves CUDA tensors; this loader loads to {self._loader.device} "
+                "(use a gloo group, or Loader(device=f'cuda:{local_rank}'))"
+            )
         shards = [s for _, s in specs]
         raw = self._loader._raw
         half = self._half = max(self._window // 2, 1)  # two windows in flight: the one moving, the one read
