@@ -8,9 +8,10 @@
 #   usage: scripts/gpu_bench.sh OUTDIR [part...]
 #   parts: tests python demo compare sweep convert sanitize zero-copy (the experimental --zero-copy)
 #          frameworks (issue 22: transformers from_pretrained and vLLM's load_weights loop on cuda)
+#          distributed (issue 24: two ranks over gloo sharing reads into CUDA tensors)
 set -uo pipefail
 out=${1:?outdir}; shift
-parts=${*:-tests python frameworks demo compare sweep convert sanitize zero-copy}
+parts=${*:-tests python frameworks distributed demo compare sweep convert sanitize zero-copy}
 B=.gpu/bin
 W=$B/weightstream
 export WEIGHTSTREAM_PYTHON=python3 PYTHONUNBUFFERED=1
@@ -81,6 +82,9 @@ zero-copy)
     timeout 60 $W load $data/bf16_4g.safetensors --device cuda --zero-copy --trace "$out/trace_zero_copy.json" --quiet
     python3 -c "import json,sys; ev=json.load(open(sys.argv[1]))['traceEvents']; r=[e for e in ev if e.get('name')=='register']; print(len(r), 'registrations,', round(sum(e['dur'] for e in r)/1e3,1), 'ms in all')" "$out/trace_zero_copy.json"
   } 2>&1 | tee "$out/zero_copy.log" ;;
+distributed)
+  # Issue 24: two ranks over gloo with CUDA tensors (weightstream.distributed's device path).
+  timeout 300 python3 -m pytest -q -rfEs python/tests/test_gpu.py -k two_ranks 2>&1 | tail -20 | tee "$out/distributed.log" ;;
 frameworks)
   # weightstream.transformers.from_pretrained(device="cuda") against transformers'
   # from_pretrained(device_map="cuda") for an 8B-class shape (random weights), and the loop of

@@ -28,6 +28,11 @@ class SliceError(UsageError, IndexError): ...
 class MissingTensorError(WeightstreamError, KeyError): ...
 class CancelledError(WeightstreamError): ...
 class InternalError(WeightstreamError, RuntimeError): ...
+class DistributedError(WeightstreamError, RuntimeError):
+    rank: Optional[int]
+class PeerFailedError(DistributedError): ...
+class PeerLostError(DistributedError): ...
+class GroupMismatchError(DistributedError, UsageError): ...
 
 def load_file(
     path: Path,
@@ -39,6 +44,7 @@ def load_file(
     shard: Optional[Tuple[int, int]] = None,
     split: Split = None,
     storage_options: Optional[Dict[str, Union[str, int, bool]]] = None,
+    group: Any = None,
 ) -> Dict[str, Any]:
     """Load a checkpoint (file, index.json, directory, Hugging Face cache folder, or an
     s3://, gs://, az://, http(s):// URL of one) into
@@ -95,7 +101,12 @@ class Loader:
         only: Globs = None,
         shard: Optional[Tuple[int, int]] = None,
         split: Split = None,
-    ) -> Iterator[Tuple[str, Any]]: ...
+        group: Any = None,
+        timeout: Optional[float] = None,
+    ) -> Iterator[Tuple[str, Any]]:
+        """With ``group`` (a torch.distributed process group): a
+        ``weightstream.distributed.GroupIterator`` (``bytes_read``, ``bytes_sent``,
+        ``bytes_received``)."""
     def load_into(
         self,
         path: Path,

@@ -87,6 +87,28 @@ class RawLoader:
     def stream(self, path: Union[str, PathLike[str]], opts: _Opts, window: int) -> RawStream: ...
     def load_into(self, path: Union[str, PathLike[str]], destinations: List[Tuple[str, Any]], opts: _Opts) -> int: ...
 
+class RawShare:
+    """One rank's share of a group load (``weightstream.distributed`` drives it)."""
+
+    def take_headers(self) -> Optional[List[Tuple[str, bytes, int, Optional[str], str]]]: ...
+    def keys(self) -> List[Tuple[str, str, List[int], int, List[int], Optional[int]]]: ...
+    def windows(self) -> List[Tuple[int, int, int, List[Optional[int]], List[Tuple[int, int, int]]]]: ...
+    @property
+    def reads_per_rank(self) -> List[int]: ...
+    def reads(self, w: int) -> List[Tuple[int, bool, int, int]]: ...
+    def read(self, w: int, places: List[Any]) -> int: ...
+
+def group_share(
+    loader: RawLoader,
+    path: Union[str, PathLike[str]],
+    shared: Optional[List[Tuple[str, bytes, int, Optional[str], str]]],
+    opts: _Opts,
+    shards: List[Optional[Tuple[int, int]]],
+    rank: int,
+    window: int,
+) -> RawShare:
+    """Plan group rank ``rank``'s share of a group load (headers read here without ``shared``)."""
+
 def read_metadata(
     path: Union[str, PathLike[str]], storage_options: Optional[List[Tuple[str, str]]] = None
 ) -> Optional[Dict[str, str]]:

@@ -113,6 +113,16 @@ def _view_as(torch, flat, name, dtype, shape):
     return flat.view(tdt).reshape(shape)
 
 
+def _unused(torch, buf):
+    """Whether nothing but ``buf`` itself holds its memory (no tensor handed out of it lives):
+    torch's count of the storage's owners (``buf`` and the storage object asked), where this torch
+    has it; else never, and every window gets new memory."""
+    try:
+        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _side_groups = {}
 
 
@@ -258,7 +268,7 @@ class GroupIterator:
         first, end, buffer_len, _, _ = self._windows[k]
         buf, own = None, {}
         try:
-            buf = torch.empty(buffer_len, dtype=torch.uint8, device=self._device)
+            buf = self._buffer(buffer_len)
             for key in range(first, end):
                 _, _, _, nbytes, needers, reader = self._keys[key]
                 if reader is not None and self._me in needers:
@@ -271,6 +281,18 @@ class GroupIterator:
         except Exception as e:  # told to the group at the next exchange, then raised
             error = e
         return buf, own, error
+
+    def _buffer(self, n):
+        """A window buffer of ``n`` bytes: one of this load's earlier buffers when every tensor
+        of it is gone (fresh host memory costs its page faults again: as much as the read), else
+        a new one of at least half a window, so that it can serve the next windows too."""
+        torch = self._torch
+        for i, b in enumerate(self._pool):
+            if b.numel() >= n and _unused(torch, b):
+                return self._pool.pop(i)[:n]
+        # Buffers still held by the caller's tensors are theirs now: forgotten here.
+        self._pool = [b for b in self._pool if _unused(torch, b)][-1:]
+        return torch.empty(max(n, self._half), dtype=torch.uint8, device=self._device)[:n]
 
     def _transfers(self, k, buf, own):
         dist = self._dist
@@ -328,9 +350,15 @@ class GroupIterator:
                 shown = ", ".join(f"{k}: {spec.get(k)!r} on rank {r}, {self._spec.get(k)!r} on rank {self._me}"
                                   for k in differ)
                 raise GroupMismatchError(f"{self._path}: the ranks of the group load differently ({shown})", rank=r)
+        if str(dist.get_backend(g)).lower() == "nccl" and self._spec["device type"] != "cuda":
+            raise UsageError(
+                f"group=: an NCCL group moves CUDA tensors; this loader loads to {self._loader.device} "
+                "(use a gloo group, or Loader(device=f'cuda:{local_rank}'))"
+            )
         shards = [s for _, s in specs]
         raw = self._loader._raw
-        half = max(self._window // 2, 1)  # two windows are in flight: the one moving, the one read
+        half = self._half = max(self._window // 2, 1)  # two windows in flight: the one moving, the one read
+        self._pool = []
         # The first rank reads the headers and hands them over.
         box = [None]
         share = None
@@ -385,8 +413,11 @@ class GroupIterator:
                 for item in self._items(k, buf, own):
                     self._yielded += 1
                     yield item
-                del buf, own
+                if buf is not None:
+                    self._pool.append(buf._base if buf._base is not None else buf)
+                del buf, own, works
             done = True
+            self._pool = []
         finally:
             if not done and not self._lost and self._next_window is not None:
                 # Stopped early (closed, or the loop raised): tell the others, who are about to
