@@ -89,10 +89,11 @@ pub use format::Dtype;
 pub use io::Fault;
 pub use io::IoKind;
 pub use loader::{
-    Destination, DevicePlace, Loader, SinkError, TensorInfo, TensorPiece, TensorSink, MAX_STAGING_COUNT,
-    MIN_STAGING_SIZE,
+    Destination, DevicePlace, GroupLoad, Loader, PartPlace, RankRead, SinkError, TensorInfo, TensorPiece, TensorSink,
+    MAX_STAGING_COUNT, MIN_STAGING_SIZE,
 };
 pub use model::{peak_host_rss_bytes, LoadStats, LoadedModel, TensorRef};
+pub use plan::{Chunk, GroupPlan, PartRead, ShareKey, ShareWindow};
 pub use sink::{cuda_available, cuda_device_count, Device};
-pub use source::Checkpoint;
+pub use source::{Checkpoint, SharedFile};
 pub use stream::{StreamedTensor, TensorStream};

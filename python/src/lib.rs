@@ -7,6 +7,7 @@ mod dlpack;
 mod errors;
 mod interrupt;
 mod loader;
+mod share;
 mod stream;
 mod tensor;
 mod writer;
@@ -52,7 +53,9 @@ fn _weightstream(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tensor::RawTensor>()?;
     m.add_class::<loader::RawLoader>()?;
     m.add_class::<stream::RawStream>()?;
+    m.add_class::<share::RawShare>()?;
     m.add_function(wrap_pyfunction!(read_metadata, m)?)?;
+    m.add_function(wrap_pyfunction!(share::group_share, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(writer::save_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(writer::save_file, m)?)?;

@@ -41,12 +41,12 @@ fn escape_glob(name: &str) -> String {
 /// The loader of a Python `Loader` object.
 #[pyclass(module = "weightstream._weightstream", name = "RawLoader", frozen)]
 pub struct RawLoader {
-    base: Loader,
+    pub(crate) base: Loader,
 }
 
 impl RawLoader {
     /// A clone of the base loader (sharing its staging pool) with `opts` and `token` applied.
-    fn configured(&self, py: Python<'_>, opts: &Opts, token: &CancelToken) -> PyResult<Loader> {
+    pub(crate) fn configured(&self, py: Python<'_>, opts: &Opts, token: &CancelToken) -> PyResult<Loader> {
         let mut l = self.base.clone().cancel_token(token.clone());
         if let Some(d) = &opts.dtype {
             let dtype: Dtype = d.parse().map_err(|_| usage(py, format!("unknown dtype `{d}`")))?;
@@ -72,7 +72,7 @@ impl RawLoader {
 }
 
 /// A load's result, or the KeyboardInterrupt that cancelled it.
-fn finish<T>(py: Python<'_>, out: (weightstream::Result<T>, Option<PyErr>)) -> PyResult<T> {
+pub(crate) fn finish<T>(py: Python<'_>, out: (weightstream::Result<T>, Option<PyErr>)) -> PyResult<T> {
     match out {
         (_, Some(interrupt)) => Err(interrupt),
         (r, None) => r.map_err(|e| to_py(py, e)),
@@ -195,29 +195,7 @@ impl RawLoader {
             if !seen.insert(name.clone()) {
                 return Err(bad(name, "given twice".into()));
             }
-            let im = dlpack::import(&export_capsule(obj)?)?;
-            if !im.contiguous {
-                return Err(bad(name, "the destination is not contiguous".into()));
-            }
-            if im.read_only {
-                return Err(bad(name, "the destination is read-only".into()));
-            }
-            let want = match device {
-                Device::Cuda(n) => (dlpack::KDL_CUDA, n as i32),
-                _ => (dlpack::KDL_CPU, 0),
-            };
-            let got = (im.device.device_type, im.device.device_id);
-            let host_ok = device == Device::Cpu && got.0 == dlpack::KDL_CUDA_HOST;
-            if got != want && !host_ok {
-                return Err(bad(name, format!("the destination is on DLPack device {got:?}, the loader on {device}")));
-            }
-            let elements: Option<u64> =
-                im.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?));
-            let bytes = elements
-                .and_then(|e| e.checked_mul(u64::from(im.dtype.bits)))
-                .map(|b| b.div_ceil(8))
-                .and_then(|b| usize::try_from(b).ok())
-                .ok_or_else(|| bad(name, "the destination's size overflows".into()))?;
+            let (im, bytes) = import_place(obj, device, &|m| bad(name, m))?;
             let packed = |d: Dtype| matches!(d, Dtype::F4 | Dtype::F6_E2M3 | Dtype::F6_E3M2);
             if let Some(info) = by_name.get(name.as_str()).filter(|i| packed(i.dtype)) {
                 // Elements below a byte: no DLPack dtype holds them; a uint8 buffer of its bytes does.
@@ -264,24 +242,63 @@ impl RawLoader {
         }
         let dests: Vec<(String, Destination<'_>)> = imported
             .iter()
-            .map(|(name, im, len)| {
-                let d = match device {
-                    // SAFETY: the producer's DLPack tensor stays valid until `imported` drops
-                    // (after the load); it is a contiguous, writable tensor of `len` bytes on
-                    // this device; the ranges do not overlap (checked above).
-                    Device::Cuda(n) => Destination::Device(unsafe { DevicePlace::new(im.data, *len, n) }),
-                    _ if *len == 0 => Destination::Host(&mut []),
-                    // SAFETY: as above, in host memory; nothing in this process reads it while
-                    // the load runs but the caller's other threads, as with any in-place fill.
-                    _ => Destination::Host(unsafe { std::slice::from_raw_parts_mut(im.data as *mut u8, *len) }),
-                };
-                (name.clone(), d)
-            })
+            // SAFETY: each was imported for this device, contiguous and writable, and stays
+            // alive until `imported` drops (after the load); the ranges do not overlap (checked
+            // above).
+            .map(|(name, im, len)| (name.clone(), unsafe { destination_of(im, *len, device) }))
             .collect();
         let out = interrupt::run(py, &token, move || loader.load_into(&path, dests))?;
         let stats = finish(py, out)?;
         drop(imported);
         Ok(stats.bytes_loaded)
+    }
+}
+
+/// `obj` (an object with `__dlpack__`) as a place a load may fill on `device`: its DLPack import
+/// and its length in bytes. Refused (through `bad`): not contiguous, read-only, on another device.
+pub(crate) fn import_place(
+    obj: &Bound<'_, PyAny>,
+    device: Device,
+    bad: &dyn Fn(String) -> PyErr,
+) -> PyResult<(Imported, usize)> {
+    let im = dlpack::import(&export_capsule(obj)?)?;
+    if !im.contiguous {
+        return Err(bad("the destination is not contiguous".into()));
+    }
+    if im.read_only {
+        return Err(bad("the destination is read-only".into()));
+    }
+    let want = match device {
+        Device::Cuda(n) => (dlpack::KDL_CUDA, n as i32),
+        _ => (dlpack::KDL_CPU, 0),
+    };
+    let got = (im.device.device_type, im.device.device_id);
+    let host_ok = device == Device::Cpu && got.0 == dlpack::KDL_CUDA_HOST;
+    if got != want && !host_ok {
+        return Err(bad(format!("the destination is on DLPack device {got:?}, the loader on {device}")));
+    }
+    let elements: Option<u64> = im.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?));
+    let bytes = elements
+        .and_then(|e| e.checked_mul(u64::from(im.dtype.bits)))
+        .map(|b| b.div_ceil(8))
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| bad("the destination's size overflows".into()))?;
+    Ok((im, bytes))
+}
+
+/// The place `im` (`len` bytes, imported by [`import_place`] for `device`) as a destination.
+///
+/// # Safety
+/// `im`'s memory must stay valid, and used by nothing else, while the destination lives; no
+/// two destinations of one load may overlap.
+pub(crate) unsafe fn destination_of<'a>(im: &'a Imported, len: usize, device: Device) -> Destination<'a> {
+    match device {
+        // SAFETY: the caller's promise: a device tensor of `len` bytes, valid and unshared.
+        Device::Cuda(n) => Destination::Device(unsafe { DevicePlace::new(im.data, len, n) }),
+        _ if len == 0 => Destination::Host(&mut []),
+        // SAFETY: as above, in host memory; nothing in this process reads it while the load runs
+        // but the caller's other threads, as with any in-place fill.
+        _ => Destination::Host(unsafe { std::slice::from_raw_parts_mut(im.data as *mut u8, len) }),
     }
 }
 

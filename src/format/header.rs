@@ -116,11 +116,18 @@ pub fn read_header(path: impl AsRef<Path>) -> Result<Header> {
 
 /// Like [`read_header`] on an open file whose length is known.
 pub fn read_header_from(path: &Path, file: &mut File, file_len: u64) -> Result<Header> {
+    read_header_keeping(path, file, file_len).map(|(header, _)| header)
+}
+
+/// Like [`read_header_from`], also returning the header's JSON bytes as the file holds them
+/// (what a process hands its peers so that they need not read it: `Checkpoint::from_shared`).
+pub(crate) fn read_header_keeping(path: &Path, file: &mut File, file_len: u64) -> Result<(Header, Vec<u8>)> {
     let header_len = check_prefix(path, file, file_len)?;
     // Checked above: header_len <= MAX_HEADER_LEN and <= file_len - 8.
     let mut buf = vec![0u8; header_len as usize];
     read_exact_at(file, &mut buf, 8).map_err(|e| eof_or_io(path, e, "the header", 8))?;
-    parse_header(path, &buf, file_len)
+    let header = parse_header(path, &buf, file_len)?;
+    Ok((header, buf))
 }
 
 fn check_prefix(path: &Path, file: &mut File, file_len: u64) -> Result<u64> {

@@ -28,6 +28,20 @@ impl Loader {
         Checkpoint::open_with(path, &remote)
     }
 
+    /// [`Loader::open`], also returning the headers as read, for the other ranks of a group
+    /// ([`Checkpoint::open_sharing`]).
+    pub fn open_sharing(&self, path: impl AsRef<std::path::Path>) -> Result<(Checkpoint, Vec<crate::SharedFile>)> {
+        let remote = RemoteOptions { cancel: self.cancel.clone(), ..self.remote.clone() };
+        Checkpoint::open_sharing(path, &remote)
+    }
+
+    /// The checkpoint a peer opened with [`Loader::open_sharing`], reached with this loader's
+    /// storage options ([`Checkpoint::from_shared`]).
+    pub fn open_shared(&self, files: Vec<crate::SharedFile>) -> Result<Checkpoint> {
+        let remote = RemoteOptions { cancel: self.cancel.clone(), ..self.remote.clone() };
+        Checkpoint::from_shared(files, &remote)
+    }
+
     /// The files of `plan`, open for reading as this loader's options ask.
     pub(super) fn read_files(&self, ckpt: &Checkpoint, plan: &Plan) -> Result<ReadFiles> {
         let opts = ReadOptions {

@@ -109,13 +109,34 @@ impl Loader {
         let mut ordered = Vec::with_capacity(plan.tensors.len());
         for t in &plan.tensors {
             let d = dests.remove(&t.name).ok_or_else(|| Error::internal("a planned tensor without a destination"))?;
+            ordered.push(d);
+        }
+        self.fill(&ckpt, &plan, ordered, device, started, &bad)
+    }
+
+    /// Load `plan` (of `ckpt`) into `ordered`, one destination per planned tensor in plan order,
+    /// each checked here against its tensor's loaded size and the loader's device: the end of
+    /// [`Loader::load_into`], and of a group rank's reads.
+    pub(super) fn fill(
+        &self,
+        ckpt: &crate::Checkpoint,
+        plan: &Plan,
+        ordered: Vec<Destination<'_>>,
+        device: Device,
+        started: Instant,
+        bad: &dyn Fn(&str, String) -> Error,
+    ) -> Result<LoadStats> {
+        if ordered.len() != plan.tensors.len() {
+            return Err(Error::internal("a destination per planned tensor"));
+        }
+        for (t, d) in plan.tensors.iter().zip(&ordered) {
             if d.len() as u64 != t.len {
                 return Err(bad(
                     &t.name,
                     format!("destination of {} bytes for a tensor of {} bytes loaded", d.len(), t.len),
                 ));
             }
-            match (&d, device) {
+            match (d, device) {
                 (Destination::Host(_), Device::Cpu) => {}
                 (Destination::Device(p), Device::Cuda(o)) if p.ordinal == o => {}
                 (Destination::Device(p), _) => {
@@ -128,10 +149,9 @@ impl Loader {
                     return Err(bad(&t.name, format!("host destination, the loader loads to {device}")))
                 }
             }
-            ordered.push(d);
         }
-        check_device_overlap(&plan, &ordered, &bad)?;
-        let files = self.read_files(&ckpt, &plan)?;
+        check_device_overlap(plan, &ordered, bad)?;
+        let files = self.read_files(ckpt, plan)?;
         let mut trace = self.trace.then(TraceRecorder::new);
         let mut obs = Observer::new(self.progress.as_ref(), self.cancel.as_ref(), trace.as_mut());
         let out = match device {
@@ -145,11 +165,11 @@ impl Loader {
                     .collect();
                 // As a load would: in place (reading and converting into the buffers: one copy),
                 // or through the ring where in place cannot honour the options.
-                let drive = self.drive(On::Host { device, in_place: true }, &plan, files.requests())?;
-                drive.run(&plan, &files, &mut HostSink::into_buffers(buffers), &mut obs)?
+                let drive = self.drive(On::Host { device, in_place: true }, plan, files.requests())?;
+                drive.run(plan, &files, &mut HostSink::into_buffers(buffers), &mut obs)?
             }
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => self.load_into_device(ordinal, &plan, &files, ordered, &mut obs)?,
+            Device::Cuda(ordinal) => self.load_into_device(ordinal, plan, &files, ordered, &mut obs)?,
             _ => {
                 return Err(Error::unsupported(
                     "device",
@@ -159,7 +179,7 @@ impl Loader {
             }
         };
         drop(files);
-        Ok(out.stats(device, &plan, self.direct, started, trace))
+        Ok(out.stats(device, plan, self.direct, started, trace))
     }
 
     #[cfg(feature = "cuda")]

@@ -7,11 +7,13 @@ mod files;
 mod into;
 mod parts;
 mod remote;
+mod share;
 mod stream;
 mod with;
 
 pub use describe::TensorInfo;
 pub use into::{Destination, DevicePlace};
+pub use share::{GroupLoad, PartPlace, RankRead};
 pub use with::{SinkError, TensorPiece, TensorSink};
 
 use std::path::{Path, PathBuf};

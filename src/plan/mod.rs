@@ -7,11 +7,13 @@
 
 pub mod schedule;
 mod shard;
+mod share;
 
 use std::path::PathBuf;
 
 pub use schedule::{Piece, ReadExtent, Schedule, ScheduleOptions};
 pub use shard::{Shard, StoredBlock};
+pub use share::{parts_plan, Chunk, GroupPlan, PartRead, ShareKey, ShareWindow};
 
 use crate::error::{Error, Result};
 use crate::format::Dtype;

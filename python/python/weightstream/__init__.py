@@ -32,6 +32,7 @@ from ._errors import (
     WeightstreamError,
 )
 from ._loader import Loader, load_file
+from .distributed import DistributedError, GroupMismatchError, PeerFailedError, PeerLostError
 from ._open import safe_open
 from ._weightstream import Tensor, __version__, cuda_available
 
@@ -52,5 +53,9 @@ __all__ = [
     "MissingTensorError",
     "CancelledError",
     "InternalError",
+    "DistributedError",
+    "PeerFailedError",
+    "PeerLostError",
+    "GroupMismatchError",
     "__version__",
 ]

@@ -146,7 +146,8 @@ class Loader:
         """``conv(t)``: the framework tensor over ``t``'s memory."""
         return conv(t)
 
-    def iterate(self, path, *, window="1GiB", framework="pt", dtype=None, only=None, shard=None, split=None):
+    def iterate(self, path, *, window="1GiB", framework="pt", dtype=None, only=None, shard=None, split=None, group=None,
+                timeout=None):
         """Yield ``(name, tensor)`` in file order as tensors land, with at most ``window`` bytes
         loaded ahead of what you still hold: memory stays bounded whatever the model's size.
         Each tensor owns its memory; drop it when it is copied. Stopping early (``break``)
@@ -157,7 +158,20 @@ class Loader:
             >>> params = dict(model.named_parameters())                    # doctest: +SKIP
             >>> for name, t in loader.iterate(path, window="512MiB"):     # doctest: +SKIP
             ...     params[name].data.copy_(t)
+
+        With ``group=`` (a ``torch.distributed`` process group, every rank of it calling with the
+        same arguments but its own ``shard``), the ranks read each byte once and share it
+        through the group: see :mod:`weightstream.distributed` (``timeout``: seconds a rank
+        waits for a peer, default 20).
         """
+        if group is not None:
+            from .distributed import DEFAULT_TIMEOUT, GroupIterator
+
+            return GroupIterator(self, checked_path(path), group, window=window, framework=framework, dtype=dtype,
+                                 only=only, shard=shard, split=split,
+                                 timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
+        if timeout is not None:
+            raise O.UsageError("timeout: only with group=")
         conv = converter(self._framework(framework))
         window = O.size(window, "window")
         stream = self._raw.stream(checked_path(path), O.opts(dtype, only, shard, split), window)
@@ -220,7 +234,8 @@ def _default_loader(device):
         return loader
 
 
-def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shard=None, split=None, storage_options=None):
+def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shard=None, split=None, storage_options=None,
+              group=None):
     """Load a checkpoint into ``{name: tensor}``, like ``safetensors.torch.load_file`` /
     ``safetensors.numpy.load_file``.
 
@@ -241,6 +256,9 @@ def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shar
         storage_options: ``{"aws_endpoint": "http://...", "aws_region": "us-east-1", ...}``:
             ``object_store`` options for a remote ``path`` (plus ``max_retries`` and
             ``retry_timeout``); an unknown key raises :class:`UsageError`.
+        group: a ``torch.distributed`` process group whose ranks all call ``load_file`` with
+            the same arguments: they read each byte once and share it through the group
+            (:mod:`weightstream.distributed`).
 
     Tensors are handed over without a copy and keep their memory alive; one allocation holds
     a load's tensors and is freed when the last of them dies.
@@ -252,6 +270,10 @@ def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shar
         >>> tensors = ws.load_file("Qwen2-7B/", device="cuda:0", dtype="bf16")  # doctest: +SKIP
     """
     loader = _default_loader(device) if storage_options is None else Loader(device, storage_options=storage_options)
+    if group is not None:
+        with loader.iterate(path, framework=framework, dtype=dtype, only=only, shard=shard, split=split,
+                            group=group) as it:
+            return dict(it)
     return loader.load(path, framework=framework, dtype=dtype, only=only, shard=shard, split=split)
 
 

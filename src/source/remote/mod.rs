@@ -65,6 +65,11 @@ impl RemoteObject {
         self.etag.as_deref()
     }
 
+    /// Its last-modification time as the store reported it (compared, never interpreted).
+    pub fn last_modified(&self) -> &str {
+        &self.last_modified
+    }
+
     fn new(url: String, store: Arc<dyn ObjectStore>, location: ObjectPath, meta: &ObjectMeta) -> Self {
         RemoteObject {
             url,
@@ -182,7 +187,9 @@ fn classify_chain(e: &(dyn std::error::Error + 'static)) -> RemoteFailure {
 
 /// Open the remote checkpoint at `url`: its files, each with its validated header, and its index
 /// if it has one.
-pub(crate) fn open(url: &str, opts: &RemoteOptions) -> Result<(Vec<CheckpointFile>, Option<ShardIndex>)> {
+/// Each file comes with its header's JSON bytes (see [`super::SharedFile`]).
+#[allow(clippy::type_complexity)]
+pub(crate) fn open(url: &str, opts: &RemoteOptions) -> Result<(Vec<(CheckpointFile, Vec<u8>)>, Option<ShardIndex>)> {
     let parsed = store::parse_url(url)?;
     let location = store::store_for(&parsed, opts)?;
     // Each header read may allocate up to the 100 MB limit: a few at a time.
@@ -358,7 +365,7 @@ async fn read_index(url: &Url, at: &store::Location) -> Result<(Vec<(Url, Object
 
 /// Read the header of the object at `url`: its size and ETag (HEAD), the 8-byte length, then
 /// exactly the header, each GET bounded and pinned to the ETag.
-async fn open_object(store: Arc<dyn ObjectStore>, url: Url, path: ObjectPath) -> Result<CheckpointFile> {
+async fn open_object(store: Arc<dyn ObjectStore>, url: Url, path: ObjectPath) -> Result<(CheckpointFile, Vec<u8>)> {
     let name = PathBuf::from(url.as_str());
     let failed = |f: RemoteFault| remote_error(url.as_str(), f);
     let head = store
@@ -377,8 +384,30 @@ async fn open_object(store: Arc<dyn ObjectStore>, url: Url, path: ObjectPath) ->
     if header_len > 0 {
         object.read_into(8..8 + header_len, &mut header).await.map_err(failed)?;
     }
-    let header: Header = parse_header(&name, &header, object.size)?;
-    Ok(CheckpointFile { path: name, header, access: super::FileAccess::Remote(Arc::new(object)) })
+    let parsed: Header = parse_header(&name, &header, object.size)?;
+    Ok((CheckpointFile { path: name, header: parsed, access: super::FileAccess::Remote(Arc::new(object)) }, header))
+}
+
+/// The object at `url` as a peer found it when it read its header (`size`, `etag`,
+/// `last_modified` as [`super::SharedFile`] carries them): no request is made; the first GET
+/// checks them, as every GET does.
+pub(crate) fn adopt(
+    url: &str,
+    size: u64,
+    etag: Option<String>,
+    last_modified: String,
+    opts: &RemoteOptions,
+) -> Result<RemoteObject> {
+    let parsed = store::parse_url(url)?;
+    let location = store::store_for(&parsed, opts)?;
+    Ok(RemoteObject {
+        url: parsed.to_string(),
+        store: location.store,
+        location: location.path,
+        size,
+        etag,
+        last_modified,
+    })
 }
 
 /// The URL of the "directory" `url` names: itself with a trailing `/` for a prefix, its parent

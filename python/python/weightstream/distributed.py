@@ -1,0 +1,418 @@
+"""Distributed loading: the ranks of a ``torch.distributed`` group read each byte of a checkpoint
+once and hand it to each other through the group.
+
+Every rank of the group calls :func:`iterate` (or ``Loader.iterate(..., group=g)``) with the same
+checkpoint and options; each reads a balanced share of the bytes (by bytes, not by file), and the
+tensors are broadcast through the group in bounded windows while the next window is read. Every
+rank's iterator yields the full ``(name, tensor)`` stream, in the same order, bitwise equal to a
+single-process load. With ``shard=``/``split=``, a rank receives only its own block of split
+tensors: a block that one rank alone needs is read by it and moves nowhere.
+
+Only the group's first rank reads the headers (and index); the others get them through the group,
+so on an object store a group fetches each byte of the checkpoint once. Across nodes, pass a
+node-local group (:func:`node_group`): each node reads the checkpoint once and nodes exchange
+no weights.
+
+Faults are bounded: a rank whose load fails, or whose loop stops, makes the others raise
+:class:`PeerFailedError` naming it; a rank that dies or stops answering makes them raise
+:class:`PeerLostError` within ``timeout`` seconds, whatever the backend of the group (the ranks
+exchange their status each window on a gloo side group with that timeout, and every transfer is
+waited for at most that long). Ranks that pass different checkpoints or options raise
+:class:`GroupMismatchError` before any data moves. After such an error the group is not usable
+for more collectives: end the job (as after any failed collective).
+
+Example (every rank runs it)::
+
+    >>> import torch.distributed as dist, weightstream as ws            # doctest: +SKIP
+    >>> dist.init_process_group("nccl")                                 # doctest: +SKIP
+    >>> loader = ws.Loader(device=f"cuda:{local_rank}")                 # doctest: +SKIP
+    >>> with loader.iterate("Qwen2-7B/", group=dist.group.WORLD) as it: # doctest: +SKIP
+    ...     for name, t in it:
+    ...         params[name].data.copy_(t)
+    >>> it.bytes_read, it.bytes_sent, it.bytes_received                # doctest: +SKIP
+
+Across two nodes of 8 GPUs, each node reading the checkpoint once::
+
+    >>> node = wsd.node_group()            # every rank of the job calls it   # doctest: +SKIP
+    >>> tensors = ws.load_file("s3://bucket/model/", device=f"cuda:{local_rank}", group=node)  # doctest: +SKIP
+"""
+
+import datetime
+import socket
+import time
+
+from . import _options as O
+from ._errors import UsageError, WeightstreamError
+from ._frameworks import _TORCH_FP8, torch_packed_dtype
+from ._weightstream import group_share
+
+__all__ = [
+    "iterate",
+    "load_file",
+    "node_group",
+    "GroupIterator",
+    "DistributedError",
+    "PeerFailedError",
+    "PeerLostError",
+    "GroupMismatchError",
+]
+
+
+class DistributedError(WeightstreamError, RuntimeError):
+    """A distributed load failed because of the group. ``rank`` is the group rank at fault when
+    it is known (else ``None``)."""
+
+    def __init__(self, message, rank=None):
+        super().__init__(message)
+        self.rank = rank
+
+
+class PeerFailedError(DistributedError):
+    """Another rank's load failed, or its loop stopped, before the load ended."""
+
+
+class PeerLostError(DistributedError):
+    """Another rank died or stopped answering within the timeout."""
+
+
+class GroupMismatchError(DistributedError, UsageError):
+    """The ranks passed different checkpoints or options (raised before any data moves)."""
+
+
+# Default wait for a peer (per window: a status exchange or a transfer).
+DEFAULT_TIMEOUT = 20.0
+# A status: a code byte and a message.
+_STATUS_BYTES = 1024
+_OK, _FAILED, _STOPPED = 0, 1, 2
+
+_TORCH_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+    "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16",
+    "F32": "float32", "F64": "float64", "C64": "complex64", **_TORCH_FP8,
+}
+
+
+def _torch():
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise UsageError("group=: torch.distributed is not initialized (call dist.init_process_group first)")
+    return torch, dist
+
+
+def _view_as(torch, flat, name, dtype, shape):
+    """The bytes ``flat`` (1-D uint8) as a tensor of ``dtype`` (a weightstream dtype name) and
+    ``shape``, without a copy."""
+    if dtype in ("F4", "F6_E2M3", "F6_E3M2"):
+        tdt, storage = torch_packed_dtype(name, dtype, shape)
+        return flat.reshape(storage).view(tdt)
+    tdt = getattr(torch, _TORCH_NAMES.get(dtype, ""), None)
+    if tdt is None:
+        raise UsageError(f"tensor `{name}` is {dtype}: this torch has no dtype for it")
+    return flat.view(tdt).reshape(shape)
+
+
+_side_groups = {}
+
+
+def _side_group(dist, group, ranks, timeout):
+    """A gloo group of ``ranks`` whose collectives give up after ``timeout`` seconds: the status
+    exchanges (the caller's group may be NCCL, which waits 10 minutes for a dead peer and
+    forever for a frozen one). Made once per group and timeout; only its members call."""
+    key = (id(dist.distributed_c10d._get_default_group()), tuple(ranks), float(timeout))
+    side = _side_groups.get(key)
+    if side is None:
+        side = dist.new_group(
+            ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout), use_local_synchronization=True
+        )
+        _side_groups[key] = side
+    return side
+
+
+def node_group(node=None):
+    """This rank's node-local group: the ranks whose ``node`` (default: the host name) equals
+    this one's. Collective over the default group: every rank of the job calls it, in the same
+    order as its other group creations. Pass the result as ``group=`` so that each node reads
+    a checkpoint once and shares it inside the node.
+
+    Example::
+
+        >>> g = node_group()                        # every rank   # doctest: +SKIP
+        >>> g = node_group(node=rank // 8)          # 8 ranks a node, named by hand  # doctest: +SKIP
+    """
+    _, dist = _torch()
+    node = socket.gethostname() if node is None else node
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    order = list(dict.fromkeys(nodes))
+    groups = [[r for r, n in enumerate(nodes) if n == m] for m in order]
+    mine, _ = dist.new_subgroups_by_enumeration(groups)
+    return mine
+
+
+class GroupIterator:
+    """The ``(name, tensor)`` stream of a group load (see the module's doc). Attributes, final
+    once it is exhausted: ``bytes_read`` (data bytes this rank read from storage), ``bytes_sent``
+    (bytes it delivered to peers: a broadcast of n bytes to k peers counts n*k), and
+    ``bytes_received``. Close it (or use it as a context manager) when stopping early: the
+    other ranks then raise :class:`PeerFailedError` at once instead of waiting for the timeout.
+    """
+
+    def __init__(self, loader, path, group, *, window, framework, dtype, only, shard, split, timeout):
+        torch, dist = _torch()
+        if O.framework(framework) != "pt":
+            raise UsageError("group=: distributed loads yield torch tensors (framework='pt')")
+        self.bytes_read = self.bytes_sent = self.bytes_received = 0
+        self._torch, self._dist = torch, dist
+        self._loader = loader
+        self._path = path
+        self._group = dist.group.WORLD if group is None else group
+        self._timeout = float(timeout)
+        if not self._timeout > 0:
+            raise UsageError(f"timeout: expected seconds > 0, got {timeout!r}")
+        self._window = O.size(window, "window")
+        self._opts = O.opts(dtype, only, shard, split)
+        self._spec = {"path": path, "dtype": dtype, "only": only, "split": self._opts["split"],
+                      "shard world": None if self._opts["shard"] is None else self._opts["shard"][1],
+                      "window": self._window, "device type": loader.device.split(":")[0]}
+        self._yielded = 0
+        self._next_window = None  # the window whose exchange comes next, when one does
+        self._lost = False
+        self._gen = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._gen)
+
+    def close(self, why=None):
+        """Stop: the other ranks learn it at their next status exchange."""
+        self._why = why
+        self._gen.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        self.close(None if kind is None else f"its loop raised {kind.__name__}: {value}")
+
+    def __del__(self):
+        gen = getattr(self, "_gen", None)
+        if gen is not None:
+            gen.close()
+
+    # The group's status, once a window.
+
+    def _exchange(self, error=None, code=_OK):
+        """All-gather this rank's status on the side group: raise the first failure (this
+        rank's own ``error`` first, after the others have learnt of it)."""
+        torch, dist = self._torch, self._dist
+        mine = torch.zeros(_STATUS_BYTES, dtype=torch.uint8)
+        if error is not None:
+            text = str(error).encode("utf-8", "replace")[: _STATUS_BYTES - 1]
+            mine[0] = code
+            mine[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        out = [torch.empty_like(mine) for _ in range(self._n)]
+        try:
+            dist.all_gather(out, mine, group=self._side)
+        except Exception as e:
+            self._lost = True
+            raise PeerLostError(
+                f"{self._path}: a rank of the group died or did not answer within {self._timeout:g} s "
+                f"(status exchange before window {self._next_window}): {e}"
+            ) from None
+        if isinstance(error, BaseException):
+            raise error
+        for r, st in enumerate(out):
+            if r != self._me and int(st[0]) != _OK:
+                text = bytes(st[1:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
+                what = "failed" if int(st[0]) == _FAILED else "stopped"
+                raise PeerFailedError(f"{self._path}: rank {r} of the group {what}: {text}", rank=r)
+
+    def _wait(self, works, k):
+        """Wait for window ``k``'s transfers, at most ``timeout`` seconds in all."""
+        deadline = time.monotonic() + self._timeout
+        for w in works:
+            while not w.is_completed():
+                if time.monotonic() > deadline:
+                    self._lost = True
+                    raise PeerLostError(
+                        f"{self._path}: window {k}'s transfers did not end within {self._timeout:g} s "
+                        "(a rank of the group died or stopped answering)"
+                    )
+                time.sleep(0.0002)
+            try:
+                w.wait()
+            except Exception as e:
+                self._lost = True
+                raise PeerLostError(f"{self._path}: window {k}'s transfers failed (a rank died?): {e}") from None
+
+    # One window: its places, this rank's reads, the transfers.
+
+    def _places(self, k):
+        """Window ``k``'s buffer and this rank's own tensors of it, and this rank's reads
+        into them (or the error they raised)."""
+        torch = self._torch
+        first, end, buffer_len, _, _ = self._windows[k]
+        buf, own = None, {}
+        try:
+            buf = torch.empty(buffer_len, dtype=torch.uint8, device=self._device)
+            for key in range(first, end):
+                _, _, _, nbytes, needers, reader = self._keys[key]
+                if reader is not None and self._me in needers:
+                    own[key] = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+            places = [
+                (buf if in_buf else own[key])[at : at + n] for key, in_buf, at, n in self._share.reads(k)
+            ]
+            self.bytes_read += self._share.read(k, places)
+            error = None
+        except Exception as e:  # told to the group at the next exchange, then raised
+            error = e
+        return buf, own, error
+
+    def _transfers(self, k, buf, own):
+        dist = self._dist
+        first, end, _, _, chunks = self._windows[k]
+        works = []
+        for reader, a, b in chunks:
+            if b > a:
+                works.append(dist.broadcast(buf[a:b], group=self._group, group_src=reader, async_op=True))
+                if reader == self._me:
+                    self.bytes_sent += (b - a) * (self._n - 1)
+                else:
+                    self.bytes_received += b - a
+        for key in range(first, end):
+            _, _, _, nbytes, needers, reader = self._keys[key]
+            if reader is None or len(needers) < 2 or nbytes == 0:
+                continue
+            if reader == self._me:
+                for r in needers:
+                    if r != self._me:
+                        works.append(dist.isend(own[key], group=self._group, group_dst=r, tag=key))
+                        self.bytes_sent += nbytes
+            elif self._me in needers:
+                works.append(dist.irecv(own[key], group=self._group, group_src=reader, tag=key))
+                self.bytes_received += nbytes
+        return works
+
+    def _items(self, k, buf, own):
+        first, end, _, offsets, _ = self._windows[k]
+        for key in range(first, end):
+            name, dtype, shape, nbytes, needers, reader = self._keys[key]
+            if self._me not in needers:
+                continue
+            at = offsets[key - first]
+            flat = buf[at : at + nbytes] if at is not None else own.pop(key)
+            yield name, _view_as(self._torch, flat, name, dtype, shape)
+
+    def _setup(self):
+        dist = self._dist
+        g = self._group
+        self._me, self._n = dist.get_rank(g), dist.get_world_size(g)
+        if self._me < 0:
+            raise UsageError("group=: this process is not a member of the group")
+        ranks = dist.get_process_group_ranks(g)
+        self._side = _side_group(dist, g, ranks, self._timeout)
+        # Before any data moves: the same checkpoint and options everywhere.
+        specs = [None] * self._n
+        try:
+            dist.all_gather_object(specs, (self._spec, self._opts["shard"]), group=self._side)
+        except Exception as e:
+            self._lost = True
+            raise PeerLostError(f"{self._path}: a rank of the group did not answer the options exchange: {e}") from None
+        for r, (spec, _) in enumerate(specs):
+            differ = sorted(k for k in set(spec) | set(self._spec) if spec.get(k) != self._spec.get(k))
+            if differ:
+                shown = ", ".join(f"{k}: {spec.get(k)!r} on rank {r}, {self._spec.get(k)!r} on rank {self._me}"
+                                  for k in differ)
+                raise GroupMismatchError(f"{self._path}: the ranks of the group load differently ({shown})", rank=r)
+        shards = [s for _, s in specs]
+        raw = self._loader._raw
+        half = max(self._window // 2, 1)  # two windows are in flight: the one moving, the one read
+        # The first rank reads the headers and hands them over.
+        box = [None]
+        share = None
+        if self._me == 0:
+            try:
+                share = group_share(raw, self._path, None, self._opts, shards, 0, half)
+                box[0] = ("ok", share.take_headers())
+            except Exception as e:
+                box[0] = ("error", f"{type(e).__name__}: {e}")
+                error = e
+        try:
+            dist.broadcast_object_list(box, group=self._side, group_src=0)
+        except Exception as e:
+            self._lost = True
+            raise PeerLostError(f"{self._path}: the group's first rank did not hand over the headers: {e}") from None
+        status, payload = box[0]
+        if status != "ok":
+            if self._me == 0:
+                raise error
+            raise PeerFailedError(f"{self._path}: rank 0 of the group could not open it: {payload}", rank=0)
+        error = None
+        if self._me != 0:
+            try:
+                share = group_share(raw, self._path, payload, self._opts, shards, self._me, half)
+            except Exception as e:
+                error = e
+        self._next_window = 0
+        self._exchange(error, _FAILED)
+        self._share = share
+        self._keys = share.keys()
+        self._windows = share.windows()
+        self._device = self._loader.device
+        for name, dtype, shape, _, needers, _ in self._keys:
+            if self._me in needers and dtype in ("F6_E2M3", "F6_E3M2"):
+                _view_as(self._torch, None, name, dtype, shape)  # raises: no torch dtype
+
+    def _run(self):
+        self._setup()
+        count = len(self._windows)
+        done = False
+        try:
+            state = self._places(0) if count else None
+            for k in range(count):
+                buf, own, error = state
+                self._next_window = k
+                self._exchange(error, _FAILED)
+                works = self._transfers(k, buf, own)
+                # The next window is read while this one moves.
+                state = self._places(k + 1) if k + 1 < count else None
+                self._wait(works, k)
+                self._next_window = k + 1 if k + 1 < count else None
+                for item in self._items(k, buf, own):
+                    self._yielded += 1
+                    yield item
+                del buf, own
+            done = True
+        finally:
+            if not done and not self._lost and self._next_window is not None:
+                # Stopped early (closed, or the loop raised): tell the others, who are about to
+                # exchange before the next window, so they raise now rather than at the timeout.
+                why = getattr(self, "_why", None) or "its iterator was closed"
+                try:
+                    self._exchange(f"{why} after {self._yielded} tensors", _STOPPED)
+                except DistributedError:
+                    pass
+
+
+def iterate(path, group=None, *, device="cpu", window="1GiB", framework="pt", dtype=None, only=None, shard=None,
+            split=None, timeout=DEFAULT_TIMEOUT, storage_options=None, loader=None):
+    """The group load of ``path`` on every rank of ``group`` (default: the default group): a
+    :class:`GroupIterator` of ``(name, tensor)``. ``loader`` (a :class:`weightstream.Loader`)
+    sets the device and read options; else one is made for ``device`` and ``storage_options``.
+    ``window`` bounds the bytes in flight on a rank (two half windows: one moving, one read)."""
+    from ._loader import Loader, checked_path
+
+    if loader is None:
+        loader = Loader(device, storage_options=storage_options)
+    return GroupIterator(loader, checked_path(path), group, window=window, framework=framework, dtype=dtype,
+                         only=only, shard=shard, split=split, timeout=timeout)
+
+
+def load_file(path, group=None, *, device="cpu", **kwargs):
+    """:func:`iterate`, collected into ``{name: tensor}``."""
+    with iterate(path, group, device=device, **kwargs) as it:
+        return dict(it)
