@@ -317,14 +317,14 @@ _TP2_SCRIPT = textwrap.dedent(
     import json, socket, sys, traceback
     import torch, torch.multiprocessing as mp
 
-    def rank_main(rank, port, model_dirs, q):
+    def rank_main(rank, port, broken, model_dirs, q):
         try:
-            q.put(json.dumps(load_all(rank, port, model_dirs)))
+            q.put(json.dumps(load_all(rank, port, broken, model_dirs)))
         except BaseException:
             q.put(json.dumps({"rank": rank, "error": traceback.format_exc()}))
             raise
 
-    def load_all(rank, port, model_dirs):
+    def load_all(rank, port, broken, model_dirs):
         import vllm.plugins
         from vllm.config import (DeviceConfig, LoadConfig, ModelConfig, ParallelConfig, VllmConfig,
                                  set_current_vllm_config)
@@ -332,30 +332,36 @@ _TP2_SCRIPT = textwrap.dedent(
         from vllm.model_executor.model_loader import get_model_loader
 
         vllm.plugins.load_general_plugins()
+
+        def load(model_dir, fmt, extra):
+            mc = ModelConfig(model=model_dir, tokenizer=model_dir, skip_tokenizer_init=True, dtype="float32",
+                             enforce_eager=True)
+            lc = LoadConfig(load_format=fmt, model_loader_extra_config=extra)
+            vc = VllmConfig(model_config=mc, load_config=lc, device_config=DeviceConfig(device="cpu"),
+                            parallel_config=ParallelConfig(tensor_parallel_size=2))
+            with set_current_vllm_config(vc):
+                if not torch.distributed.is_initialized():  # vLLM's distributed state: once per process
+                    init_distributed_environment(world_size=2, rank=rank, local_rank=rank,
+                        distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+                    initialize_model_parallel(2, 1)
+                loader = get_model_loader(lc)
+                model = loader.load_model(vllm_config=vc, model_config=mc)
+                return {k: v.detach().clone() for k, v in model.named_parameters()}, loader.last_stats if fmt == "weightstream" else None
+
+        def error(model_dir, extra):
+            try:
+                load(model_dir, "weightstream", extra)
+            except Exception as e:
+                return [type(e).__name__, getattr(e, "rank", None), str(e)]
+            return None
+
         results = []
-        loads = [("safetensors", "safetensors", {}), ("weightstream-shared", "weightstream", {}),
-                 ("weightstream", "weightstream", {"share_reads": False})]
+        loads = [("weightstream-shared", {}), ("weightstream", {"share_reads": False})]
         for model_dir in model_dirs:
-            out, stats = {}, {}
-            for key, fmt, extra in loads:
-                mc = ModelConfig(model=model_dir, tokenizer=model_dir, skip_tokenizer_init=True, dtype="float32",
-                                 enforce_eager=True)
-                lc = LoadConfig(load_format=fmt, model_loader_extra_config=extra)
-                vc = VllmConfig(model_config=mc, load_config=lc, device_config=DeviceConfig(device="cpu"),
-                                parallel_config=ParallelConfig(tensor_parallel_size=2))
-                with set_current_vllm_config(vc):
-                    if not results and not out:  # vLLM's distributed state: once per process
-                        init_distributed_environment(world_size=2, rank=rank, local_rank=rank,
-                            distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
-                        initialize_model_parallel(2, 1)
-                    loader = get_model_loader(lc)
-                    model = loader.load_model(vllm_config=vc, model_config=mc)
-                    out[key] = {k: v.detach().clone() for k, v in model.named_parameters()}
-                    stats[key] = getattr(loader, "last_stats", None)
-            want = out["safetensors"]
+            want, _ = load(model_dir, "safetensors", {})
             res = {"rank": rank, "dir": model_dir}
-            for key in ["weightstream-shared", "weightstream"]:
-                got = out[key]
+            for key, extra in loads:
+                got, stats = load(model_dir, "weightstream", extra)
                 res[key] = {
                     "names_equal": sorted(got) == sorted(want),
                     "differ": [k for k in want if k not in got or got[k].dtype != want[k].dtype
@@ -363,9 +369,30 @@ _TP2_SCRIPT = textwrap.dedent(
                                or not torch.equal(got[k].reshape(-1).view(torch.uint8),
                                                   want[k].reshape(-1).view(torch.uint8))],
                     "qkv": list(got["model.layers.0.self_attn.qkv_proj.weight"].shape),
-                    "stats": stats[key],
+                    "stats": stats,
                 }
             results.append(res)
+        # Rank 1 on another host (its host name as socket reports it): the ranks read for
+        # themselves, each the whole checkpoint, as nodes must not exchange weights.
+        import socket
+        real_hostname = socket.gethostname
+        if rank == 1:
+            socket.gethostname = lambda: real_hostname() + "-other"
+        try:
+            _, two_hosts = load(model_dirs[0], "weightstream", {})
+        finally:
+            socket.gethostname = real_hostname
+        # Faults: rank 0 cannot read the headers (its `weights` is a broken file): rank 1 hears
+        # of it instead of waiting. The ranks name different files (the same tensors): both
+        # refuse. Then the ranks ask for different windows: both refuse before any data moves
+        # (the last load: the group is not used after that).
+        good = model_dirs[0]
+        results.append({
+            "two_hosts": two_hosts,
+            "headers": error(good, {"weights": broken if rank == 0 else good}),
+            "files": error(good, {"weights": good if rank == 0 else good + "/model.safetensors"}),
+            "mismatch": error(good, {"window": "1MiB" if rank == 0 else "2MiB"}),
+        })
         return results
 
     if __name__ == "__main__":
@@ -373,7 +400,7 @@ _TP2_SCRIPT = textwrap.dedent(
             s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        procs = [ctx.Process(target=rank_main, args=(r, port, sys.argv[1:], q)) for r in range(2)]
+        procs = [ctx.Process(target=rank_main, args=(r, port, sys.argv[1], sys.argv[2:], q)) for r in range(2)]
         for p in procs: p.start()
         results = []
         try:
@@ -417,15 +444,19 @@ def test_tensor_parallel_2_shares_reads_and_equals_safetensors(llama_dir, llama_
     # both ranks' parameters equal vLLM's own safetensors loader's bit for bit.
     script = tmp_path / "tp2.py"
     script.write_text(_TP2_SCRIPT)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")  # a header length past the file
     env = {**os.environ, "VLLM_PLUGINS": "weightstream"}
     dirs = [llama_dir, llama_sharded_dir]
     out = subprocess.run(
-        [sys.executable, str(script), *map(str, dirs)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), str(broken), *map(str, dirs)], env=env, capture_output=True, text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["exitcodes"] == [0, 0], out.stderr[-3000:]
     ranks = report["results"]
+    assert [len(results) for results in ranks] == [len(dirs) + 1] * 2
     for d, model_dir in enumerate(dirs):
         total, largest = checkpoint_data(model_dir)
         per_rank = [ranks[r][d] for r in range(2)]
@@ -449,3 +480,20 @@ def test_tensor_parallel_2_shares_reads_and_equals_safetensors(llama_dir, llama_
             assert all(abs(s["bytes_read"] - total / 2) <= largest for s in shared), (shared, total, largest)
         else:
             assert all(s["bytes_read"] > 0 for s in shared) and shared[0]["files"] > 1, shared
+    # Two hosts: no sharing, each rank reads the whole checkpoint.
+    total, _ = checkpoint_data(dirs[0])
+    for r in range(2):
+        two_hosts = ranks[r][-1]["two_hosts"]
+        assert two_hosts["group_size"] == 1 and two_hosts["bytes_read"] == total and two_hosts["bytes_received"] == 0
+    # Rank 0 failed to read the headers: it raises its own error, rank 1 a PeerFailedError naming it.
+    faults = [ranks[r][-1] for r in range(2)]
+    kind, _, msg = faults[0]["headers"]
+    assert kind == "FormatError" and str(broken) in msg, faults[0]
+    kind, rank, msg = faults[1]["headers"]
+    assert (kind, rank) == ("PeerFailedError", 0) and "TP rank 0" in msg and str(broken) in msg, faults[1]
+    # Different files, and different windows: both ranks refuse, naming what differs.
+    for r in range(2):
+        kind, _, msg = faults[r]["files"]
+        assert kind == "GroupMismatchError" and "different files" in msg and "model.safetensors" in msg, faults[r]
+        kind, _, msg = faults[r]["mismatch"]
+        assert kind == "GroupMismatchError" and "window" in msg, faults[r]

@@ -119,6 +119,7 @@ except ImportError as e:  # pragma: no cover - the vLLM tier always has vLLM
 from . import _options as O
 from ._errors import UsageError
 from ._loader import Loader
+from .distributed import GroupMismatchError, PeerFailedError
 
 __all__ = ["LOAD_FORMAT", "EXTRA_CONFIG_KEYS", "WeightstreamModelLoader", "register"]
 
@@ -477,8 +478,6 @@ class WeightstreamModelLoader(DefaultModelLoader):
         None when the group spans several hosts (then each rank plans and reads for itself)."""
         import socket
 
-        from . import _errors
-
         mine = error = None
         if tp.rank_in_group == 0:
             try:
@@ -486,15 +485,21 @@ class WeightstreamModelLoader(DefaultModelLoader):
             except Exception as e:  # the others must hear of it, not wait in the gather
                 error, mine = e, {"error": f"{type(e).__name__}: {e}"}
         gathered = [None] * tp.world_size
-        torch.distributed.all_gather_object(gathered, (socket.gethostname(), mine), group=tp.cpu_group)
+        torch.distributed.all_gather_object(gathered, (socket.gethostname(), paths, mine), group=tp.cpu_group)
         if error is not None:
             raise error
-        head = gathered[0][1]
+        head = gathered[0][2]
         if "error" in head:
-            e = _errors.PeerFailedError(f"TP rank 0 failed to read the checkpoint's headers: {head['error']}")
-            e.rank = 0
-            raise e
-        hosts = sorted({host for host, _ in gathered})
+            raise PeerFailedError(f"TP rank 0 failed to read the checkpoint's headers: {head['error']}", rank=0)
+        for r, (_, theirs, _) in enumerate(gathered):
+            if theirs != gathered[0][1]:
+                # vLLM picks the files the same way on every rank: this is not expected to happen.
+                raise GroupMismatchError(
+                    f"TP ranks 0 and {r} would read different files ({gathered[0][1]} and {theirs}); "
+                    f"set model_loader_extra_config {{\"share_reads\": false}}",
+                    rank=r,
+                )
+        hosts = sorted({host for host, _, _ in gathered})
         if len(hosts) > 1:
             logger.info_once(
                 "weightstream: reads not shared between TP ranks: the group spans %d hosts (%s)",
