@@ -14,6 +14,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.pop("VLLM_PLUGINS", None)  # every plugin: ours must be found by its entry point
 
 import importlib.metadata
+import json
 import logging
 import shutil
 import subprocess
@@ -227,6 +228,7 @@ def test_progress_bar_and_log(dist, llama_dir, capfd, caplog):
         ({"storage_options": "aws_region=x"}, "storage_options"),
         ({"remote_concurrency": 0}, "remote_concurrency"),
         ({"remote_request_size": "8 parsecs"}, "remote_request_size"),
+        ({"share_reads": "yes"}, "share_reads"),
     ],
 )
 def test_bad_extra_config_is_a_clear_error(plugin, extra, key):
@@ -312,10 +314,17 @@ def test_hf_repo_id_from_the_hub_cache_equals_safetensors(tmp_path):
 
 _TP2_SCRIPT = textwrap.dedent(
     """
-    import socket, sys
+    import json, socket, sys, traceback
     import torch, torch.multiprocessing as mp
 
-    def rank_main(rank, port, model_dir, q):
+    def rank_main(rank, port, broken, model_dirs, q):
+        try:
+            q.put(json.dumps(load_all(rank, port, broken, model_dirs)))
+        except BaseException:
+            q.put(json.dumps({"rank": rank, "error": traceback.format_exc()}))
+            raise
+
+    def load_all(rank, port, broken, model_dirs):
         import vllm.plugins
         from vllm.config import (DeviceConfig, LoadConfig, ModelConfig, ParallelConfig, VllmConfig,
                                  set_current_vllm_config)
@@ -323,45 +332,168 @@ _TP2_SCRIPT = textwrap.dedent(
         from vllm.model_executor.model_loader import get_model_loader
 
         vllm.plugins.load_general_plugins()
-        out = {}
-        for fmt in ["safetensors", "weightstream"]:
+
+        def load(model_dir, fmt, extra):
             mc = ModelConfig(model=model_dir, tokenizer=model_dir, skip_tokenizer_init=True, dtype="float32",
                              enforce_eager=True)
-            lc = LoadConfig(load_format=fmt)
+            lc = LoadConfig(load_format=fmt, model_loader_extra_config=extra)
             vc = VllmConfig(model_config=mc, load_config=lc, device_config=DeviceConfig(device="cpu"),
                             parallel_config=ParallelConfig(tensor_parallel_size=2))
             with set_current_vllm_config(vc):
-                if not out:
+                if not torch.distributed.is_initialized():  # vLLM's distributed state: once per process
                     init_distributed_environment(world_size=2, rank=rank, local_rank=rank,
                         distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
                     initialize_model_parallel(2, 1)
-                model = get_model_loader(lc).load_model(vllm_config=vc, model_config=mc)
-                out[fmt] = {k: v.detach().clone() for k, v in model.named_parameters()}
-        a, b = out["safetensors"], out["weightstream"]
-        differ = [k for k in a if k not in b or a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
-                  or not torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))]
-        q.put((rank, sorted(a) == sorted(b), differ, tuple(b["model.layers.0.self_attn.qkv_proj.weight"].shape)))
+                loader = get_model_loader(lc)
+                model = loader.load_model(vllm_config=vc, model_config=mc)
+                return {k: v.detach().clone() for k, v in model.named_parameters()}, loader.last_stats if fmt == "weightstream" else None
+
+        def error(model_dir, extra):
+            try:
+                load(model_dir, "weightstream", extra)
+            except Exception as e:
+                return [type(e).__name__, getattr(e, "rank", None), str(e)]
+            return None
+
+        results = []
+        loads = [("weightstream-shared", {}), ("weightstream", {"share_reads": False})]
+        for model_dir in model_dirs:
+            want, _ = load(model_dir, "safetensors", {})
+            res = {"rank": rank, "dir": model_dir}
+            for key, extra in loads:
+                got, stats = load(model_dir, "weightstream", extra)
+                res[key] = {
+                    "names_equal": sorted(got) == sorted(want),
+                    "differ": [k for k in want if k not in got or got[k].dtype != want[k].dtype
+                               or got[k].shape != want[k].shape
+                               or not torch.equal(got[k].reshape(-1).view(torch.uint8),
+                                                  want[k].reshape(-1).view(torch.uint8))],
+                    "qkv": list(got["model.layers.0.self_attn.qkv_proj.weight"].shape),
+                    "stats": stats,
+                }
+            results.append(res)
+        # Rank 1 on another host (its host name as socket reports it): the ranks read for
+        # themselves, each the whole checkpoint, as nodes must not exchange weights.
+        import socket
+        real_hostname = socket.gethostname
+        if rank == 1:
+            socket.gethostname = lambda: real_hostname() + "-other"
+        try:
+            _, two_hosts = load(model_dirs[0], "weightstream", {})
+        finally:
+            socket.gethostname = real_hostname
+        # Faults: rank 0 cannot read the headers (its `weights` is a broken file): rank 1 hears
+        # of it instead of waiting. The ranks name different files (the same tensors): both
+        # refuse. Then the ranks ask for different windows: both refuse before any data moves
+        # (the last load: the group is not used after that).
+        good = model_dirs[0]
+        results.append({
+            "two_hosts": two_hosts,
+            "headers": error(good, {"weights": broken if rank == 0 else good}),
+            "files": error(good, {"weights": good if rank == 0 else good + "/model.safetensors"}),
+            "mismatch": error(good, {"window": "1MiB" if rank == 0 else "2MiB"}),
+        })
+        return results
 
     if __name__ == "__main__":
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        procs = [ctx.Process(target=rank_main, args=(r, port, sys.argv[1], q)) for r in range(2)]
+        procs = [ctx.Process(target=rank_main, args=(r, port, sys.argv[1], sys.argv[2:], q)) for r in range(2)]
         for p in procs: p.start()
-        results = [q.get(timeout=400) for _ in procs]
-        for p in procs: p.join(60)
-        print(sorted(results), [p.exitcode for p in procs])
+        results = []
+        try:
+            while len(results) < len(procs):
+                results.append(json.loads(q.get(timeout=300)))
+                if isinstance(results[-1], dict):  # a rank failed: its traceback, without waiting on the other
+                    sys.exit(results[-1]["error"])
+        finally:
+            for p in procs:
+                p.join(60 if len(results) == len(procs) else 5)
+                if p.is_alive():  # a rank stuck after the other failed: nothing left behind
+                    p.kill(); p.join()
+        print(json.dumps({"results": sorted(results, key=lambda r: r[0]["rank"]), "exitcodes": [p.exitcode for p in procs]}))
     """
 )
 
 
-def test_tensor_parallel_2_equals_safetensors(llama_dir, tmp_path):
-    # Two ranks over gloo, each reading every tensor; vLLM's parameter loaders keep each rank's
-    # slice (here qkv: (4 + 2 + 2) heads x 16 / 2 ranks = 64 rows of the 128).
+def checkpoint_data(model_dir):
+    """``(data bytes, largest tensor's bytes)`` of a directory's safetensors files, from their
+    headers (the index's files when there is one)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    total = largest = 0
+    for f in files:
+        with open(model_dir / f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        sizes = [end - start for k, v in header.items() if k != "__metadata__" for start, end in [v["data_offsets"]]]
+        total += sum(sizes)
+        largest = max([largest] + sizes)
+    return total, largest
+
+
+def test_tensor_parallel_2_shares_reads_and_equals_safetensors(llama_dir, llama_sharded_dir, tmp_path):
+    # Two ranks over gloo (vLLM's TP group), a one-file and a sharded checkpoint. The TP group
+    # shares the reads: each byte read once by one of the ranks and broadcast to the other; with
+    # "share_reads": false each rank reads everything. Either way vLLM's parameter loaders keep
+    # each rank's slice (here qkv: (4 + 2 + 2) heads x 16 / 2 ranks = 64 rows of the 128), and
+    # both ranks' parameters equal vLLM's own safetensors loader's bit for bit.
     script = tmp_path / "tp2.py"
     script.write_text(_TP2_SCRIPT)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")  # a header length past the file
     env = {**os.environ, "VLLM_PLUGINS": "weightstream"}
-    out = subprocess.run([sys.executable, str(script), str(llama_dir)], env=env, capture_output=True, text=True, timeout=600)
+    dirs = [llama_dir, llama_sharded_dir]
+    out = subprocess.run(
+        [sys.executable, str(script), str(broken), *map(str, dirs)], env=env, capture_output=True, text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "[(0, True, [], (64, 64)), (1, True, [], (64, 64))] [0, 0]", out.stdout
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["exitcodes"] == [0, 0], out.stderr[-3000:]
+    ranks = report["results"]
+    assert [len(results) for results in ranks] == [len(dirs) + 1] * 2
+    for d, model_dir in enumerate(dirs):
+        total, largest = checkpoint_data(model_dir)
+        per_rank = [ranks[r][d] for r in range(2)]
+        for r, res in enumerate(per_rank):
+            assert res["rank"] == r and res["dir"] == str(model_dir)
+            for key in ["weightstream-shared", "weightstream"]:
+                assert res[key]["names_equal"] and res[key]["differ"] == [], (model_dir, r, key, res[key])
+                assert res[key]["qkv"] == [64, 64]
+            alone = res["weightstream"]["stats"]
+            assert alone["group_size"] == 1 and alone["bytes_read"] == total
+            assert alone["bytes_sent"] == alone["bytes_received"] == 0
+        shared = [res["weightstream-shared"]["stats"] for res in per_rank]
+        assert [s["group_size"] for s in shared] == [2, 2]
+        # Each byte read once by the group, and every byte one rank read sent to the other.
+        assert sum(s["bytes_read"] for s in shared) == total, shared
+        assert [s["bytes_sent"] for s in shared] == [s["bytes_read"] for s in shared], shared
+        assert [s["bytes_received"] for s in shared] == [shared[1]["bytes_read"], shared[0]["bytes_read"]], shared
+        assert all(s["bytes_loaded"] == total for s in shared)  # every rank got every tensor
+        if d == 0:
+            # One file: balanced by bytes, within one tensor of half.
+            assert all(abs(s["bytes_read"] - total / 2) <= largest for s in shared), (shared, total, largest)
+        else:
+            assert all(s["bytes_read"] > 0 for s in shared) and shared[0]["files"] > 1, shared
+    # Two hosts: no sharing, each rank reads the whole checkpoint.
+    total, _ = checkpoint_data(dirs[0])
+    for r in range(2):
+        two_hosts = ranks[r][-1]["two_hosts"]
+        assert two_hosts["group_size"] == 1 and two_hosts["bytes_read"] == total and two_hosts["bytes_received"] == 0
+    # Rank 0 failed to read the headers: it raises its own error, rank 1 a PeerFailedError naming it.
+    faults = [ranks[r][-1] for r in range(2)]
+    kind, _, msg = faults[0]["headers"]
+    assert kind == "FormatError" and str(broken) in msg, faults[0]
+    kind, rank, msg = faults[1]["headers"]
+    assert (kind, rank) == ("PeerFailedError", 0) and "TP rank 0" in msg and str(broken) in msg, faults[1]
+    # Different files, and different windows: both ranks refuse, naming what differs.
+    for r in range(2):
+        kind, _, msg = faults[r]["files"]
+        assert kind == "GroupMismatchError" and "different files" in msg and "model.safetensors" in msg, faults[r]
+        kind, _, msg = faults[r]["mismatch"]
+        assert kind == "GroupMismatchError" and "window" in msg, faults[r]

@@ -30,14 +30,14 @@ impl Loader {
 
     /// [`Loader::open`], also returning the headers as read, for the other ranks of a group
     /// ([`Checkpoint::open_sharing`]).
-    pub fn open_sharing(&self, path: impl AsRef<std::path::Path>) -> Result<(Checkpoint, Vec<crate::SharedFile>)> {
+    pub fn open_sharing(&self, path: impl AsRef<std::path::Path>) -> Result<(Checkpoint, Vec<crate::source::SharedFile>)> {
         let remote = RemoteOptions { cancel: self.cancel.clone(), ..self.remote.clone() };
         Checkpoint::open_sharing(path, &remote)
     }
 
     /// The checkpoint a peer opened with [`Loader::open_sharing`], reached with this loader's
     /// storage options ([`Checkpoint::from_shared`]).
-    pub fn open_shared(&self, files: Vec<crate::SharedFile>) -> Result<Checkpoint> {
+    pub fn open_shared(&self, files: Vec<crate::source::SharedFile>) -> Result<Checkpoint> {
         let remote = RemoteOptions { cancel: self.cancel.clone(), ..self.remote.clone() };
         Checkpoint::from_shared(files, &remote)
     }

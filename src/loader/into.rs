@@ -119,7 +119,7 @@ impl Loader {
     /// [`Loader::load_into`], and of a group rank's reads.
     pub(super) fn fill(
         &self,
-        ckpt: &crate::Checkpoint,
+        ckpt: &crate::source::Checkpoint,
         plan: &Plan,
         ordered: Vec<Destination<'_>>,
         device: Device,

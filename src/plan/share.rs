@@ -135,7 +135,7 @@ impl GroupPlan {
     }
 }
 
-fn bad(why: String) -> crate::Error {
+fn bad(why: String) -> crate::error::Error {
     UsageError::Conflict { a: "group", b: "plan", why }.into()
 }
 

@@ -242,9 +242,24 @@ class GroupIterator:
                 raise PeerFailedError(f"{self._path}: rank {r} of the group {what}: {text}", rank=r)
 
     def _wait(self, works, k):
-        """Wait for window ``k``'s transfers, at most ``timeout`` seconds in all."""
+        """Wait for window ``k``'s transfers, at most ``timeout`` seconds in all: gloo's works
+        wait with a timeout (its point-to-point works report completion only from ``wait``);
+        NCCL's ``wait`` would only order streams, so their completion is polled."""
         deadline = time.monotonic() + self._timeout
         for w in works:
+            if self._gloo_moves:
+                left = max(deadline - time.monotonic(), 0.001)
+                try:
+                    w.wait(timeout=datetime.timedelta(seconds=left))
+                except Exception as e:
+                    self._lost = True
+                    late = time.monotonic() >= deadline
+                    raise PeerLostError(
+                        f"{self._path}: window {k}'s transfers "
+                        + (f"did not end within {self._timeout:g} s" if late else "failed")
+                        + f" (a rank of the group died or stopped answering): {e}"
+                    ) from None
+                continue
             while not w.is_completed():
                 if time.monotonic() > deadline:
                     self._lost = True
@@ -355,6 +370,9 @@ class GroupIterator:
                 f"group=: an NCCL group moves CUDA tensors; this loader loads to {self._loader.device} "
                 "(use a gloo group, or Loader(device=f'cuda:{local_rank}'))"
             )
+        # Which backend moves the tensors: gloo for host tensors, or when it is the group's.
+        backend = str(dist.get_backend(g)).lower()
+        self._gloo_moves = self._spec["device type"] != "cuda" or "nccl" not in backend
         shards = [s for _, s in specs]
         raw = self._loader._raw
         half = self._half = max(self._window // 2, 1)  # two windows in flight: the one moving, the one read

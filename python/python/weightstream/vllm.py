@@ -26,8 +26,19 @@ What it changes, and what it keeps:
   the staging ring (GPU) or the ``window`` (CPU) whatever the model's size.
 - Tensors keep the checkpoint's stored dtype, as vLLM's safetensors iterator yields them (the
   parameter loaders cast), unless ``dtype`` asks for a conversion while loading.
-- With tensor parallelism each rank reads every tensor and keeps its slice (as vLLM's own
-  safetensors loader does); splitting the reads between ranks is a later step.
+- With tensor parallelism (TP > 1) the ranks of vLLM's tensor-parallel group share the reads:
+  each byte of the checkpoint is read from storage by one rank of the group and broadcast to the
+  others through the group (:meth:`weightstream.Loader.iterate` with ``group=``): the TP group's
+  ``device_group`` (NCCL) when the tensors land on a GPU, its ``cpu_group`` (gloo) otherwise.
+  Every rank still gets every tensor and vLLM's parameter loaders keep its slice, as with
+  ``safetensors``. Rank 0 of the group reads the headers and hands the plan (files, tensors to
+  skip, window) to the others, so that the ranks' collective calls match. Not shared, each rank
+  reading for itself as vLLM's own loader does: with ``"share_reads": false``; when the group
+  spans several hosts (nodes do not exchange weights: each reads for itself); and with the
+  expert-parallel weight filter on (each rank then reads only its own experts, a set the others
+  do not share). A rank that fails mid-load makes the others raise
+  :class:`~weightstream.PeerFailedError` (or :class:`~weightstream.PeerLostError` for a rank that
+  dies or hangs) instead of waiting for vLLM's collective timeouts.
 - Safetensors only: a model whose files vLLM would take as ``.bin``/``.pt`` is a
   :class:`~weightstream.UsageError`; so is a torchao-serialized checkpoint (vLLM rebuilds its
   tensor subclasses in its own iterator: use ``--load-format safetensors`` for those).
@@ -63,6 +74,8 @@ Extra config (``--model-loader-extra-config``, a JSON object; every key optional
 ``progress``             a progress bar in bytes (default: vLLM's ``use_tqdm_on_load``).
 ``zero_copy``            ``true`` is refused for now: handing the stream's device memory
                          to the parameters without a copy needs the one-driver change.
+``share_reads``          at TP > 1, the ranks of the tensor-parallel group share the reads
+                         (default true; see above); ``false``: each rank reads everything.
 =======================  ==============================================================
 
 An unknown key or a bad value raises :class:`~weightstream.UsageError` (a ``ValueError``, as
@@ -70,8 +83,11 @@ vLLM's own loaders raise) naming the key, when vLLM builds the loader.
 
 Progress: one text bar in bytes on rank 0 (vLLM's own bar format, a line per update, at most
 one every 5 s, so that Ray's and multiprocessing's line prefixes stay readable), and one log line
-per load through vLLM's logger with the bytes, seconds and GiB/s; vLLM's own "Loading weights
-took ..." line follows as for its default loader.
+per load through vLLM's logger with the bytes, seconds and GiB/s (and, when reads are shared,
+this rank's bytes read, sent and received); vLLM's own "Loading weights took ..." line follows
+as for its default loader. The same figures of the last load are kept in the loader's
+``last_stats`` dict (``group_size``, ``bytes_read``, ``bytes_sent``, ``bytes_received``,
+``bytes_loaded``, ``files``, ``seconds``).
 
 Example (in-process, as the tests do)::
 
@@ -103,6 +119,7 @@ except ImportError as e:  # pragma: no cover - the vLLM tier always has vLLM
 from . import _options as O
 from ._errors import UsageError
 from ._loader import Loader
+from .distributed import GroupMismatchError, PeerFailedError
 
 __all__ = ["LOAD_FORMAT", "EXTRA_CONFIG_KEYS", "WeightstreamModelLoader", "register"]
 
@@ -127,6 +144,7 @@ EXTRA_CONFIG_KEYS = (
     "dtype",
     "progress",
     "zero_copy",
+    "share_reads",
 )
 
 # Bytes loaded ahead of the model's copies: device memory next to the model's on a GPU, host
@@ -145,6 +163,7 @@ class _Options:
     window: int | None = None
     dtype: str | None = None
     progress: bool | None = None
+    share_reads: bool = True
     loader: dict = dataclasses.field(default_factory=dict)  # Loader(...) keyword arguments
 
 
@@ -170,7 +189,7 @@ def parse_extra_config(extra):
         >>> parse_extra_config({"windw": 1})
         Traceback (most recent call last):
         ...
-        weightstream._errors.UsageError: model_loader_extra_config: unknown key 'windw' for load format 'weightstream'; valid keys: weights, storage_options, remote_concurrency, remote_request_size, window, staging, staging_count, read_size, io, threads, direct, dtype, progress, zero_copy
+        weightstream._errors.UsageError: model_loader_extra_config: unknown key 'windw' for load format 'weightstream'; valid keys: weights, storage_options, remote_concurrency, remote_request_size, window, staging, staging_count, read_size, io, threads, direct, dtype, progress, zero_copy, share_reads
     """
     if extra is None:
         extra = {}
@@ -223,9 +242,12 @@ def parse_extra_config(extra):
         except UsageError as e:
             raise UsageError(f"{_key('dtype')}: {e}") from None
     progress = None if extra.get("progress") is None else _bool(extra["progress"], "progress")
+    share_reads = True if extra.get("share_reads") is None else _bool(extra["share_reads"], "share_reads")
     if weights is not None and "storage_options" in loader and not _is_url(weights):
         raise UsageError(f"{_key('storage_options')}: applies to a remote 'weights' URL; {weights!r} is a local path")
-    return _Options(weights=weights, window=window, dtype=dtype, progress=progress, loader=loader)
+    return _Options(
+        weights=weights, window=window, dtype=dtype, progress=progress, share_reads=share_reads, loader=loader
+    )
 
 
 def _is_url(path):
@@ -236,6 +258,17 @@ def _is_url(path):
 def _escape_glob(name):
     """``name`` as a glob that matches only itself (the Rust layer's globset escapes with ``\\``)."""
     return "".join("\\" + c if c in "*?[]{}\\!," else c for c in name)
+
+
+# Bytes per element of the dtypes ``dtype`` converts between.
+_WIDTH = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+def _stored_nbytes(info):
+    """The bytes a tensor takes in the file, from :meth:`Loader.describe`'s
+    ``(name, dtype, stored_dtype, shape, nbytes)`` (``nbytes`` is after a conversion)."""
+    _, dtype, stored, _, nbytes = info
+    return nbytes if dtype == stored else nbytes // _WIDTH[dtype] * _WIDTH[stored]
 
 
 def _target_device(load_config, model):
@@ -289,6 +322,8 @@ class WeightstreamModelLoader(DefaultModelLoader):
         self._loaders = {}  # device -> Loader: the staging ring is kept for reloads
         self._primary = None  # model_config.model of the load under way
         self._device = None
+        #: The figures of the last load (see the module's docs), filled as it streams.
+        self.last_stats = None
 
     # -- which files --------------------------------------------------------------------------
 
@@ -310,6 +345,10 @@ class WeightstreamModelLoader(DefaultModelLoader):
         # Which source is the model's own (the `weights` key replaces it) and where tensors go.
         self._primary = model_config.model
         self._device = _target_device(self.load_config, model)
+        self.last_stats = dict.fromkeys(
+            ("bytes_read", "bytes_sent", "bytes_received", "bytes_loaded", "files", "seconds"), 0
+        )
+        self.last_stats["group_size"] = 1
         yield from super().get_all_weights(model_config, model)
 
     # -- reading ------------------------------------------------------------------------------
@@ -395,16 +434,15 @@ class WeightstreamModelLoader(DefaultModelLoader):
             self.counter_before_loading_weights = time.perf_counter()
         return self._stream(paths, skip, source.prefix)
 
-    def _stream(self, paths, skip, prefix):
-        loader = self._loader()
-        opts = self.options
-        show = enable_tqdm(self.load_config.use_tqdm_on_load if opts.progress is None else opts.progress)
-        # The headers first (no tensor data): the bytes to load, the largest tensor, and which
-        # tensors to skip unread.
-        plans = []  # (path, only): `only` None reads every tensor of the path
+    def _plan(self, loader, paths, skip):
+        """From the headers alone (no tensor data): ``(plans, total, largest)``, ``plans`` a
+        list of ``(path, only, stored)`` (``only`` None reads every tensor of the path,
+        ``stored`` the data bytes to read from it), ``total`` the bytes to load, ``largest`` the
+        largest tensor's."""
+        plans = []
         total = largest = 0
         for path in paths:
-            infos = loader.describe(path, dtype=opts.dtype)
+            infos = loader.describe(path, dtype=self.options.dtype)
             keep = infos if skip is None else [t for t in infos if not skip(t[0])]
             only = None
             if len(keep) < len(infos):
@@ -413,7 +451,77 @@ class WeightstreamModelLoader(DefaultModelLoader):
                 only = [_escape_glob(t[0]) for t in keep]
             total += sum(t[4] for t in keep)
             largest = max([largest] + [t[4] for t in keep])
-            plans.append((path, only))
+            plans.append((path, only, sum(_stored_nbytes(t) for t in keep)))
+        return plans, total, largest
+
+    def _shared_reads(self):
+        """vLLM's tensor-parallel ``GroupCoordinator`` when its ranks share the reads (TP > 1,
+        ``share_reads`` on, no expert-parallel filter), else None."""
+        if not self.options.share_reads:
+            return None
+        from vllm.distributed import parallel_state
+
+        tp = getattr(parallel_state, "_TP", None)
+        if tp is None or tp.world_size <= 1:
+            return None
+        if self.local_expert_ids is not None:
+            # Each rank skips the other ranks' experts unread: their `only` filters differ, and
+            # a shared read needs the same on every rank. Reading all experts once and sending
+            # them to every rank would move what vLLM's own loader never reads.
+            logger.info_once("weightstream: reads not shared between TP ranks: the expert-parallel filter is on")
+            return None
+        return tp
+
+    def _shared_plan(self, tp, loader, paths, skip):
+        """The group's rank 0 reads the headers and plans; every rank gets its plan (one gather
+        on the group's gloo ``cpu_group``, with each rank's host name). Returns the plan, or
+        None when the group spans several hosts (then each rank plans and reads for itself)."""
+        import socket
+
+        mine = error = None
+        if tp.rank_in_group == 0:
+            try:
+                mine = {"plan": self._plan(loader, paths, skip)}
+            except Exception as e:  # the others must hear of it, not wait in the gather
+                error, mine = e, {"error": f"{type(e).__name__}: {e}"}
+        gathered = [None] * tp.world_size
+        torch.distributed.all_gather_object(gathered, (socket.gethostname(), paths, mine), group=tp.cpu_group)
+        if error is not None:
+            raise error
+        head = gathered[0][2]
+        if "error" in head:
+            raise PeerFailedError(f"TP rank 0 failed to read the checkpoint's headers: {head['error']}", rank=0)
+        for r, (_, theirs, _) in enumerate(gathered):
+            if theirs != gathered[0][1]:
+                # vLLM picks the files the same way on every rank: this is not expected to happen.
+                raise GroupMismatchError(
+                    f"TP ranks 0 and {r} would read different files ({gathered[0][1]} and {theirs}); "
+                    f"set model_loader_extra_config {{\"share_reads\": false}}",
+                    rank=r,
+                )
+        hosts = sorted({host for host, _, _ in gathered})
+        if len(hosts) > 1:
+            logger.info_once(
+                "weightstream: reads not shared between TP ranks: the group spans %d hosts (%s)",
+                len(hosts), ", ".join(hosts),
+            )
+            return None
+        return head["plan"]
+
+    def _stream(self, paths, skip, prefix):
+        loader = self._loader()
+        opts = self.options
+        show = enable_tqdm(self.load_config.use_tqdm_on_load if opts.progress is None else opts.progress)
+        tp = self._shared_reads()
+        plan = None if tp is None else self._shared_plan(tp, loader, paths, skip)
+        group = None
+        if plan is None:
+            plan = self._plan(loader, paths, skip)
+        else:
+            # NCCL for tensors on a GPU; gloo for host tensors (the iterator makes its own gloo
+            # side group with a short timeout for the status exchange either way).
+            group = tp.device_group if loader.device.startswith("cuda") else tp.cpu_group
+        plans, total, largest = plan
         window = opts.window
         if window is None:
             # The default bound grows to the largest tensor (a 150k-token embedding is over
@@ -428,26 +536,59 @@ class WeightstreamModelLoader(DefaultModelLoader):
                 total=total, desc="Loading safetensors checkpoint (weightstream)", unit="B", unit_scale=True,
                 unit_divisor=1024, bar_format=_BAR_FORMAT, mininterval=_PROGRESS_INTERVAL,
             )
+        stats = self.last_stats if self.last_stats is not None else {}
+        read = sent = received = 0
         start, nbytes = time.perf_counter(), 0
         try:
-            for path, only in plans:
-                for name, tensor in loader.iterate(path, window=window, dtype=opts.dtype, only=only):
-                    n = tensor.nbytes
-                    nbytes += n
-                    if bar is not None:
-                        bar.update(n)
-                    yield prefix + name, tensor
-                    del tensor  # the model's copy alone holds it: the window moves on
+            # One iteration per file, in the same order on every rank: with a group each is a
+            # collective, and the plan (paths, `only`, window) came from one rank.
+            for path, only, stored in plans:
+                if group is None:
+                    it = loader.iterate(path, window=window, dtype=opts.dtype, only=only)
+                else:
+                    it = loader.iterate(path, window=window, dtype=opts.dtype, only=only, group=group)
+                try:
+                    for name, tensor in it:
+                        n = tensor.nbytes
+                        nbytes += n
+                        if bar is not None:
+                            bar.update(n)
+                        yield prefix + name, tensor
+                        del tensor  # the model's copy alone holds it: the window moves on
+                finally:
+                    it.close()  # with a group, a rank that stops early tells the others
+                if group is None:
+                    read += stored
+                else:
+                    read += it.bytes_read
+                    sent += it.bytes_sent
+                    received += it.bytes_received
         finally:
             if bar is not None:
                 bar.close()
         secs = time.perf_counter() - start
+        stats.update(
+            group_size=1 if group is None else tp.world_size,
+            bytes_read=stats.get("bytes_read", 0) + read,
+            bytes_sent=stats.get("bytes_sent", 0) + sent,
+            bytes_received=stats.get("bytes_received", 0) + received,
+            bytes_loaded=stats.get("bytes_loaded", 0) + nbytes,
+            files=stats.get("files", 0) + len(plans),
+            seconds=stats.get("seconds", 0) + secs,
+        )
+        shared = ""
+        if group is not None:
+            shared = (
+                f"; TP rank {tp.rank_in_group} of {tp.world_size} sharing reads: read {read / 2**30:.2f} GiB, "
+                f"sent {sent / 2**30:.2f} GiB, received {received / 2**30:.2f} GiB"
+            )
         logger.info(
-            "weightstream: %.2f GiB from %s to %s in %.2f s (%.2f GiB/s)",
+            "weightstream: %.2f GiB from %s to %s in %.2f s (%.2f GiB/s)%s",
             nbytes / 2**30,
             "no file" if not paths else paths[0] if len(paths) == 1 else f"{len(paths)} files under {os.path.dirname(paths[0])}",
             loader.device, secs,
             nbytes / 2**30 / secs if secs > 0 else 0.0,
+            shared,
         )
 
 
