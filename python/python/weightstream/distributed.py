@@ -40,6 +40,7 @@ Across two nodes of 8 GPUs, each node reading the checkpoint once::
 import datetime
 import socket
 import time
+import weakref
 
 from . import _options as O
 from ._errors import UsageError, WeightstreamError
@@ -189,7 +190,9 @@ class GroupIterator:
         self._yielded = 0
         self._next_window = None  # the window whose exchange comes next, when one does
         self._lost = False
-        self._gen = self._run()
+        # The generator holds a weak proxy of this iterator, not the iterator: no reference cycle,
+        # so a caller's loop that raises drops the iterator at once and __del__ tells the group.
+        self._gen = GroupIterator._run(weakref.proxy(self))
 
     def __iter__(self):
         return self
@@ -234,11 +237,13 @@ class GroupIterator:
                 f"(status exchange before window {self._next_window}): {e}"
             ) from None
         if isinstance(error, BaseException):
+            self._lost = True  # the others know: no farewell exchange
             raise error
         for r, st in enumerate(out):
             if r != self._me and int(st[0]) != _OK:
                 text = bytes(st[1:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
                 what = "failed" if int(st[0]) == _FAILED else "stopped"
+                self._lost = True  # rank r has left the exchanges: no farewell exchange
                 raise PeerFailedError(f"{self._path}: rank {r} of the group {what}: {text}", rank=r)
 
     def _wait(self, works, k):
@@ -428,7 +433,7 @@ class GroupIterator:
                 state = self._places(k + 1) if k + 1 < count else None
                 self._wait(works, k)
                 self._next_window = k + 1 if k + 1 < count else None
-                for item in self._items(k, buf, own):
+                for item in GroupIterator._items(self, k, buf, own):  # the proxy: no cycle
                     self._yielded += 1
                     yield item
                 if buf is not None:
