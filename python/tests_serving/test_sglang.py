@@ -11,9 +11,12 @@ import importlib.metadata
 import inspect
 import json
 import os
+import shutil
 import socket
 import struct
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,9 @@ TARGETS = tuple(ws_sglang.HOOKS)
 # HookRegistry.apply_hooks rebinds every module attribute that holds the original function
 # (this module's globals too), but not the values of a dict.
 ORIGINAL = {name: getattr(weight_utils, name) for name in TARGETS}
+# The method our AROUND hook wraps (it hands the TP group to the iterators it calls); in the
+# dict too, for the same reason.
+ORIGINAL_METHOD = {"_get_weights_iterator": sglang_loader.DefaultModelLoader.__dict__["_get_weights_iterator"]}
 ENV_VARS = ("WEIGHTSTREAM_SGLANG", "WEIGHTSTREAM_SGLANG_OPTIONS", "SGLANG_PLUGINS")
 
 
@@ -42,6 +48,7 @@ def test_sglang_is_pristine_at_import():
     for name, fn in ORIGINAL.items():
         assert fn.__module__ == weight_utils.__name__ and not hasattr(fn, "__wrapped__"), name
         assert getattr(sglang_loader, name) is fn, name
+    assert not hasattr(ORIGINAL_METHOD["_get_weights_iterator"], "__wrapped__")
 
 
 # --- hooks on and off ----------------------------------------------------------------------
@@ -62,6 +69,7 @@ def _undo_hooks():
             for attr, value in list(namespace.items()):
                 if value is current:
                     setattr(mod, attr, original)
+    sglang_loader.DefaultModelLoader._get_weights_iterator = ORIGINAL_METHOD["_get_weights_iterator"]
     HookRegistry.reset()
     sglang_plugins._plugins_loaded = False
 
@@ -74,6 +82,15 @@ def fresh_sglang(monkeypatch):
     _undo_hooks()
     yield
     _undo_hooks()
+
+
+def around_hooked():
+    """Whether ``DefaultModelLoader._get_weights_iterator`` is wrapped by our AROUND hook."""
+    fn = sglang_loader.DefaultModelLoader.__dict__["_get_weights_iterator"]
+    if fn is ORIGINAL_METHOD["_get_weights_iterator"]:
+        return False
+    assert fn.__wrapped__ is ORIGINAL_METHOD["_get_weights_iterator"]
+    return True
 
 
 def hooked(name):
@@ -123,6 +140,7 @@ def test_load_plugins_hooks_when_asked(fresh_sglang, monkeypatch, mixed_files, e
     for name in TARGETS:
         assert hooked(name), name
         assert runs_ours(getattr(sglang_loader, name), mixed_files), name
+    assert around_hooked()
 
 
 @pytest.mark.parametrize(
@@ -149,6 +167,7 @@ def test_load_plugins_leaves_sglang_alone_unless_asked(fresh_sglang, monkeypatch
     for name in TARGETS:
         assert not hooked(name), name
         assert not runs_ours(getattr(sglang_loader, name), mixed_files), name
+    assert not around_hooked()
 
 
 def test_whitelist_without_us_skips_the_plugin(fresh_sglang, monkeypatch):
@@ -409,12 +428,13 @@ def test_stopping_early_and_holding_tensors(fresh_sglang, monkeypatch, mixed_fil
 @pytest.mark.parametrize(
     "options,match",
     [
-        ('{"windw": 1}', r"unknown key 'windw'; valid keys: window, staging, staging_count, read_size, threads, io, direct, order"),
+        ('{"windw": 1}', r"unknown key 'windw'; valid keys: window, staging, staging_count, read_size, threads, io, direct, order, share_reads"),
         ("{window: 1}", "WEIGHTSTREAM_SGLANG_OPTIONS: not JSON"),
         ('["window"]', "expected a JSON object"),
         ('{"order": "random"}', r"\['order'\]: expected 'name' or 'file'"),
         ('{"window": "lots"}', r"\['window'\]: expected a size"),
         ('{"direct": "yes"}', r"\['direct'\]: expected true or false"),
+        ('{"share_reads": 0}', r"\['share_reads'\]: expected true or false"),
         ('{"io": "mmap"}', r"\['io'\]: expected 'auto', 'pread' or 'uring'"),
         ('{"threads": 0}', r"\['threads'\]: expected a positive int"),
     ],
@@ -520,7 +540,7 @@ def test_default_model_loader_through_the_hooks(fresh_sglang, monkeypatch, reque
 
     monkeypatch.setenv("WEIGHTSTREAM_SGLANG", "1")
     load_plugins()
-    assert all(hooked(name) for name in TARGETS)
+    assert all(hooked(name) for name in TARGETS) and around_hooked()
     read = []
     real_iterate = weightstream.Loader.iterate
     monkeypatch.setattr(weightstream.Loader, "iterate", lambda self, path, **kw: read.append(path) or real_iterate(self, path, **kw))
@@ -538,3 +558,200 @@ def test_default_model_loader_through_the_hooks(fresh_sglang, monkeypatch, reque
         if "model.layers.0.self_attn.q_proj.weight" in f.keys():
             q = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
             assert torch.equal(ours["model.layers.0.self_attn.qkv_proj.weight"][: q.shape[0]], q)
+
+
+# --- TP = 2: the ranks of SGLang's tensor-parallel group share the reads --------------------
+
+_TP2_SCRIPT = textwrap.dedent(
+    """
+    import json, os, socket, sys, traceback
+    import torch, torch.multiprocessing as mp
+
+    def rank_main(rank, port, dirs, q):
+        try:
+            q.put(json.dumps(load_all(rank, port, dirs)))
+        except BaseException:
+            q.put(json.dumps({"rank": rank, "error": traceback.format_exc()}))
+            raise
+
+    def load_all(rank, port, dirs):
+        import functools
+        from sglang.srt.configs.device_config import DeviceConfig
+        from sglang.srt.configs.load_config import LoadConfig
+        from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.distributed import parallel_state
+        from sglang.srt.model_loader import loader as sglang_loader, weight_utils
+        from sglang.srt.plugins import load_plugins
+        from sglang.srt.runtime_context import SpawnRanks, publish
+        from sglang.srt.server_args import ServerArgs
+
+        one_file, sharded, one_file_copy = dirs
+        args = ServerArgs(model_path=one_file, device="cpu", load_format="safetensors", tp_size=2)
+        publish(args, role="scheduler", ranks=SpawnRanks(world_rank=rank))
+        parallel_state.init_distributed_environment(world_size=2, rank=rank, local_rank=rank,
+            distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+        # SGLang's GroupCoordinator makes a PyNcclCommunicator at TP > 1, which needs CUDA.
+        parallel_state.init_model_parallel_group = functools.partial(
+            parallel_state.init_model_parallel_group, use_pynccl=False)
+        parallel_state.initialize_model_parallel()
+
+        def load(model_dir, **extra):
+            mc = ModelConfig(model_dir, dtype="auto")
+            lc = LoadConfig(load_format="safetensors", model_loader_extra_config=extra)
+            model = sglang_loader.get_model_loader(lc, mc).load_model(model_config=mc, device_config=DeviceConfig("cpu"))
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        def differ(got, want):
+            return sorted(k for k in set(got) | set(want) if k not in got or k not in want
+                          or got[k].dtype != want[k].dtype or got[k].shape != want[k].shape
+                          or not torch.equal(got[k].contiguous().reshape(-1).view(torch.uint8),
+                                             want[k].contiguous().reshape(-1).view(torch.uint8)))
+
+        # SGLang's own loader first (the plugin not loaded yet), then through the hooks.
+        want = {d: load(d) for d in (one_file, sharded)}
+        os.environ["WEIGHTSTREAM_SGLANG"] = "1"
+        load_plugins()
+        import weightstream.sglang as ws_sglang
+
+        def ours(name, model_dir, options=None, sort_files=None, **extra):
+            os.environ["WEIGHTSTREAM_SGLANG_OPTIONS"] = json.dumps(options or {})
+            if sort_files is not None:
+                os.environ["SGLANG_SORT_WEIGHT_FILES"] = str(sort_files)
+            try:
+                got = load(model_dir, **extra)
+            finally:
+                os.environ.pop("SGLANG_SORT_WEIGHT_FILES", None)
+            base = one_file if model_dir == one_file_copy else model_dir
+            return name, {"dir": base, "differ": differ(got, want[base]),
+                          "qkv": list(got["model.layers.0.self_attn.qkv_proj.weight"].shape),
+                          "stats": dict(ws_sglang.last_stats)}
+
+        res = dict([
+            ours("shared", one_file),
+            ours("shared-sharded", sharded),
+            ours("shared-sharded-single-thread", sharded, enable_multithread_load=False),
+            # SGLang staggers the files by TP rank: the group reads them in rank 0's order.
+            ours("shared-staggered", sharded, sort_files=1),
+            ours("not-shared", one_file, options={"share_reads": False}),
+            # The ranks were given different files (the same tensors): each reads its own.
+            ours("different-files", one_file if rank == 0 else one_file_copy),
+        ])
+        # Rank 1 on another host (its host name as socket reports it): each reads for itself.
+        real_hostname = socket.gethostname
+        if rank == 1:
+            socket.gethostname = lambda: real_hostname() + "-other"
+        try:
+            res.update([ours("two-hosts", one_file)])
+        finally:
+            socket.gethostname = real_hostname
+        if rank == 0:
+            # Calls that only this rank makes: the hooked module-level iterator called directly
+            # (as the bitsandbytes loader does), and a source that is not the model's own (as
+            # a LoRA adapter's): no collective, or this would wait for rank 1 forever.
+            files = sorted(os.path.join(one_file, f) for f in os.listdir(one_file) if f.endswith(".safetensors"))
+            n = len(list(weight_utils.buffered_multi_thread_safetensors_weights_iterator(files, 2)))
+            res["direct"] = {"tensors": n, "stats": dict(ws_sglang.last_stats)}
+            loader = sglang_loader.get_model_loader(LoadConfig(load_format="safetensors"), ModelConfig(one_file, dtype="auto"))
+            n = len(list(loader._get_weights_iterator(sglang_loader.DefaultModelLoader.Source(one_file, None))))
+            res["other-source"] = {"tensors": n, "stats": dict(ws_sglang.last_stats)}
+        # The files SGLang hands this rank when it staggers them (the order differs by rank).
+        os.environ["SGLANG_SORT_WEIGHT_FILES"] = "1"
+        try:
+            loader = sglang_loader.get_model_loader(LoadConfig(load_format="safetensors"), ModelConfig(sharded, dtype="auto"))
+            res["staggered-files"] = loader._prepare_weights(sharded, None, False)[1]
+        finally:
+            os.environ.pop("SGLANG_SORT_WEIGHT_FILES", None)
+        res["rank"] = rank
+        return res
+
+    if __name__ == "__main__":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=rank_main, args=(r, port, sys.argv[1:], q)) for r in range(2)]
+        for p in procs: p.start()
+        results = []
+        try:
+            while len(results) < len(procs):
+                results.append(json.loads(q.get(timeout=300)))
+                if "error" in results[-1]:  # a rank failed: its traceback, without waiting on the other
+                    sys.exit(results[-1]["error"])
+        finally:
+            for p in procs:
+                p.join(60 if len(results) == len(procs) else 5)
+                if p.is_alive():  # a rank stuck after the other failed: nothing left behind
+                    p.kill(); p.join()
+        print(json.dumps({"results": sorted(results, key=lambda r: r["rank"]), "exitcodes": [p.exitcode for p in procs]}))
+    """
+)
+
+
+def checkpoint_data(model_dir):
+    """``(data bytes, largest tensor's bytes, tensors)`` of a directory's safetensors files,
+    from their headers."""
+    total = largest = count = 0
+    for f in weight_files(model_dir):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        sizes = [end - start for k, v in header.items() if k != "__metadata__" for start, end in [v["data_offsets"]]]
+        total += sum(sizes)
+        largest = max([largest] + sizes)
+        count += len(sizes)
+    return total, largest, count
+
+
+def test_tensor_parallel_2_shares_reads_and_equals_sglangs_own(llama_f32_sharded, llama_bf16_tied, tmp_path):
+    """SGLang at TP = 2 on the CPU over gloo, two spawned processes: its DefaultModelLoader,
+    through our hooks, hands the iterators its TP group (the AROUND hook of
+    ``_get_weights_iterator``), so the ranks read each byte once and share it through the
+    group's gloo ``cpu_group``. On both ranks every parameter equals SGLang's own load (without
+    the plugin) bit for bit, qkv split per rank, and the ranks' bytes read sum to the
+    checkpoint's data bytes once. Each rank reads for itself with ``"share_reads": false``,
+    across hosts, when the ranks were given different files, and in calls that do not come from
+    the loader's own model load."""
+    copy = tmp_path / "copy"
+    shutil.copytree(llama_bf16_tied, copy)
+    script = tmp_path / "tp2.py"
+    script.write_text(_TP2_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    dirs = [str(llama_bf16_tied), str(llama_f32_sharded), str(copy)]
+    out = subprocess.run([sys.executable, str(script), *dirs], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["exitcodes"] == [0, 0], out.stderr[-4000:]
+    ranks = report["results"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    # qkv: (4 + 2 + 2) heads x 16 rows / 2 ranks = 64 rows of the 64 columns.
+    for r, res in enumerate(ranks):
+        for key, load in res.items():
+            if isinstance(load, dict) and "differ" in load:
+                assert load["differ"] == [] and load["qkv"] == [64, 64], (r, key, load)
+    for key in ["shared", "shared-sharded", "shared-sharded-single-thread", "shared-staggered"]:
+        total, largest, count = checkpoint_data(ranks[0][key]["dir"])
+        shared = [res[key]["stats"] for res in ranks]
+        assert [s["group_size"] for s in shared] == [2, 2], (key, shared)
+        # Each byte read once by the group, and every byte one rank read sent to the other
+        # (the window buffer's chunks: with the alignment gaps between tensors, at most 256
+        # bytes each), and received by it.
+        assert sum(s["bytes_read"] for s in shared) == total, (key, shared, total)
+        assert all(s["bytes_read"] > 0 for s in shared), (key, shared)
+        assert all(0 <= s["bytes_sent"] - s["bytes_read"] < 256 * count for s in shared), (key, shared)
+        assert [s["bytes_received"] for s in shared] == [shared[1]["bytes_sent"], shared[0]["bytes_sent"]], (key, shared)
+        assert all(s["bytes_loaded"] == total for s in shared), (key, shared)  # every rank got every tensor
+        if key == "shared":
+            # One file: balanced by bytes, within one tensor of half.
+            assert all(abs(s["bytes_read"] - total / 2) <= largest for s in shared), (shared, total, largest)
+        else:
+            assert all(s["files"] == len(weight_files(llama_f32_sharded)) > 1 for s in shared), (key, shared)
+    staggered = [res["staggered-files"] for res in ranks]
+    assert staggered[0] != staggered[1] and sorted(staggered[0]) == sorted(staggered[1]), staggered
+    total, _, _ = checkpoint_data(llama_bf16_tied)
+    for key in ["not-shared", "different-files", "two-hosts"]:
+        for res in ranks:
+            s = res[key]["stats"]
+            assert s["group_size"] == 1 and s["bytes_read"] == total, (key, res["rank"], s)
+            assert s["bytes_sent"] == s["bytes_received"] == 0, (key, res["rank"], s)
+    for key in ["direct", "other-source"]:
+        s = ranks[0][key]["stats"]
+        assert ranks[0][key]["tensors"] > 5 and s["group_size"] == 1 and s["bytes_read"] == total, (key, s)

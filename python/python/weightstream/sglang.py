@@ -48,6 +48,31 @@ What the hooked iterators yield, against SGLang 0.5.23's own:
   :func:`register` checks that this SGLang's signatures are the ones supported; if not, it
   raises and SGLang (which logs a failing plugin and goes on) keeps its own iterators.
 
+Tensor parallelism (TP > 1): the ranks of SGLang's tensor-parallel group share the reads of the
+model's weights: each byte of the checkpoint is read from storage by one rank and broadcast to the
+others through the TP group's gloo ``cpu_group`` (:meth:`weightstream.Loader.iterate` with
+``group=``; these iterators yield host tensors); every rank still gets every tensor, and SGLang's
+weight loaders keep its slice, as with its own iterators. The two iterators receive only files and
+flags, and they are module-wide functions that other code calls too (the bitsandbytes loader, LoRA
+adapters), where a collective could wait forever on a rank that never makes the same call. So the
+group comes from an AROUND hook of ``DefaultModelLoader._get_weights_iterator``, set (in a
+context variable) only while SGLang's loader calls them for the model's own weights
+(``Source.init_new``: a startup load, ``commit_model_weights``, ``update_weights_from_disk``),
+which SGLang itself treats as collective over its ``LoadConfig.load_group`` (its instanttensor
+iterator loads through that group: the world at startup, the PP stage's TP group for updates),
+and the TP group is within it; a ``load_group`` of None, or an explicit one that does not hold
+the TP group, shares nothing. Every other call reads for itself, as before. TP rank 0 reads the
+headers and plans for the group (one gather on the ``cpu_group``, with every rank's host and
+files). Each rank reads for itself, as SGLang does, with ``"share_reads": false`` (set it the
+same on every rank: SGLang's processes inherit the environment), when the group spans several
+hosts (nodes do not exchange weights), and when the ranks were given different sets of files;
+the same files in another order (``SGLANG_SORT_WEIGHT_FILES`` > 0 staggers them by TP rank) are
+read in rank 0's order. A rank that fails mid-load makes the others raise
+:class:`~weightstream.PeerFailedError` (or :class:`~weightstream.PeerLostError` for a rank that
+dies or hangs) rather than wait for SGLang's collective timeouts. The figures of the last
+iterator (``group_size``, ``bytes_read``, ``bytes_sent``, ``bytes_received``, ``bytes_loaded``,
+``files``, ``seconds``) are in :data:`last_stats`, and each shared load logs a line with them.
+
 Memory: one file at a time, at most ``window`` bytes loaded ahead of what SGLang still holds,
 plus the tensors that arrive ahead of their turn in name order. Files written by safetensors
 (``save_file``, ``save_pretrained``) store tensors by dtype, then by name, so a single-dtype file
@@ -79,6 +104,8 @@ iterator is called:
 ``io``             ``"auto"``, ``"pread"`` or ``"uring"``.
 ``direct``         read with O_DIRECT, past the page cache (default false).
 ``order``          ``"name"`` (default: SGLang's order) or ``"file"`` (see above).
+``share_reads``    at TP > 1, the TP ranks share the reads (default true; see above);
+                   ``false``: each rank reads everything, with no collective.
 =================  ===================================================================
 
 An unknown key or a bad value raises :class:`~weightstream.UsageError` naming it, and stops the
@@ -97,10 +124,13 @@ Example (in-process, as the tests do)::
     ...     params[name].data.copy_(t)
 """
 
+import contextvars
 import inspect
 import json
 import logging
 import os
+import socket
+import time
 
 from . import _options as O
 from ._errors import FormatError, UsageError
@@ -116,9 +146,11 @@ ENV_OPTIONS = "WEIGHTSTREAM_SGLANG_OPTIONS"
 PLUGIN_NAME = "weightstream"
 
 WEIGHT_UTILS = "sglang.srt.model_loader.weight_utils"
+#: The method wrapped (AROUND) to hand the tensor-parallel group to the iterators it calls.
+GET_WEIGHTS_ITERATOR = "sglang.srt.model_loader.loader.DefaultModelLoader._get_weights_iterator"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-_OPTION_KEYS = ("window", "staging", "staging_count", "read_size", "threads", "io", "direct", "order")
+_OPTION_KEYS = ("window", "staging", "staging_count", "read_size", "threads", "io", "direct", "order", "share_reads")
 _ORDERS = ("name", "file")
 _DEFAULT_WINDOW = 1 << 30
 
@@ -155,10 +187,11 @@ def enabled(environ=None):
 class _Options:
     """Parsed ``WEIGHTSTREAM_SGLANG_OPTIONS``."""
 
-    def __init__(self, window, order, loader):
+    def __init__(self, window, order, loader, share_reads=True):
         self.window = window
         self.order = order
         self.loader = loader
+        self.share_reads = share_reads
 
 
 def parse_options(text):
@@ -172,7 +205,7 @@ def parse_options(text):
         >>> parse_options('{"windw": 1}')
         Traceback (most recent call last):
         ...
-        weightstream._errors.UsageError: WEIGHTSTREAM_SGLANG_OPTIONS: unknown key 'windw'; valid keys: window, staging, staging_count, read_size, threads, io, direct, order
+        weightstream._errors.UsageError: WEIGHTSTREAM_SGLANG_OPTIONS: unknown key 'windw'; valid keys: window, staging, staging_count, read_size, threads, io, direct, order, share_reads
     """
     if text is None or not text.strip():
         raw = {}
@@ -197,6 +230,9 @@ def parse_options(text):
     direct = raw.get("direct", False)
     if not isinstance(direct, bool):
         raise UsageError(f"{what('direct')}: expected true or false, got {direct!r}")
+    share_reads = raw.get("share_reads", True)
+    if not isinstance(share_reads, bool):
+        raise UsageError(f"{what('share_reads')}: expected true or false, got {share_reads!r}")
     io = raw.get("io")
     if io is not None and io not in ("auto", "pread", "uring"):
         raise UsageError(f"{what('io')}: expected 'auto', 'pread' or 'uring', got {io!r}")
@@ -208,7 +244,7 @@ def parse_options(text):
         "io": io,
         "direct": direct,
     }
-    return _Options(window, order, loader)
+    return _Options(window, order, loader, share_reads)
 
 
 def _weight_utils():
@@ -224,65 +260,204 @@ def _show_progress():
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _file_in_name_order(loader, path, window):
-    """One file's ``(name, tensor)`` in sorted name order (SGLang's), streamed in file order:
-    a tensor that lands before its turn waits, copied out of its batch buffer (so that it does
-    not keep the whole buffer alive), until the names before it have gone."""
-    infos = loader.describe(path)
-    names = sorted(info[0] for info in infos)
+#: The figures of the last call of one of the hooked iterators in this process (a dict, filled
+#: as it streams, final once it is exhausted): ``group_size`` (1 when each rank read for
+#: itself), ``bytes_read`` (this rank's reads from storage), ``bytes_sent``,
+#: ``bytes_received`` (what it moved through the TP group), ``bytes_loaded`` (what it
+#: yielded), ``files``, ``seconds``. ``None`` before the first call.
+last_stats = None
+
+# The TP group (SGLang's GroupCoordinator) whose ranks share the reads of the iterator called
+# now, set by the AROUND hook of DefaultModelLoader._get_weights_iterator for the duration of
+# that call only: other callers of the module-level iterators see None and read for themselves.
+_SHARED_GROUP = contextvars.ContextVar("weightstream_sglang_shared_group", default=None)
+
+
+def _shared_group(loader, source):
+    """The TP group whose ranks share the reads of ``loader._get_weights_iterator(source)``, or
+    None (each rank reads for itself).
+
+    SGLang treats that method as collective over ``load_config.load_group`` (its
+    instanttensor iterator loads through it): the world group at a cold start (every rank
+    loads), the PP stage's TP group for updates from disk, None for no group. The TP group in
+    effect is within it in every case (a draft's narrowed TP group included), so its ranks all
+    make the call, in the same order. Only the model's own weights are shared
+    (``Source.init_new``, which sets ``model_config``: startup loads, ``commit_model_weights``
+    and ``update_weights_from_disk``); LoRA adapters and secondary sources read per rank."""
+    if getattr(source, "model_config", None) is None:
+        return None
+    load_group = getattr(getattr(loader, "load_config", None), "load_group", None)
+    if load_group is None:
+        return None
+    import torch
+
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    try:
+        from sglang.srt.configs.load_config import _DEFAULT_LOAD_GROUP
+        from sglang.srt.runtime_context import get_parallel
+
+        tp = get_parallel().tp_group
+    except Exception:  # no published context (a process without SGLang's groups)
+        return None
+    if tp is None or getattr(tp, "world_size", 1) <= 1 or getattr(tp, "cpu_group", None) is None:
+        return None
+    if load_group is not _DEFAULT_LOAD_GROUP:
+        # An explicit group: share only within it.
+        if not set(tp.ranks) <= set(getattr(load_group, "ranks", ())):
+            return None
+    return tp
+
+
+def _around_get_weights_iterator(original, self, source, *args, **kwargs):
+    """AROUND hook of ``DefaultModelLoader._get_weights_iterator``: our iterators, which it
+    calls (and which read their options and group when called), see the TP group."""
+    token = _SHARED_GROUP.set(_shared_group(self, source))
+    try:
+        return original(self, source, *args, **kwargs)
+    finally:
+        _SHARED_GROUP.reset(token)
+
+
+def _plan(loader, files):
+    """From the headers: per file ``(path, names sorted, largest tensor's bytes, data bytes)``."""
+    plan = []
+    for path in files:
+        infos = loader.describe(path)
+        sizes = [info[4] for info in infos]
+        plan.append((path, sorted(info[0] for info in infos), max([0] + sizes), sum(sizes)))
+    return plan
+
+
+def _shared_plan(tp, loader, files):
+    """TP rank 0 reads the headers and plans for the group; every rank gets the plan (one
+    gather on the group's gloo ``cpu_group``, with each rank's host name and files). Returns the
+    plan, or None (each rank then reads for itself, the same decision on every rank) when the
+    group spans several hosts or the ranks were given different sets of files."""
+    import torch
+
+    from .distributed import PeerFailedError
+
+    mine = error = None
+    if tp.rank_in_group == 0:
+        try:
+            mine = {"plan": _plan(loader, files)}
+        except Exception as e:  # the others must hear of it, not wait in the gather
+            error, mine = e, {"error": f"{type(e).__name__}: {e}"}
+    gathered = [None] * tp.world_size
+    torch.distributed.all_gather_object(gathered, (socket.gethostname(), files, mine), group=tp.cpu_group)
+    if error is not None:
+        raise error
+    head = gathered[0][2]
+    if "error" in head:
+        raise PeerFailedError(f"TP rank 0 failed to read the checkpoint's headers: {head['error']}", rank=0)
+    hosts = sorted({host for host, _, _ in gathered})
+    if len(hosts) > 1:
+        logger.info("weightstream: reads not shared between TP ranks: the group spans %d hosts (%s)",
+                    len(hosts), ", ".join(hosts))
+        return None
+    if any(sorted(theirs) != sorted(gathered[0][1]) for _, theirs, _ in gathered):
+        logger.warning("weightstream: reads not shared between TP ranks: they were given different files")
+        return None
+    # The same files, maybe in another order (SGLANG_SORT_WEIGHT_FILES > 0 staggers them by TP
+    # rank to spread the reads): rank 0's order, since the group reads each file together.
+    return head["plan"]
+
+
+def _in_name_order(stream, path, names):
+    """One file's ``(name, tensor)`` in sorted name order (SGLang's) from ``stream`` (file
+    order): a tensor that lands before its turn waits, copied out of its batch buffer (so that
+    it does not keep the whole buffer alive), until the names before it have gone."""
     expected = set(names)
-    if window is None:
-        window = max([_DEFAULT_WINDOW] + [info[4] for info in infos])
     waiting = {}
     turn = 0
-    stream = loader.iterate(path, window=window)
-    try:
-        for name, tensor in stream:
-            if name not in expected or name in waiting:
-                raise FormatError(f"{path}: tensor `{name}` was not in the header read first: did the file change during the load?")
-            if name != names[turn]:
-                waiting[name] = tensor.clone()
-                del tensor
-                continue
-            yield name, tensor
-            del tensor  # SGLang's copy alone keeps it alive
+    for name, tensor in stream:
+        if name not in expected or name in waiting:
+            raise FormatError(f"{path}: tensor `{name}` was not in the header read first: did the file change during the load?")
+        if name != names[turn]:
+            waiting[name] = tensor.clone()
+            del tensor
+            continue
+        yield name, tensor
+        del tensor  # SGLang's copy alone keeps it alive
+        turn += 1
+        while turn < len(names) and names[turn] in waiting:
+            yield names[turn], waiting.pop(names[turn])
             turn += 1
-            while turn < len(names) and names[turn] in waiting:
-                yield names[turn], waiting.pop(names[turn])
-                turn += 1
-    finally:
-        stream.close()
     if turn != len(names):
         raise FormatError(f"{path}: tensor `{names[turn]}` never came: did the file change during the load?")
 
 
-def _file_in_file_order(loader, path, window):
-    if window is None:
-        window = max([_DEFAULT_WINDOW] + [info[4] for info in loader.describe(path)])
-    yield from loader.iterate(path, window=window)
-
-
-def _iterate_files(files, opts, *, disable_mmap, prefetch, prefetch_num_threads, drop_cache_after_load, desc):
+def _iterate_files(files, opts, tp, *, disable_mmap, prefetch, prefetch_num_threads, drop_cache_after_load, desc):
+    global last_stats
     from tqdm.auto import tqdm
 
     wu = _weight_utils()
     files = [O.path(f) for f in files]
-    one_file = _file_in_name_order if opts.order == "name" else _file_in_file_order
+    stats = last_stats = dict.fromkeys(
+        ("bytes_read", "bytes_sent", "bytes_received", "bytes_loaded", "files", "seconds"), 0
+    )
+    stats["group_size"] = 1
+    start = time.perf_counter()
+    loader = Loader("cpu", **opts.loader)
+    plan = None if tp is None else _shared_plan(tp, loader, files)
+    group = None
+    if plan is not None:
+        group = tp.cpu_group  # gloo: these iterators yield host tensors
+        stats["group_size"] = tp.world_size
+        files = [p[0] for p in plan]
+        plan = iter(plan)
     prefetching = None
     # SGLang prefetches only for its mmap path; a direct read would not use the page cache.
     if prefetch and not disable_mmap and not opts.loader["direct"]:
         prefetching = wu._prefetch_all_checkpoints(sorted(files), num_threads=prefetch_num_threads)
     try:
-        loader = Loader("cpu", **opts.loader)
         # SGLang's bar: its format, on rank 0 only.
         bar = tqdm(files, desc=desc, disable=not _show_progress(), bar_format=getattr(wu, "BAR_FORMAT", None))
         for path in bar:
-            yield from one_file(loader, path, opts.window)
+            if plan is not None:
+                _, names, largest, stored = next(plan)
+            else:
+                (_, names, largest, stored), = _plan(loader, [path])
+            window = opts.window
+            if window is None:
+                window = max(_DEFAULT_WINDOW, largest)
+            if group is None:
+                it = loader.iterate(path, window=window)
+            else:
+                it = loader.iterate(path, window=window, group=group)
+            try:
+                pairs = it if opts.order == "file" else _in_name_order(it, path, names)
+                for name, tensor in pairs:
+                    stats["bytes_loaded"] += tensor.nbytes
+                    yield name, tensor
+                    del tensor
+            finally:
+                it.close()  # with a group, a rank that stops early tells the others
+            if group is None:
+                stats["bytes_read"] += stored
+            else:
+                stats["bytes_read"] += it.bytes_read
+                stats["bytes_sent"] += it.bytes_sent
+                stats["bytes_received"] += it.bytes_received
+            stats["files"] += 1
+            stats["seconds"] = time.perf_counter() - start
             if drop_cache_after_load:
                 wu._drop_file_cache_after_load(path)
     finally:
         if prefetching is not None:
             prefetching.stop()
+    if group is not None:
+        logger.info(
+            "weightstream: TP rank %d of %d sharing reads: read %.2f GiB, sent %.2f GiB, received %.2f GiB "
+            "of %.2f GiB in %.2f s",
+            tp.rank_in_group, tp.world_size, stats["bytes_read"] / 2**30, stats["bytes_sent"] / 2**30,
+            stats["bytes_received"] / 2**30, stats["bytes_loaded"] / 2**30, stats["seconds"],
+        )
+
+
+def _group_for(opts):
+    return _SHARED_GROUP.get() if opts.share_reads else None
 
 
 def safetensors_weights_iterator(
@@ -294,8 +469,9 @@ def safetensors_weights_iterator(
 ):
     """SGLang's ``weight_utils.safetensors_weights_iterator``, read by weightstream: yields
     ``(name, tensor)`` for every tensor of ``hf_weights_files`` (files in that order, names
-    sorted within each file), CPU tensors of the stored dtype. The options are read now (a bad
-    one raises here); the files are read as the iterator is consumed.
+    sorted within each file), CPU tensors of the stored dtype. The options (and, when SGLang's
+    loader calls it for a model's weights at TP > 1, the TP group that shares the reads) are
+    taken now (a bad option raises here); the files are read as the iterator is consumed.
 
     Example::
 
@@ -306,6 +482,7 @@ def safetensors_weights_iterator(
     return _iterate_files(
         hf_weights_files,
         opts,
+        _group_for(opts),
         disable_mmap=disable_mmap,
         prefetch=prefetch,
         prefetch_num_threads=prefetch_num_threads,
@@ -338,6 +515,7 @@ def buffered_multi_thread_safetensors_weights_iterator(
     return _iterate_files(
         hf_weights_files,
         opts,
+        _group_for(opts),
         disable_mmap=disable_mmap,
         prefetch=prefetch,
         prefetch_num_threads=prefetch_num_threads,
@@ -371,9 +549,10 @@ def _check_signature(name, theirs, ours):
 
 def register():
     """The ``sglang.srt.plugins`` entry point: when the plugin is asked for (see
-    :func:`enabled`), register REPLACE hooks of SGLang's two safetensors iterators with
-    ``HookRegistry``; SGLang's ``load_plugins()`` applies them right after. Otherwise it does
-    nothing.
+    :func:`enabled`), register REPLACE hooks of SGLang's two safetensors iterators, and an
+    AROUND hook of ``DefaultModelLoader._get_weights_iterator`` (which hands them the TP group),
+    with ``HookRegistry``; SGLang's ``load_plugins()`` applies them right after. Otherwise it
+    does nothing.
 
     Example::
 
@@ -391,4 +570,13 @@ def register():
         _check_signature(name, getattr(wu, name), ours)
     for name, ours in HOOKS.items():
         HookRegistry.register(f"{WEIGHT_UTILS}.{name}", ours, HookType.REPLACE)
+    # The TP group, for the calls of DefaultModelLoader alone (see _shared_group).
+    import importlib
+
+    owner, method = GET_WEIGHTS_ITERATOR.rsplit(".", 1)
+    module, cls = owner.rsplit(".", 1)
+    if callable(getattr(getattr(importlib.import_module(module), cls, None), method, None)):
+        HookRegistry.register(GET_WEIGHTS_ITERATOR, _around_get_weights_iterator, HookType.AROUND)
+    else:
+        logger.warning("weightstream: this SGLang has no %s: TP ranks will not share reads", GET_WEIGHTS_ITERATOR)
     logger.info("weightstream reads SGLang's safetensors weights (%s)", ", ".join(HOOKS))
