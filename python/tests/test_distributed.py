@@ -582,3 +582,81 @@ def test_fault_makes_the_others_raise_in_time(ck, tmp_path, how, use_with, world
         print(f"rank {rank}: {e['type']} {delay:.2f} s after the fault: {e['message']}")
         assert o["stream"] == want[: len(o["stream"])], f"rank {rank}: the tensors before the error differ"
         assert len(o["stream"]) < len(want), f"rank {rank} got the whole stream"
+
+
+_MEMORY_RANK = """
+import os, sys, threading, time
+import torch, torch.distributed as dist, weightstream as ws
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+rank, port, small, big, window = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+loader = ws.Loader()
+# The group set up (its side group made, the code paths warm) on a small file first.
+with loader.iterate(small, group=dist.group.WORLD, window=window) as it:
+    for _ in it:
+        pass
+dist.barrier()
+base = peak = rss()
+stop = threading.Event()
+def sample():
+    global peak
+    while not stop.wait(0.001):
+        peak = max(peak, rss())
+t = threading.Thread(target=sample, daemon=True)
+t.start()
+n = 0
+with loader.iterate(big, group=dist.group.WORLD, window=window) as it:
+    for name, x in it:
+        n += x.nbytes
+        del x
+stop.set(); t.join()
+peak = max(peak, rss())
+print("RESULT", rank, n, it.bytes_read, peak - base, flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_host_memory_stays_within_window_and_staging(tmp_path):
+    # The issue's bound: per rank, host memory growth after torch and the group are set up is at
+    # most window + staging + 64 MiB (here 16 MiB + the host ring, 8 x 4 MiB, + 64 MiB) for a
+    # 96 MiB checkpoint whose tensors the loop drops as they come.
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from dist_support import free_port
+
+    rng = np.random.default_rng(5)
+    big = tmp_path / "big.safetensors"
+    save_file({f"w{i:02d}": rng.standard_normal(1 << 20, dtype=np.float32) for i in range(24)}, str(big))
+    small = tmp_path / "small.safetensors"
+    save_file({"s": np.arange(1000, dtype=np.float32)}, str(small))
+    script = tmp_path / "memory_rank.py"
+    script.write_text(_MEMORY_RANK)
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, str(small), str(big), "16MiB"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(next(line for line in out.splitlines() if line.startswith("RESULT")).split())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    mib = 1 << 20
+    bound = 16 * mib + 8 * 4 * mib + 64 * mib
+    assert sum(int(o[3]) for o in outs) == 96 * mib  # each byte read once
+    for o in outs:
+        assert int(o[2]) == 96 * mib  # every rank got every tensor
+        assert int(o[4]) <= bound, f"rank {o[1]}: host memory grew {int(o[4]) / mib:.0f} MiB, bound {bound / mib:.0f}"

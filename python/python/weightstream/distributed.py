@@ -305,14 +305,16 @@ class GroupIterator:
     def _buffer(self, n):
         """A window buffer of ``n`` bytes: one of this load's earlier buffers when every tensor
         of it is gone (fresh host memory costs its page faults again: as much as the read), else
-        a new one of at least half a window, so that it can serve the next windows too."""
+        a new one of at least a third of the window, so that it can serve later windows too.
+        Three are alive at most: the window being read, the one moving, and the one whose last
+        tensor the caller's loop still holds while it asks for the next."""
         torch = self._torch
         for i, b in enumerate(self._pool):
             if b.numel() >= n and _unused(torch, b):
                 return self._pool.pop(i)[:n]
-        # Buffers still held by the caller's tensors are theirs now: forgotten here.
-        self._pool = [b for b in self._pool if _unused(torch, b)][-1:]
-        return torch.empty(max(n, self._half), dtype=torch.uint8, device=self._device)[:n]
+        # None is free: the older ones the caller still holds are theirs now.
+        self._pool = self._pool[-1:]
+        return torch.empty(max(n, self._part), dtype=torch.uint8, device=self._device)[:n]
 
     def _transfers(self, k, buf, own):
         dist = self._dist
@@ -380,14 +382,15 @@ class GroupIterator:
         self._gloo_moves = self._spec["device type"] != "cuda" or "nccl" not in backend
         shards = [s for _, s in specs]
         raw = self._loader._raw
-        half = self._half = max(self._window // 2, 1)  # two windows in flight: the one moving, the one read
+        # Three windows' buffers at most (see `_buffer`): each holds a third of the window.
+        part = self._part = max(self._window // 3, 1)
         self._pool = []
         # The first rank reads the headers and hands them over.
         box = [None]
         share = None
         if self._me == 0:
             try:
-                share = group_share(raw, self._path, None, self._opts, shards, 0, half)
+                share = group_share(raw, self._path, None, self._opts, shards, 0, part)
                 box[0] = ("ok", share.take_headers())
             except Exception as e:
                 box[0] = ("error", f"{type(e).__name__}: {e}")
@@ -405,7 +408,7 @@ class GroupIterator:
         error = None
         if self._me != 0:
             try:
-                share = group_share(raw, self._path, payload, self._opts, shards, self._me, half)
+                share = group_share(raw, self._path, payload, self._opts, shards, self._me, part)
             except Exception as e:
                 error = e
         self._next_window = 0
@@ -433,9 +436,11 @@ class GroupIterator:
                 state = self._places(k + 1) if k + 1 < count else None
                 self._wait(works, k)
                 self._next_window = k + 1 if k + 1 < count else None
+                item = None
                 for item in GroupIterator._items(self, k, buf, own):  # the proxy: no cycle
                     self._yielded += 1
                     yield item
+                item = None  # the last tensor handed out is the caller's alone: the buffer can come back
                 if buf is not None:
                     self._pool.append(buf._base if buf._base is not None else buf)
                 del buf, own, works
@@ -457,7 +462,8 @@ def iterate(path, group=None, *, device="cpu", window="1GiB", framework="pt", dt
     """The group load of ``path`` on every rank of ``group`` (default: the default group): a
     :class:`GroupIterator` of ``(name, tensor)``. ``loader`` (a :class:`weightstream.Loader`)
     sets the device and read options; else one is made for ``device`` and ``storage_options``.
-    ``window`` bounds the bytes in flight on a rank (two half windows: one moving, one read)."""
+    ``window`` bounds the host (or device) memory of a rank's windows: three buffers of a third of
+    it at most (the one read, the one moving, the one whose last tensor the caller still holds)."""
     from ._loader import Loader, checked_path
 
     if loader is None:
