@@ -7,7 +7,8 @@ mod writer;
 
 pub use dtype::{Dtype, UnknownDtype};
 #[cfg(feature = "remote")]
-pub(crate) use header::{header_len_of, read_header_keeping};
+pub(crate) use header::header_len_of;
+pub(crate) use header::read_header_keeping;
 pub use header::{
     parse_header, read_header, read_header_from, Header, TensorInfo, MAX_HEADER_LEN, MAX_METADATA_KEYS, MAX_RANK,
     MAX_TENSORS,

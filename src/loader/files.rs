@@ -30,7 +30,10 @@ impl Loader {
 
     /// [`Loader::open`], also returning the headers as read, for the other ranks of a group
     /// ([`Checkpoint::open_sharing`]).
-    pub fn open_sharing(&self, path: impl AsRef<std::path::Path>) -> Result<(Checkpoint, Vec<crate::source::SharedFile>)> {
+    pub fn open_sharing(
+        &self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<(Checkpoint, Vec<crate::source::SharedFile>)> {
         let remote = RemoteOptions { cancel: self.cancel.clone(), ..self.remote.clone() };
         Checkpoint::open_sharing(path, &remote)
     }

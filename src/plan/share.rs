@@ -27,7 +27,7 @@ pub struct ShareKey {
     pub reader: Option<usize>,
 }
 
-/// Stored bytes `stored` (counted as [`PlannedTensor::stored_len`] counts them) of key `key`.
+/// Stored bytes `stored` of key `key` (counted along its block's runs, one after another).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartRead {
     /// Index into [`GroupPlan::keys`].
