@@ -107,6 +107,9 @@ impl GroupLoad {
     }
 
     /// The tensor of key `key` as its ranks load it (`byte_len`: its loaded bytes).
+    ///
+    /// # Panics
+    /// If `key` is not an index of [`GroupPlan::keys`].
     pub fn key_info(&self, key: usize) -> TensorInfo {
         let t = self.key_tensor(key);
         TensorInfo {
@@ -120,10 +123,14 @@ impl GroupLoad {
 
     fn key_tensor(&self, key: usize) -> &PlannedTensor {
         let k = &self.group.keys[key];
+        // Every key has a rank that needs it (it was made for one), and all its ranks plan it alike.
         &self.plans[k.needers[0]].tensors[k.tensor]
     }
 
     /// What this rank reads in window `w`, in the order [`GroupLoad::read`] takes its places.
+    ///
+    /// # Panics
+    /// If `w` is not an index of [`GroupPlan::windows`] (as [`GroupLoad::read`]).
     pub fn reads(&self, w: usize) -> Vec<RankRead> {
         let window = &self.group.windows[w];
         self.group
