@@ -270,3 +270,22 @@ fn a_peers_headers_are_validated_like_a_files() {
     let e = Checkpoint::from_shared(longer, &Default::default()).unwrap_err();
     assert!(matches!(e, Error::BadSource { .. } | Error::DataLengthMismatch { .. }), "{e:?}");
 }
+
+#[test]
+fn reads_through_the_ring_skip_the_other_ranks_bytes() {
+    // O_DIRECT reads go through the staging ring, whose extents read through gaps between
+    // tensors (up to 256 KiB) in a plain load: in a group the gaps are other ranks' shares,
+    // columns of a dim-1 block among them, and must stay unread.
+    let Some(dir) = common::python_data_dir() else { return };
+    let path = dir.join("sharded");
+    let loader = Loader::new().device(Device::Cpu).direct(true);
+    let infos = loader.describe(&path).unwrap();
+    let cols: Vec<String> =
+        infos.iter().filter(|t| t.shape.len() == 2 && t.shape[1] % 2 == 0).map(|t| t.name.clone()).collect();
+    assert!(!cols.is_empty());
+    let split: Vec<(&str, usize)> = cols.iter().map(|n| (n.as_str(), 1)).collect();
+    for n in [2, 3] {
+        check(&loader, &path, n, &[], 4096);
+    }
+    check(&loader, &path, 2, &split, 1 << 20);
+}

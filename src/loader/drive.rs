@@ -195,6 +195,15 @@ impl Drive<'_> {
     }
 
     fn schedule_options(&self) -> ScheduleOptions {
+        let mut opts = self.strategy_schedule_options();
+        if self.loader.exact_reads {
+            // Adjacent parts still make one extent; a gap between them is someone else's.
+            opts.max_gap = opts.max_gap.map(|_| 0);
+        }
+        opts
+    }
+
+    fn strategy_schedule_options(&self) -> ScheduleOptions {
         match self.strategy {
             // A remote read is a GET: as large as a request may be.
             Strategy::InPlace { .. } => {

@@ -97,6 +97,9 @@ pub struct Loader {
     /// A stream's own stop token (set on the stream producer's clone): engines whose reads
     /// wait on a server watch it beside `cancel`.
     stream_stop: Option<CancelToken>,
+    /// Read only the planned bytes, never through the gaps between them (a group rank's reads:
+    /// the gaps are other ranks' shares, and each byte is read once in the group).
+    exact_reads: bool,
     pool: Arc<StagingPool>,
 }
 
@@ -147,6 +150,7 @@ impl Loader {
             fault: None,
             remote: RemoteOptions::default(),
             stream_stop: None,
+            exact_reads: false,
             pool: Arc::default(),
         }
     }

@@ -90,8 +90,18 @@ impl Loader {
             super::check_conversions(&plan)?;
             plans.push(plan);
         }
+        if self.zero_copy {
+            return Err(UsageError::Unsupported {
+                option: "zero_copy",
+                by: "a group load".into(),
+                why: "its windows read through the gaps between the parts, which are other ranks' shares".into(),
+            }
+            .into());
+        }
         let group = GroupPlan::new(&plans, window)?;
-        Ok(GroupLoad { loader: self.clone(), ckpt, plans, group, rank, device })
+        let mut loader = self.clone();
+        loader.exact_reads = true;
+        Ok(GroupLoad { loader, ckpt, plans, group, rank, device })
     }
 }
 
