@@ -566,7 +566,12 @@ def test_fault_makes_the_others_raise_in_time(ck, tmp_path, how, use_with, world
     for rank in range(world):
         if rank == victim:
             continue
-        assert r.codes[rank] == 0, f"rank {rank} exit code {r.codes[rank]}\n{r.text}"
+        # A survivor exits by itself. After a peer crashed or froze, torch's teardown of the
+        # broken gloo groups at exit sometimes aborts the process ("terminate called without an
+        # active exception", SIGABRT: seen in about 1 run in 10, after the error was raised and
+        # recorded); that is an exit too, not a process left behind.
+        allowed = (0,) if how == "raise" else (0, -6)
+        assert r.codes[rank] in allowed, f"rank {rank} exit code {r.codes[rank]}\n{r.text}"
         o = r.job(rank, "fault")
         e = o["error"]
         assert e is not None, f"rank {rank} did not raise\n{r.text}"

@@ -166,12 +166,15 @@ pub struct SharedFile {
 
 impl SharedFile {
     fn of(f: &CheckpointFile, header: Vec<u8>) -> Self {
-        let (etag, last_modified) = match &f.access {
-            FileAccess::Local(_) => (None, String::new()),
+        let (path, etag, last_modified) = match &f.access {
+            // Absolute: a peer with another working directory opens this file, not its namesake.
+            FileAccess::Local(_) => {
+                (std::path::absolute(&f.path).unwrap_or_else(|_| f.path.clone()), None, String::new())
+            }
             #[cfg(feature = "remote")]
-            FileAccess::Remote(o) => (o.etag().map(str::to_string), o.last_modified().to_string()),
+            FileAccess::Remote(o) => (f.path.clone(), o.etag().map(str::to_string), o.last_modified().to_string()),
         };
-        SharedFile { path: f.path.clone(), header, file_len: f.header.file_len, etag, last_modified }
+        SharedFile { path, header, file_len: f.header.file_len, etag, last_modified }
     }
 }
 

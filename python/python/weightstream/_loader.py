@@ -147,7 +147,7 @@ class Loader:
         return conv(t)
 
     def iterate(self, path, *, window="1GiB", framework="pt", dtype=None, only=None, shard=None, split=None, group=None,
-                timeout=None):
+                timeout=None, keep=False):
         """Yield ``(name, tensor)`` in file order as tensors land, with at most ``window`` bytes
         loaded ahead of what you still hold: memory stays bounded whatever the model's size.
         Each tensor owns its memory; drop it when it is copied. Stopping early (``break``)
@@ -167,9 +167,12 @@ class Loader:
         if group is not None:
             from .distributed import DEFAULT_TIMEOUT, GroupIterator
 
-            return GroupIterator(self, checked_path(path), group, window=window, framework=framework, dtype=dtype,
+            # No local check of the path: the group's first rank opens it and tells the others.
+            return GroupIterator(self, O.path(path), group, window=window, framework=framework, dtype=dtype,
                                  only=only, shard=shard, split=split,
-                                 timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
+                                 timeout=DEFAULT_TIMEOUT if timeout is None else timeout, keep=keep)
+        if keep:
+            raise O.UsageError("keep: only with group=")
         if timeout is not None:
             raise O.UsageError("timeout: only with group=")
         conv = converter(self._framework(framework))
@@ -272,7 +275,7 @@ def load_file(path, device="cpu", *, framework="pt", dtype=None, only=None, shar
     loader = _default_loader(device) if storage_options is None else Loader(device, storage_options=storage_options)
     if group is not None:
         with loader.iterate(path, framework=framework, dtype=dtype, only=only, shard=shard, split=split,
-                            group=group) as it:
+                            group=group, keep=True) as it:
             return dict(it)
     return loader.load(path, framework=framework, dtype=dtype, only=only, shard=shard, split=split)
 

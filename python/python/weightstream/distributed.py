@@ -39,6 +39,7 @@ Across two nodes of 8 GPUs, each node reading the checkpoint once::
 
 import datetime
 import socket
+import sys
 import time
 import weakref
 
@@ -114,12 +115,19 @@ def _view_as(torch, flat, name, dtype, shape):
     return flat.view(tdt).reshape(shape)
 
 
-def _unused(torch, buf):
-    """Whether nothing but ``buf`` itself holds its memory (no tensor handed out of it lives):
-    torch's count of the storage's owners (``buf`` and the storage object asked), where this torch
-    has it; else never, and every window gets new memory."""
+def _storage_refs(buf):
+    """References to ``buf``'s storage object (torch keeps one Python object per storage: a
+    caller holding ``t.untyped_storage()`` of a tensor handed out holds this one)."""
+    return sys.getrefcount(buf.untyped_storage())
+
+
+def _unused(torch, buf, refs):
+    """Whether nothing but ``buf`` itself holds its memory: no tensor handed out of it lives
+    (torch's count of the storage's owners: ``buf`` and the storage object asked) and nobody
+    holds its storage object (``refs``: its references when ``buf`` was made). Where this torch
+    lacks the count: never, and every window gets new memory."""
     try:
-        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2
+        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2 and _storage_refs(buf) <= refs
     except (AttributeError, RuntimeError):
         return False
 
@@ -127,18 +135,22 @@ def _unused(torch, buf):
 _side_groups = {}
 
 
-def _side_group(dist, group, ranks, timeout):
+def _side_group(dist, ranks, timeout):
     """A gloo group of ``ranks`` whose collectives give up after ``timeout`` seconds: the status
-    exchanges (the caller's group may be NCCL, which waits 10 minutes for a dead peer and
-    forever for a frozen one). Made once per group and timeout; only its members call."""
-    key = (id(dist.distributed_c10d._get_default_group()), tuple(ranks), float(timeout))
-    side = _side_groups.get(key)
-    if side is None:
+    exchanges, and the transfers of tensors gloo moves (the caller's group may be NCCL, which
+    waits 10 minutes for a dead peer and forever for a frozen one, or gloo with its 30-minute
+    default, which a frozen peer's pending transfer would hold at ``destroy_process_group``).
+    Made once per default group, ranks and timeout (every rank agrees on these before it is
+    asked for); only its members call."""
+    default = dist.distributed_c10d._get_default_group()
+    key = (tuple(ranks), float(timeout))
+    made = _side_groups.get(key)
+    if made is None or made[0] is not default:  # made under a default group since destroyed
         side = dist.new_group(
             ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout), use_local_synchronization=True
         )
-        _side_groups[key] = side
-    return side
+        made = _side_groups[key] = (default, side)
+    return made[1]
 
 
 def node_group(node=None):
@@ -170,7 +182,7 @@ class GroupIterator:
     other ranks then raise :class:`PeerFailedError` at once instead of waiting for the timeout.
     """
 
-    def __init__(self, loader, path, group, *, window, framework, dtype, only, shard, split, timeout):
+    def __init__(self, loader, path, group, *, window, framework, dtype, only, shard, split, timeout, keep=False):
         torch, dist = _torch()
         if O.framework(framework) != "pt":
             raise UsageError("group=: distributed loads yield torch tensors (framework='pt')")
@@ -184,12 +196,21 @@ class GroupIterator:
             raise UsageError(f"timeout: expected seconds > 0, got {timeout!r}")
         self._window = O.size(window, "window")
         self._opts = O.opts(dtype, only, shard, split)
-        self._spec = {"path": path, "dtype": dtype, "only": only, "split": self._opts["split"],
+        self._keep = keep
+        # What every rank must agree on, normalized (`"bf16"` and `"BF16"` are one dtype).
+        self._spec = {"path": path, "dtype": self._opts["dtype"], "only": self._opts["only"],
+                      "split": self._opts["split"],
                       "shard world": None if self._opts["shard"] is None else self._opts["shard"][1],
-                      "window": self._window, "device type": loader.device.split(":")[0]}
+                      "window": self._window, "timeout": self._timeout,
+                      "device type": loader.device.split(":")[0]}
         self._yielded = 0
         self._next_window = None  # the window whose exchange comes next, when one does
         self._lost = False
+        self._started = False
+        self._windows = []
+        # Set up now (collective: every rank of the group makes its iterator), so that an
+        # iterator closed before its first tensor still tells the others.
+        self._setup()
         # The generator holds a weak proxy of this iterator, not the iterator: no reference cycle,
         # so a caller's loop that raises drops the iterator at once and __del__ tells the group.
         self._gen = GroupIterator._run(weakref.proxy(self))
@@ -203,6 +224,13 @@ class GroupIterator:
     def close(self, why=None):
         """Stop: the other ranks learn it at their next status exchange."""
         self._why = why
+        if not self._started and not self._lost and self._windows:
+            # Never iterated: the others wait in the first window's exchange.
+            self._started = True
+            try:
+                self._exchange(f"{why or 'its iterator was closed'} (before its first tensor)", _STOPPED)
+            except DistributedError:
+                pass
         self._gen.close()
 
     def __enter__(self):
@@ -212,9 +240,8 @@ class GroupIterator:
         self.close(None if kind is None else f"its loop raised {kind.__name__}: {value}")
 
     def __del__(self):
-        gen = getattr(self, "_gen", None)
-        if gen is not None:
-            gen.close()
+        if getattr(self, "_gen", None) is not None:
+            self.close()
 
     # The group's status, once a window.
 
@@ -239,7 +266,8 @@ class GroupIterator:
         if isinstance(error, BaseException):
             self._lost = True  # the others know: no farewell exchange
             raise error
-        for r, st in enumerate(out):
+        for i, st in enumerate(out):
+            r = self._side_to_group[i]
             if r != self._me and int(st[0]) != _OK:
                 text = bytes(st[1:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
                 what = "failed" if int(st[0]) == _FAILED else "stopped"
@@ -286,9 +314,10 @@ class GroupIterator:
         into them (or the error they raised)."""
         torch = self._torch
         first, end, buffer_len, _, _ = self._windows[k]
-        buf, own = None, {}
+        buf, own, pooled = None, {}, None
         try:
-            buf = self._buffer(buffer_len)
+            buf, whole, refs = self._buffer(buffer_len)
+            pooled = (whole, refs)
             for key in range(first, end):
                 _, _, _, nbytes, needers, reader = self._keys[key]
                 if reader is not None and self._me in needers:
@@ -300,21 +329,27 @@ class GroupIterator:
             error = None
         except Exception as e:  # told to the group at the next exchange, then raised
             error = e
-        return buf, own, error
+        return buf, own, error, pooled
 
     def _buffer(self, n):
         """A window buffer of ``n`` bytes: one of this load's earlier buffers when every tensor
         of it is gone (fresh host memory costs its page faults again: as much as the read), else
-        a new one of at least a third of the window, so that it can serve later windows too.
-        Three are alive at most: the window being read, the one moving, and the one whose last
-        tensor the caller's loop still holds while it asks for the next."""
+        a new one. Three are alive at most: the window being read, the one moving, and the one
+        whose last tensor the caller's loop still holds while it asks for the next. A new host
+        buffer for a window of at least half a part is made a part long, so that it serves the
+        later windows too; a smaller window, a device (whose allocator reuses memory itself) or
+        a load whose tensors are all kept (``load_file``) gets exactly its size."""
         torch = self._torch
-        for i, b in enumerate(self._pool):
-            if b.numel() >= n and _unused(torch, b):
-                return self._pool.pop(i)[:n]
+        for i, (b, refs) in enumerate(self._pool):
+            if b.numel() >= n and _unused(torch, b, refs):
+                self._pool.pop(i)
+                return b[:n], b, refs
         # None is free: the older ones the caller still holds are theirs now.
         self._pool = self._pool[-1:]
-        return torch.empty(max(n, self._part), dtype=torch.uint8, device=self._device)[:n]
+        host = not self._device.startswith("cuda")
+        size = max(n, self._part) if host and not self._keep and n >= self._part // 2 else n
+        b = torch.empty(size, dtype=torch.uint8, device=self._device)
+        return b[:n], b, _storage_refs(b)
 
     def _transfers(self, k, buf, own):
         dist = self._dist
@@ -322,7 +357,7 @@ class GroupIterator:
         works = []
         for reader, a, b in chunks:
             if b > a:
-                works.append(dist.broadcast(buf[a:b], group=self._group, group_src=reader, async_op=True))
+                works.append(dist.broadcast(buf[a:b], src=self._ranks[reader], group=self._moves, async_op=True))
                 if reader == self._me:
                     self.bytes_sent += (b - a) * (self._n - 1)
                 else:
@@ -334,10 +369,10 @@ class GroupIterator:
             if reader == self._me:
                 for r in needers:
                     if r != self._me:
-                        works.append(dist.isend(own[key], group=self._group, group_dst=r, tag=key))
+                        works.append(dist.isend(own[key], dst=self._ranks[r], group=self._moves, tag=key))
                         self.bytes_sent += nbytes
             elif self._me in needers:
-                works.append(dist.irecv(own[key], group=self._group, group_src=reader, tag=key))
+                works.append(dist.irecv(own[key], src=self._ranks[reader], group=self._moves, tag=key))
                 self.bytes_received += nbytes
         return works
 
@@ -357,15 +392,21 @@ class GroupIterator:
         self._me, self._n = dist.get_rank(g), dist.get_world_size(g)
         if self._me < 0:
             raise UsageError("group=: this process is not a member of the group")
-        ranks = dist.get_process_group_ranks(g)
-        self._side = _side_group(dist, g, ranks, self._timeout)
-        # Before any data moves: the same checkpoint and options everywhere.
-        specs = [None] * self._n
+        # Global ranks (torch before 2.6 names peers by them), and the side group's order (new_group
+        # sorts its ranks) as the caller's group ranks.
+        ranks = self._ranks = dist.get_process_group_ranks(g)
+        self._side_to_group = [ranks.index(r) for r in sorted(ranks)]
         try:
-            dist.all_gather_object(specs, (self._spec, self._opts["shard"]), group=self._side)
+            self._side = _side_group(dist, sorted(ranks), self._timeout)
+            # Before any data moves: the same checkpoint and options everywhere.
+            gathered = [None] * self._n
+            dist.all_gather_object(gathered, (self._spec, self._opts["shard"]), group=self._side)
         except Exception as e:
             self._lost = True
             raise PeerLostError(f"{self._path}: a rank of the group did not answer the options exchange: {e}") from None
+        specs = [None] * self._n
+        for i, got in enumerate(gathered):
+            specs[self._side_to_group[i]] = got
         for r, (spec, _) in enumerate(specs):
             differ = sorted(k for k in set(spec) | set(self._spec) if spec.get(k) != self._spec.get(k))
             if differ:
@@ -380,6 +421,10 @@ class GroupIterator:
         # Which backend moves the tensors: gloo for host tensors, or when it is the group's.
         backend = str(dist.get_backend(g)).lower()
         self._gloo_moves = self._spec["device type"] != "cuda" or "nccl" not in backend
+        # Tensors gloo moves go through the side group too: a transfer a frozen peer never
+        # answers then ends at the short timeout, not at the caller's group's (30 minutes for
+        # gloo), which `destroy_process_group` would wait out.
+        self._moves = self._side if self._gloo_moves else g
         shards = [s for _, s in specs]
         raw = self._loader._raw
         # Three windows' buffers at most (see `_buffer`): each holds a third of the window.
@@ -396,7 +441,7 @@ class GroupIterator:
                 box[0] = ("error", f"{type(e).__name__}: {e}")
                 error = e
         try:
-            dist.broadcast_object_list(box, group=self._side, group_src=0)
+            dist.broadcast_object_list(box, src=self._ranks[0], group=self._side)
         except Exception as e:
             self._lost = True
             raise PeerLostError(f"{self._path}: the group's first rank did not hand over the headers: {e}") from None
@@ -422,13 +467,13 @@ class GroupIterator:
                 _view_as(self._torch, None, name, dtype, shape)  # raises: no torch dtype
 
     def _run(self):
-        self._setup()
+        self._started = True
         count = len(self._windows)
         done = False
         try:
             state = self._places(0) if count else None
             for k in range(count):
-                buf, own, error = state
+                buf, own, error, pooled = state
                 self._next_window = k
                 self._exchange(error, _FAILED)
                 works = self._transfers(k, buf, own)
@@ -441,9 +486,9 @@ class GroupIterator:
                     self._yielded += 1
                     yield item
                 item = None  # the last tensor handed out is the caller's alone: the buffer can come back
-                if buf is not None:
-                    self._pool.append(buf._base if buf._base is not None else buf)
-                del buf, own, works
+                if pooled is not None and not self._keep:
+                    self._pool.append(pooled)
+                del buf, own, works, pooled
             done = True
             self._pool = []
         finally:
@@ -458,21 +503,24 @@ class GroupIterator:
 
 
 def iterate(path, group=None, *, device="cpu", window="1GiB", framework="pt", dtype=None, only=None, shard=None,
-            split=None, timeout=DEFAULT_TIMEOUT, storage_options=None, loader=None):
+            split=None, timeout=DEFAULT_TIMEOUT, storage_options=None, loader=None, keep=False):
     """The group load of ``path`` on every rank of ``group`` (default: the default group): a
     :class:`GroupIterator` of ``(name, tensor)``. ``loader`` (a :class:`weightstream.Loader`)
     sets the device and read options; else one is made for ``device`` and ``storage_options``.
     ``window`` bounds the host (or device) memory of a rank's windows: three buffers of a third of
-    it at most (the one read, the one moving, the one whose last tensor the caller still holds)."""
-    from ._loader import Loader, checked_path
+    it at most (the one read, the one moving, the one whose last tensor the caller still holds).
+    ``keep=True`` says the caller keeps every tensor (as :func:`load_file` does): each window
+    then gets a buffer of exactly its size, none reused."""
+    from ._loader import Loader
 
     if loader is None:
         loader = Loader(device, storage_options=storage_options)
-    return GroupIterator(loader, checked_path(path), group, window=window, framework=framework, dtype=dtype,
-                         only=only, shard=shard, split=split, timeout=timeout)
+    # No local check of the path: the group's first rank opens it and tells the others.
+    return GroupIterator(loader, O.path(path), group, window=window, framework=framework, dtype=dtype,
+                         only=only, shard=shard, split=split, timeout=timeout, keep=keep)
 
 
 def load_file(path, group=None, *, device="cpu", **kwargs):
     """:func:`iterate`, collected into ``{name: tensor}``."""
-    with iterate(path, group, device=device, **kwargs) as it:
+    with iterate(path, group, device=device, keep=True, **kwargs) as it:
         return dict(it)
