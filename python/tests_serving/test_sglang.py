@@ -428,7 +428,7 @@ def test_stopping_early_and_holding_tensors(fresh_sglang, monkeypatch, mixed_fil
 @pytest.mark.parametrize(
     "options,match",
     [
-        ('{"windw": 1}', r"unknown key 'windw'; valid keys: window, staging, staging_count, read_size, threads, io, direct, order, share_reads"),
+        ('{"windw": 1}', r"unknown key 'windw'; valid keys: window, staging, staging_count, read_size, threads, io, direct, order, share_reads, timeout"),
         ("{window: 1}", "WEIGHTSTREAM_SGLANG_OPTIONS: not JSON"),
         ('["window"]', "expected a JSON object"),
         ('{"order": "random"}', r"\['order'\]: expected 'name' or 'file'"),

@@ -104,6 +104,8 @@ iterator is called:
 ``io``             ``"auto"``, ``"pread"`` or ``"uring"``.
 ``direct``         read with O_DIRECT, past the page cache (default false).
 ``order``          ``"name"`` (default: SGLang's order) or ``"file"`` (see above).
+``timeout``        seconds a TP rank sharing reads waits for a peer in a window before it
+                   raises (default 20; raise it for slow stores).
 ``share_reads``    at TP > 1, the TP ranks share the reads (default true; see above);
                    ``false``: each rank reads everything, with no collective.
 =================  ===================================================================
@@ -150,7 +152,9 @@ WEIGHT_UTILS = "sglang.srt.model_loader.weight_utils"
 GET_WEIGHTS_ITERATOR = "sglang.srt.model_loader.loader.DefaultModelLoader._get_weights_iterator"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-_OPTION_KEYS = ("window", "staging", "staging_count", "read_size", "threads", "io", "direct", "order", "share_reads")
+_OPTION_KEYS = (
+    "window", "staging", "staging_count", "read_size", "threads", "io", "direct", "order", "share_reads", "timeout",
+)
 _ORDERS = ("name", "file")
 _DEFAULT_WINDOW = 1 << 30
 
@@ -187,11 +191,12 @@ def enabled(environ=None):
 class _Options:
     """Parsed ``WEIGHTSTREAM_SGLANG_OPTIONS``."""
 
-    def __init__(self, window, order, loader, share_reads=True):
+    def __init__(self, window, order, loader, share_reads=True, timeout=None):
         self.window = window
         self.order = order
         self.loader = loader
         self.share_reads = share_reads
+        self.timeout = timeout
 
 
 def parse_options(text):
@@ -205,7 +210,7 @@ def parse_options(text):
         >>> parse_options('{"windw": 1}')
         Traceback (most recent call last):
         ...
-        weightstream._errors.UsageError: WEIGHTSTREAM_SGLANG_OPTIONS: unknown key 'windw'; valid keys: window, staging, staging_count, read_size, threads, io, direct, order, share_reads
+        weightstream._errors.UsageError: WEIGHTSTREAM_SGLANG_OPTIONS: unknown key 'windw'; valid keys: window, staging, staging_count, read_size, threads, io, direct, order, share_reads, timeout
     """
     if text is None or not text.strip():
         raw = {}
@@ -244,7 +249,10 @@ def parse_options(text):
         "io": io,
         "direct": direct,
     }
-    return _Options(window, order, loader, share_reads)
+    timeout = raw.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise UsageError(f"{what('timeout')}: expected seconds > 0, got {timeout!r}")
+    return _Options(window, order, loader, share_reads, timeout)
 
 
 def _weight_utils():
@@ -425,7 +433,7 @@ def _iterate_files(files, opts, tp, *, disable_mmap, prefetch, prefetch_num_thre
             if group is None:
                 it = loader.iterate(path, window=window)
             else:
-                it = loader.iterate(path, window=window, group=group)
+                it = loader.iterate(path, window=window, group=group, timeout=opts.timeout)
             try:
                 pairs = it if opts.order == "file" else _in_name_order(it, path, names)
                 for name, tensor in pairs:

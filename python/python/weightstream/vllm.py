@@ -74,6 +74,8 @@ Extra config (``--model-loader-extra-config``, a JSON object; every key optional
 ``progress``             a progress bar in bytes (default: vLLM's ``use_tqdm_on_load``).
 ``zero_copy``            ``true`` is refused for now: handing the stream's device memory
                          to the parameters without a copy needs the one-driver change.
+``timeout``              seconds a TP rank sharing reads waits for a peer in a window
+                         before it raises (default 20; raise it for slow stores).
 ``share_reads``          at TP > 1, the ranks of the tensor-parallel group share the reads
                          (default true; see above); ``false``: each rank reads everything.
 =======================  ==============================================================
@@ -145,6 +147,7 @@ EXTRA_CONFIG_KEYS = (
     "progress",
     "zero_copy",
     "share_reads",
+    "timeout",
 )
 
 # Bytes loaded ahead of the model's copies: device memory next to the model's on a GPU, host
@@ -164,6 +167,7 @@ class _Options:
     dtype: str | None = None
     progress: bool | None = None
     share_reads: bool = True
+    timeout: float | None = None
     loader: dict = dataclasses.field(default_factory=dict)  # Loader(...) keyword arguments
 
 
@@ -189,7 +193,7 @@ def parse_extra_config(extra):
         >>> parse_extra_config({"windw": 1})
         Traceback (most recent call last):
         ...
-        weightstream._errors.UsageError: model_loader_extra_config: unknown key 'windw' for load format 'weightstream'; valid keys: weights, storage_options, remote_concurrency, remote_request_size, window, staging, staging_count, read_size, io, threads, direct, dtype, progress, zero_copy, share_reads
+        weightstream._errors.UsageError: model_loader_extra_config: unknown key 'windw' for load format 'weightstream'; valid keys: weights, storage_options, remote_concurrency, remote_request_size, window, staging, staging_count, read_size, io, threads, direct, dtype, progress, zero_copy, share_reads, timeout
     """
     if extra is None:
         extra = {}
@@ -243,10 +247,14 @@ def parse_extra_config(extra):
             raise UsageError(f"{_key('dtype')}: {e}") from None
     progress = None if extra.get("progress") is None else _bool(extra["progress"], "progress")
     share_reads = True if extra.get("share_reads") is None else _bool(extra["share_reads"], "share_reads")
+    timeout = extra.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise UsageError(f"{_key('timeout')}: expected seconds > 0, got {timeout!r}")
     if weights is not None and "storage_options" in loader and not _is_url(weights):
         raise UsageError(f"{_key('storage_options')}: applies to a remote 'weights' URL; {weights!r} is a local path")
     return _Options(
-        weights=weights, window=window, dtype=dtype, progress=progress, share_reads=share_reads, loader=loader
+        weights=weights, window=window, dtype=dtype, progress=progress, share_reads=share_reads, timeout=timeout,
+        loader=loader
     )
 
 
@@ -546,7 +554,8 @@ class WeightstreamModelLoader(DefaultModelLoader):
                 if group is None:
                     it = loader.iterate(path, window=window, dtype=opts.dtype, only=only)
                 else:
-                    it = loader.iterate(path, window=window, dtype=opts.dtype, only=only, group=group)
+                    it = loader.iterate(path, window=window, dtype=opts.dtype, only=only, group=group,
+                                        timeout=opts.timeout)
                 try:
                     for name, tensor in it:
                         n = tensor.nbytes
