@@ -88,6 +88,15 @@ fn group_load(
             places.sort_by_key(|(i, _)| *i);
             read[r] += share.read(w, places.into_iter().map(|(_, d)| d).collect()).unwrap();
         }
+        // Each rank wrote only inside its own chunks: the rest of its buffer is as it was made.
+        for (r, buf) in bufs.iter().enumerate() {
+            let mut untouched = vec![true; buf.len()];
+            for c in window_plan.chunks.iter().filter(|c| c.reader == r) {
+                untouched[c.buffer.start as usize..c.buffer.end as usize].fill(false);
+            }
+            let stray = buf.iter().zip(&untouched).position(|(b, &u)| u && *b != 0xAB);
+            assert_eq!(stray, None, "window {w}: rank {r} wrote outside its chunks");
+        }
         // The hand-over: every chunk from its reader to all; a whole key to its other needers.
         for c in &window_plan.chunks {
             let (a, b) = (c.buffer.start as usize, c.buffer.end as usize);
