@@ -251,7 +251,8 @@ class GroupIterator:
         torch, dist = self._torch, self._dist
         mine = torch.zeros(_STATUS_BYTES, dtype=torch.uint8)
         if error is not None:
-            text = str(error).encode("utf-8", "replace")[: _STATUS_BYTES - 1]
+            shown = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+            text = (shown or "?").encode("utf-8", "replace")[: _STATUS_BYTES - 1]
             mine[0] = code
             mine[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
         out = [torch.empty_like(mine) for _ in range(self._n)]
@@ -456,15 +457,19 @@ class GroupIterator:
                 share = group_share(raw, self._path, payload, self._opts, shards, self._me, part)
             except Exception as e:
                 error = e
+        if error is None:
+            try:
+                for name, dtype, shape, _, needers, _ in share.keys():
+                    if self._me in needers and dtype in ("F6_E2M3", "F6_E3M2"):
+                        _view_as(self._torch, None, name, dtype, shape)  # raises: no torch dtype
+            except Exception as e:  # told to the group like an open that failed
+                error = e
         self._next_window = 0
         self._exchange(error, _FAILED)
         self._share = share
         self._keys = share.keys()
         self._windows = share.windows()
         self._device = self._loader.device
-        for name, dtype, shape, _, needers, _ in self._keys:
-            if self._me in needers and dtype in ("F6_E2M3", "F6_E3M2"):
-                _view_as(self._torch, None, name, dtype, shape)  # raises: no torch dtype
 
     def _run(self):
         self._started = True
