@@ -123,6 +123,9 @@ impl GroupPlan {
 
     /// What rank `rank` reads in window `w`: its chunk's parts, then the whole keys it reads
     /// for others (or itself alone), in file order within each.
+    ///
+    /// # Panics
+    /// If `w` is not an index of [`GroupPlan::windows`].
     pub fn reads_of(&self, w: usize, rank: usize) -> Vec<PartRead> {
         let window = &self.windows[w];
         let mut out: Vec<PartRead> =
