@@ -174,6 +174,29 @@ def node_group(node=None):
     return mine
 
 
+def plan_on_first_rank(group, make_plan, files):
+    """For a framework whose ranks share reads: rank 0 of ``group`` (gloo: the framework's TP
+    ``cpu_group``) runs ``make_plan()`` from the headers, and one ``all_gather_object`` hands
+    every rank its result, with each rank's host name and ``files``, so that every rank takes
+    the same decision. Returns ``(plan, hosts, files of each rank)``; a failure on rank 0 raises
+    there and, on the others, :class:`PeerFailedError` naming rank 0 (they do not wait)."""
+    _, dist = _torch()
+    mine = error = None
+    if dist.get_rank(group) == 0:
+        try:
+            mine = {"plan": make_plan()}
+        except Exception as e:  # the others must hear of it, not wait in the gather
+            error, mine = e, {"error": f"{type(e).__name__}: {e}"}
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (socket.gethostname(), files, mine), group=group)
+    if error is not None:
+        raise error
+    head = gathered[0][2]
+    if "error" in head:
+        raise PeerFailedError(f"TP rank 0 failed to read the checkpoint's headers: {head['error']}", rank=0)
+    return head["plan"], sorted({host for host, _, _ in gathered}), [theirs for _, theirs, _ in gathered]
+
+
 class GroupIterator:
     """The ``(name, tensor)`` stream of a group load (see the module's doc). Attributes, final
     once it is exhausted: ``bytes_read`` (data bytes this rank read from storage), ``bytes_sent``

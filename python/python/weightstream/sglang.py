@@ -131,7 +131,6 @@ import inspect
 import json
 import logging
 import os
-import socket
 import time
 
 from . import _options as O
@@ -342,34 +341,19 @@ def _shared_plan(tp, loader, files):
     gather on the group's gloo ``cpu_group``, with each rank's host name and files). Returns the
     plan, or None (each rank then reads for itself, the same decision on every rank) when the
     group spans several hosts or the ranks were given different sets of files."""
-    import torch
+    from .distributed import plan_on_first_rank
 
-    from .distributed import PeerFailedError
-
-    mine = error = None
-    if tp.rank_in_group == 0:
-        try:
-            mine = {"plan": _plan(loader, files)}
-        except Exception as e:  # the others must hear of it, not wait in the gather
-            error, mine = e, {"error": f"{type(e).__name__}: {e}"}
-    gathered = [None] * tp.world_size
-    torch.distributed.all_gather_object(gathered, (socket.gethostname(), files, mine), group=tp.cpu_group)
-    if error is not None:
-        raise error
-    head = gathered[0][2]
-    if "error" in head:
-        raise PeerFailedError(f"TP rank 0 failed to read the checkpoint's headers: {head['error']}", rank=0)
-    hosts = sorted({host for host, _, _ in gathered})
+    plan, hosts, given = plan_on_first_rank(tp.cpu_group, lambda: _plan(loader, files), files)
     if len(hosts) > 1:
         logger.info("weightstream: reads not shared between TP ranks: the group spans %d hosts (%s)",
                     len(hosts), ", ".join(hosts))
         return None
-    if any(sorted(theirs) != sorted(gathered[0][1]) for _, theirs, _ in gathered):
+    if any(sorted(theirs) != sorted(given[0]) for theirs in given):
         logger.warning("weightstream: reads not shared between TP ranks: they were given different files")
         return None
     # The same files, maybe in another order (SGLANG_SORT_WEIGHT_FILES > 0 staggers them by TP
     # rank to spread the reads): rank 0's order, since the group reads each file together.
-    return head["plan"]
+    return plan
 
 
 def _in_name_order(stream, path, names):

@@ -121,7 +121,7 @@ except ImportError as e:  # pragma: no cover - the vLLM tier always has vLLM
 from . import _options as O
 from ._errors import UsageError
 from ._loader import Loader
-from .distributed import GroupMismatchError, PeerFailedError
+from .distributed import GroupMismatchError, plan_on_first_rank
 
 __all__ = ["LOAD_FORMAT", "EXTRA_CONFIG_KEYS", "WeightstreamModelLoader", "register"]
 
@@ -484,37 +484,22 @@ class WeightstreamModelLoader(DefaultModelLoader):
         """The group's rank 0 reads the headers and plans; every rank gets its plan (one gather
         on the group's gloo ``cpu_group``, with each rank's host name). Returns the plan, or
         None when the group spans several hosts (then each rank plans and reads for itself)."""
-        import socket
-
-        mine = error = None
-        if tp.rank_in_group == 0:
-            try:
-                mine = {"plan": self._plan(loader, paths, skip)}
-            except Exception as e:  # the others must hear of it, not wait in the gather
-                error, mine = e, {"error": f"{type(e).__name__}: {e}"}
-        gathered = [None] * tp.world_size
-        torch.distributed.all_gather_object(gathered, (socket.gethostname(), paths, mine), group=tp.cpu_group)
-        if error is not None:
-            raise error
-        head = gathered[0][2]
-        if "error" in head:
-            raise PeerFailedError(f"TP rank 0 failed to read the checkpoint's headers: {head['error']}", rank=0)
-        for r, (_, theirs, _) in enumerate(gathered):
-            if theirs != gathered[0][1]:
+        plan, hosts, files = plan_on_first_rank(tp.cpu_group, lambda: self._plan(loader, paths, skip), paths)
+        for r, theirs in enumerate(files):
+            if theirs != files[0]:
                 # vLLM picks the files the same way on every rank: this is not expected to happen.
                 raise GroupMismatchError(
-                    f"TP ranks 0 and {r} would read different files ({gathered[0][1]} and {theirs}); "
+                    f"TP ranks 0 and {r} would read different files ({files[0]} and {theirs}); "
                     f"set model_loader_extra_config {{\"share_reads\": false}}",
                     rank=r,
                 )
-        hosts = sorted({host for host, _, _ in gathered})
         if len(hosts) > 1:
             logger.info_once(
                 "weightstream: reads not shared between TP ranks: the group spans %d hosts (%s)",
                 len(hosts), ", ".join(hosts),
             )
             return None
-        return head["plan"]
+        return plan
 
     def _stream(self, paths, skip, prefix):
         loader = self._loader()
