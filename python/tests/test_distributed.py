@@ -17,7 +17,6 @@ import struct
 import sys
 import tempfile
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,11 +30,11 @@ import torch.distributed as dist  # noqa: E402
 import weightstream as ws  # noqa: E402
 
 from dist_support import digest, free_port, run_group  # noqa: E402
+from test_remote import _missing, _wait_for  # noqa: E402  (the remote tests' server helpers)
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("SKIPPED: this torch has no torch.distributed with gloo", allow_module_level=True)
 
-REQUIRE = os.environ.get("WEIGHTSTREAM_REQUIRE_SERVERS") == "1"
 WINDOW = "4MiB"
 SPLIT = {"*.q_proj.weight": 0, "*.o_proj.weight": 1}
 # Hard deadlines (seconds) for a group of spawned ranks to finish, on a 2-core machine.
@@ -370,27 +369,6 @@ def test_ranks_exit_cleanly(happy, world):
 
 # ---------------------------------------------------------------------------------------------
 # Loopback S3, 4 ranks in 2 simulated nodes
-
-
-def _missing(what):
-    if REQUIRE:
-        pytest.fail(f"{what} (WEIGHTSTREAM_REQUIRE_SERVERS=1)")
-    pytest.skip(what)
-
-
-def _wait_for(port, proc, log):
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {Path(log).read_text()[-2000:]}")
-        try:
-            import socket
-
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"server did not answer on {port}: {Path(log).read_text()[-2000:]}")
 
 
 class CountingProxy:
