@@ -45,7 +45,8 @@ import weakref
 
 from . import _options as O
 from ._errors import UsageError, WeightstreamError
-from ._frameworks import _TORCH_FP8, torch_packed_dtype
+from ._frameworks import torch_packed_dtype
+from ._save import _DTYPES
 from ._weightstream import group_share
 
 __all__ = [
@@ -87,11 +88,9 @@ DEFAULT_TIMEOUT = 20.0
 _STATUS_BYTES = 1024
 _OK, _FAILED, _STOPPED = 0, 1, 2
 
-_TORCH_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
-    "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16",
-    "F32": "float32", "F64": "float64", "C64": "complex64", **_TORCH_FP8,
-}
+# Header dtype -> torch dtype name: safetensors' table the writer uses, read the other way (F4
+# packs two values a byte: viewed apart, `torch_packed_dtype`).
+_TORCH_NAMES = {header: torch_name for torch_name, header in _DTYPES.items() if header != "F4"}
 
 
 def _torch():
