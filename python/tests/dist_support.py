@@ -178,10 +178,11 @@ def rank_main(rank, world, init_method, jobs, workdir):
         if out["error"] is not None:
             break  # the group is broken: the others raise within their timeout
     (Path(workdir) / f"done{rank}").write_text("")
-    try:
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 (a broken group may refuse; the exit is what is checked)
-        pass
+    if all(job.get("destroy", True) for job in jobs):
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 (a broken group may refuse; the exit is what is checked)
+            pass
 
 
 def _wait_for_others(workdir, rank, world, job_id, seconds):

@@ -511,21 +511,25 @@ def test_s3_each_node_fetches_the_checkpoint_once(s3_proxy, ck, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "how,use_with,world,victim,expected",
+    "how,use_with,world,victim,expected,destroy",
     [
-        ("raise", False, 3, 1, "PeerFailedError"),
-        ("raise", True, 4, 3, "PeerFailedError"),
-        ("kill", False, 4, 2, "DistributedError"),
-        ("stop", False, 3, 1, "PeerLostError"),
+        ("raise", False, 3, 1, "PeerFailedError", True),
+        ("raise", True, 4, 3, "PeerFailedError", True),
+        ("kill", False, 4, 2, "DistributedError", True),
+        ("kill", False, 3, 1, "DistributedError", False),
+        ("stop", False, 3, 1, "PeerLostError", True),
     ],
-    ids=["raise-in-loop", "raise-in-with", "sigkill", "sigstop"],
+    ids=["raise-in-loop", "raise-in-with", "sigkill", "sigkill-no-destroy", "sigstop"],
 )
-def test_fault_makes_the_others_raise_in_time(ck, tmp_path, how, use_with, world, victim, expected):
+def test_fault_makes_the_others_raise_in_time(ck, tmp_path, how, use_with, world, victim, expected, destroy):
     """After 3 tensors one rank raises in its loop (a bare ``for`` over ``wsd.iterate(...)``, or
     one inside ``with``), SIGKILLs itself or SIGSTOPs itself: every other rank raises
     ``expected`` within 30 s of the fault (``.rank`` the victim: always for a failure, where it is
-    known for a lost peer), and no process is left behind (the parent SIGKILLs the stopped one)."""
+    known for a lost peer), and exits by itself with 0, whether it calls
+    ``dist.destroy_process_group()`` before it exits or not (``destroy``); no process is left
+    behind (the parent SIGKILLs the stopped one)."""
     job = {
+        "destroy": destroy,
         "id": "fault",
         "api": "wsd.iterate",
         "path": ck.file,
@@ -544,12 +548,10 @@ def test_fault_makes_the_others_raise_in_time(ck, tmp_path, how, use_with, world
     for rank in range(world):
         if rank == victim:
             continue
-        # A survivor exits by itself. After a peer crashed or froze, torch's teardown of the
-        # broken gloo groups at exit sometimes aborts the process ("terminate called without an
-        # active exception", SIGABRT: seen in about 1 run in 10, after the error was raised and
-        # recorded); that is an exit too, not a process left behind.
-        allowed = (0,) if how == "raise" else (0, -6)
-        assert r.codes[rank] in allowed, f"rank {rank} exit code {r.codes[rank]}\n{r.text}"
+        # A survivor exits by itself, with 0: a gloo worker thread that let go of a failed
+        # transfer during interpreter finalization aborted the process (SIGABRT, 5 runs in 120
+        # under load) until weightstream destroyed its side groups at exit.
+        assert r.codes[rank] == 0, f"rank {rank} exit code {r.codes[rank]}\n{r.text}"
         o = r.job(rank, "fault")
         e = o["error"]
         assert e is not None, f"rank {rank} did not raise\n{r.text}"

@@ -37,6 +37,7 @@ Across two nodes of 8 GPUs, each node reading the checkpoint once::
     >>> tensors = ws.load_file("s3://bucket/model/", device=f"cuda:{local_rank}", group=node)  # doctest: +SKIP
 """
 
+import atexit
 import datetime
 import socket
 import sys
@@ -132,6 +133,9 @@ def _unused(torch, buf, refs):
 
 
 _side_groups = {}
+# Side groups that a lost peer left out of step (their collectives no longer match across the
+# ranks): never handed out again, destroyed at exit with the others.
+_retired = []
 
 
 def _side_group(dist, ranks, timeout):
@@ -145,11 +149,47 @@ def _side_group(dist, ranks, timeout):
     key = (tuple(ranks), float(timeout))
     made = _side_groups.get(key)
     if made is None or made[0] is not default:  # made under a default group since destroyed
+        if made is not None:
+            _retired.append(made[1])
         side = dist.new_group(
             ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout), use_local_synchronization=True
         )
         made = _side_groups[key] = (default, side)
     return made[1]
+
+
+def _retire(side):
+    """``side`` lost a peer: the next load of these ranks makes a new side group."""
+    for key, (_, s) in list(_side_groups.items()):
+        if s is side:
+            del _side_groups[key]
+            _retired.append(s)
+
+
+@atexit.register
+def _destroy_side_groups():
+    """At exit, while the interpreter is whole, destroy the side groups this process made.
+
+    A gloo worker thread can still hold a finished (or failed) transfer for a moment after the
+    caller saw it end; if the transfer's tensors have lost their Python objects, dropping it takes
+    the GIL. A thread that asks for the GIL once the interpreter finalizes is ended with
+    ``pthread_exit``, which aborts the whole process ("terminate called without an active
+    exception", SIGABRT, seen after a failed group load exits at once). Destroying the groups
+    here, before finalization, joins their worker threads first (torch's process group destructor
+    lets go of the GIL while it joins them)."""
+    groups = [s for _, s in _side_groups.values()] + _retired
+    _side_groups.clear()
+    _retired.clear()
+    dist = sys.modules.get("torch.distributed")
+    for side in groups:
+        try:
+            if dist.distributed_c10d._world.pg_map.get(side) is not None:
+                dist.destroy_process_group(side)
+        except Exception:  # noqa: BLE001 (exiting: a group torch already tore down is gone)
+            pass
+    # The last references to the groups: each is destroyed (its workers joined) here.
+    side = None
+    groups.clear()
 
 
 def node_group(node=None):
@@ -253,6 +293,7 @@ class GroupIterator:
                 self._exchange(f"{why or 'its iterator was closed'} (before its first tensor)", _STOPPED)
             except DistributedError:
                 pass
+            self._release()
         self._gen.close()
 
     def __enter__(self):
@@ -264,6 +305,19 @@ class GroupIterator:
     def __del__(self):
         if getattr(self, "_gen", None) is not None:
             self.close()
+
+    def _lose(self):
+        """A peer is lost: no farewell exchange, and the side group, out of step now, is not
+        handed to a later load."""
+        self._lost = True
+        side = getattr(self, "_side", None)
+        if side is not None:
+            _retire(side)
+
+    def _release(self):
+        """The load is over (done, failed or closed): this iterator lets go of the process
+        groups, so that the side group lives as long as the registry keeps it (to exit)."""
+        self._side = self._moves = None
 
     # The group's status, once a window.
 
@@ -281,7 +335,7 @@ class GroupIterator:
         try:
             dist.all_gather(out, mine, group=self._side)
         except Exception as e:
-            self._lost = True
+            self._lose()
             raise PeerLostError(
                 f"{self._path}: a rank of the group died or did not answer within {self._timeout:g} s "
                 f"(status exchange before window {self._next_window}): {e}"
@@ -308,7 +362,7 @@ class GroupIterator:
                 try:
                     w.wait(timeout=datetime.timedelta(seconds=left))
                 except Exception as e:
-                    self._lost = True
+                    self._lose()
                     late = time.monotonic() >= deadline
                     raise PeerLostError(
                         f"{self._path}: window {k}'s transfers "
@@ -318,7 +372,7 @@ class GroupIterator:
                 continue
             while not w.is_completed():
                 if time.monotonic() > deadline:
-                    self._lost = True
+                    self._lose()
                     raise PeerLostError(
                         f"{self._path}: window {k}'s transfers did not end within {self._timeout:g} s "
                         "(a rank of the group died or stopped answering)"
@@ -327,7 +381,7 @@ class GroupIterator:
             try:
                 w.wait()
             except Exception as e:
-                self._lost = True
+                self._lose()
                 raise PeerLostError(f"{self._path}: window {k}'s transfers failed (a rank died?): {e}") from None
 
     # One window: its places, this rank's reads, the transfers.
@@ -425,7 +479,7 @@ class GroupIterator:
             gathered = [None] * self._n
             dist.all_gather_object(gathered, (self._spec, self._opts["shard"]), group=self._side)
         except Exception as e:
-            self._lost = True
+            self._lose()
             raise PeerLostError(f"{self._path}: a rank of the group did not answer the options exchange: {e}") from None
         specs = [None] * self._n
         for i, got in enumerate(gathered):
@@ -466,7 +520,7 @@ class GroupIterator:
         try:
             dist.broadcast_object_list(box, src=self._ranks[0], group=self._side)
         except Exception as e:
-            self._lost = True
+            self._lose()
             raise PeerLostError(f"{self._path}: the group's first rank did not hand over the headers: {e}") from None
         status, payload = box[0]
         if status != "ok":
@@ -527,6 +581,7 @@ class GroupIterator:
                     self._exchange(f"{why} after {self._yielded} tensors", _STOPPED)
                 except DistributedError:
                     pass
+            self._release()
 
 
 def iterate(path, group=None, *, device="cpu", window="1GiB", framework="pt", dtype=None, only=None, shard=None,
