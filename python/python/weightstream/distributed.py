@@ -39,6 +39,7 @@ Across two nodes of 8 GPUs, each node reading the checkpoint once::
 
 import atexit
 import datetime
+import os
 import socket
 import sys
 import time
@@ -150,20 +151,21 @@ def _side_group(dist, ranks, timeout):
     made = _side_groups.get(key)
     if made is None or made[0] is not default:  # made under a default group since destroyed
         if made is not None:
-            _retired.append(made[1])
+            _retired.append(made[1:])
         side = dist.new_group(
             ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout), use_local_synchronization=True
         )
-        made = _side_groups[key] = (default, side)
+        # The process whose threads serve the group (a forked child inherits the registry).
+        made = _side_groups[key] = (default, side, os.getpid())
     return made[1]
 
 
 def _retire(side):
     """``side`` lost a peer: the next load of these ranks makes a new side group."""
-    for key, (_, s) in list(_side_groups.items()):
+    for key, (_, s, pid) in list(_side_groups.items()):
         if s is side:
             del _side_groups[key]
-            _retired.append(s)
+            _retired.append((s, pid))
 
 
 @atexit.register
@@ -177,9 +179,14 @@ def _destroy_side_groups():
     exception", SIGABRT, seen after a failed group load exits at once). Destroying the groups
     here, before finalization, joins their worker threads first (torch's process group destructor
     lets go of the GIL while it joins them)."""
-    groups = [s for _, s in _side_groups.values()] + _retired
+    mine = os.getpid()
+    made = [(s, pid) for _, s, pid in _side_groups.values()] + _retired
     _side_groups.clear()
-    _retired.clear()
+    # A forked child's inherited groups are its parent's (their threads are not here to join):
+    # left as they are, as they would be without this handler.
+    _retired[:] = [(s, pid) for s, pid in made if pid != mine]
+    groups = [s for s, pid in made if pid == mine]
+    made.clear()
     dist = sys.modules.get("torch.distributed")
     for side in groups:
         try:
