@@ -14,6 +14,7 @@ import os
 import pickle
 import signal
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -21,6 +22,10 @@ from pathlib import Path
 
 class ConsumerFailed(RuntimeError):
     """What a faulting rank's loop raises."""
+
+
+# Iterators an "abandon" fault left alive to the end of the process (a global of the program).
+_ABANDONED = []
 
 
 def free_port():
@@ -84,6 +89,12 @@ def _consume(make, out, fault_after, fault, workdir, rank, keep, use_with):
                 out["stream"].append(digest(name, t))
     else:
         for i, (name, t) in enumerate(it):
+            if i == fault_after and fault["how"] == "abandon":
+                # Stops reading, neither closes nor drops it: the process exits with the load
+                # alive, and only weightstream's exit handler can tell the others.
+                (Path(workdir) / "fault_time").write_text(repr(time.time()))
+                _ABANDONED.append(it)
+                break
             if i == fault_after:
                 _fault(fault, workdir, rank)
             out["stream"].append(digest(name, t))
@@ -133,6 +144,10 @@ def _run_job(job, rank, world, groups, workdir):
     finally:
         out.pop("_it", None)
         out["finished"] = time.time()
+        wsd = sys.modules.get("weightstream.distributed")
+        if wsd is not None:
+            # The side groups this rank keeps for later loads, and those it retired.
+            out["side_groups"] = (len(wsd._side_groups), len(wsd._retired))
     return out
 
 
@@ -171,6 +186,8 @@ def rank_main(rank, world, init_method, jobs, workdir):
         result["jobs"][job["id"]] = out
         _write(workdir, rank, result)
         fault = job.get("fault")
+        if fault is not None and fault["rank"] == rank and fault["how"] == "abandon":
+            break  # exits at once, its load alive
         if fault is not None and fault["rank"] == rank and fault["how"] == "raise":
             # The failed rank lives on (a program handling its error) until the others have
             # answered, so that they see a failure, not a lost peer.

@@ -518,12 +518,14 @@ def test_s3_each_node_fetches_the_checkpoint_once(s3_proxy, ck, tmp_path):
         ("kill", False, 4, 2, "DistributedError", True),
         ("kill", False, 3, 1, "DistributedError", False),
         ("stop", False, 3, 1, "PeerLostError", True),
+        ("abandon", False, 3, 2, "PeerFailedError", False),
     ],
-    ids=["raise-in-loop", "raise-in-with", "sigkill", "sigkill-no-destroy", "sigstop"],
+    ids=["raise-in-loop", "raise-in-with", "sigkill", "sigkill-no-destroy", "sigstop", "exit-with-load-alive"],
 )
 def test_fault_makes_the_others_raise_in_time(ck, tmp_path, how, use_with, world, victim, expected, destroy):
     """After 3 tensors one rank raises in its loop (a bare ``for`` over ``wsd.iterate(...)``, or
-    one inside ``with``), SIGKILLs itself or SIGSTOPs itself: every other rank raises
+    one inside ``with``), SIGKILLs itself, SIGSTOPs itself, or stops reading and exits with its
+    iterator still alive in a global (weightstream's exit handler closes it): every other rank raises
     ``expected`` within 30 s of the fault (``.rank`` the victim: always for a failure, where it is
     known for a lost peer), and exits by itself with 0, whether it calls
     ``dist.destroy_process_group()`` before it exits or not (``destroy``); no process is left
@@ -540,7 +542,7 @@ def test_fault_makes_the_others_raise_in_time(ck, tmp_path, how, use_with, world
     r = run(world, [job], tmp_path, deadline=FAULT_DEADLINE, stuck={victim} if how == "stop" else ())
     assert r.fault_time is not None, f"the fault never happened\n{r.text}"
     assert not any(c in ("hung", "alive") for c in r.codes.values()), f"a process was left behind\n{r.text}"
-    victim_code = {"raise": 0, "kill": -9, "stop": -9}[how]
+    victim_code = {"raise": 0, "kill": -9, "stop": -9, "abandon": 0}[how]
     assert r.codes[victim] == victim_code, f"victim exit code {r.codes[victim]}\n{r.text}"
     if how == "raise":
         assert r.job(victim, "fault")["error"]["type"] == "ConsumerFailed", r.text
@@ -564,6 +566,12 @@ def test_fault_makes_the_others_raise_in_time(ck, tmp_path, how, use_with, world
         if expected == "PeerFailedError":
             # A failure is told at the next status exchange: at once, not after the timeout.
             assert delay < 5, f"rank {rank} raised {e['type']} {delay:.1f} s after the fault (timeout=5): it waited for the timeout"
+        if how == "abandon":
+            assert "its process exits" in e["message"], f"rank {rank}: {e['message']}"
+        # A lost peer leaves the side group out of step: retired, a later load makes a new one.
+        kept, retired = o["side_groups"]
+        want_groups = (0, 1) if e["type"] == "PeerLostError" else (1, 0)
+        assert (kept, retired) == want_groups, f"rank {rank} after {e['type']}: side groups kept {kept}, retired {retired}"
         print(f"rank {rank}: {e['type']} {delay:.2f} s after the fault: {e['message']}")
         assert o["stream"] == want[: len(o["stream"])], f"rank {rank}: the tensors before the error differ"
         assert len(o["stream"]) < len(want), f"rank {rank} got the whole stream"
@@ -645,3 +653,40 @@ def test_host_memory_stays_within_window_and_staging(tmp_path):
     for o in outs:
         assert int(o[2]) == 96 * mib  # every rank got every tensor
         assert int(o[4]) <= bound, f"rank {o[1]}: host memory grew {int(o[4]) / mib:.0f} MiB, bound {bound / mib:.0f}"
+
+
+_EXIT_RANK = """
+import os, sys
+import torch.distributed as dist, weightstream as ws
+import weightstream.distributed as wsd
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=0, world_size=1)
+base = threads()
+n = sum(1 for _ in wsd.iterate(sys.argv[1], window="4MiB"))
+loaded = threads()
+made = len(wsd._side_groups)
+wsd._destroy_side_groups()
+print(n, base, loaded, made, len(wsd._side_groups), len(wsd._retired), threads(), dist.is_initialized())
+"""
+
+
+def test_exit_handler_joins_the_side_group_threads(ck, tmp_path):
+    """The exit handler (run here by hand, one rank) leaves no side group and no thread of one:
+    a gloo worker thread that outlives the interpreter's finalization aborts the process. The
+    caller's default group is the caller's: still there."""
+    import subprocess
+
+    script = tmp_path / "exit_rank.py"
+    script.write_text(_EXIT_RANK)
+    p = subprocess.run([sys.executable, str(script), str(ck.file), str(free_port())],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    n, base, loaded, made, kept, retired, after, initialized = p.stdout.split()
+    assert int(n) == len(ref(ck.file)), p.stdout
+    assert (int(made), int(kept), int(retired)) == (1, 0, 0), p.stdout
+    assert int(loaded) > int(base), f"the side group started no thread? {p.stdout}"
+    assert int(after) == int(base), f"threads: {base} before the load, {loaded} with the side group, {after} after the handler"
+    assert initialized == "True", p.stdout

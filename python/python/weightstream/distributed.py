@@ -137,6 +137,9 @@ _side_groups = {}
 # Side groups that a lost peer left out of step (their collectives no longer match across the
 # ranks): never handed out again, destroyed at exit with the others.
 _retired = []
+# The group loads not yet over: the exit handler closes them first, so that their peers hear a
+# farewell before the side group goes.
+_live = weakref.WeakSet()
 
 
 def _side_group(dist, ranks, timeout):
@@ -149,7 +152,9 @@ def _side_group(dist, ranks, timeout):
     default = dist.distributed_c10d._get_default_group()
     key = (tuple(ranks), float(timeout))
     made = _side_groups.get(key)
-    if made is None or made[0] is not default:  # made under a default group since destroyed
+    # Made under a default group since destroyed, or by the parent of this forked child (whose
+    # threads serve it, not this process's): a new one.
+    if made is None or made[0] is not default or made[2] != os.getpid():
         if made is not None:
             _retired.append(made[1:])
         side = dist.new_group(
@@ -178,8 +183,19 @@ def _destroy_side_groups():
     ``pthread_exit``, which aborts the whole process ("terminate called without an active
     exception", SIGABRT, seen after a failed group load exits at once). Destroying the groups
     here, before finalization, joins their worker threads first (torch's process group destructor
-    lets go of the GIL while it joins them)."""
+    lets go of the GIL while it joins them).
+
+    A load still alive at exit (an iterator in a global, or in a traceback Python keeps for its
+    report) is closed first, so that its peers raise :class:`PeerFailedError` at once, not
+    :class:`PeerLostError` after the timeout. After a frozen peer the joins wait for the
+    transfers queued before it froze, each at most ``timeout`` seconds."""
     mine = os.getpid()
+    for it in list(_live):
+        if it._pid == mine:
+            try:
+                it.close("its process exits")
+            except Exception:  # noqa: BLE001 (exiting: the group's state is its peers' to report)
+                pass
     made = [(s, pid) for _, s, pid in _side_groups.values()] + _retired
     _side_groups.clear()
     # A forked child's inherited groups are its parent's (their threads are not here to join):
@@ -277,12 +293,19 @@ class GroupIterator:
         self._lost = False
         self._started = False
         self._windows = []
+        self._pid = os.getpid()
         # Set up now (collective: every rank of the group makes its iterator), so that an
         # iterator closed before its first tensor still tells the others.
-        self._setup()
+        try:
+            self._setup()
+        except BaseException:
+            # The error's traceback holds this iterator: not the groups too (see `_release`).
+            self._release()
+            raise
         # The generator holds a weak proxy of this iterator, not the iterator: no reference cycle,
         # so a caller's loop that raises drops the iterator at once and __del__ tells the group.
         self._gen = GroupIterator._run(weakref.proxy(self))
+        _live.add(self)
 
     def __iter__(self):
         return self
@@ -300,8 +323,8 @@ class GroupIterator:
                 self._exchange(f"{why or 'its iterator was closed'} (before its first tensor)", _STOPPED)
             except DistributedError:
                 pass
-            self._release()
         self._gen.close()
+        self._release()
 
     def __enter__(self):
         return self
