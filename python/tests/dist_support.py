@@ -144,10 +144,10 @@ def _run_job(job, rank, world, groups, workdir):
     finally:
         out.pop("_it", None)
         out["finished"] = time.time()
-        wsd = sys.modules.get("weightstream.distributed")
-        if wsd is not None:
+        sg = sys.modules.get("weightstream._side_groups")
+        if sg is not None:
             # The side groups this rank keeps for later loads, and those it retired.
-            out["side_groups"] = (len(wsd._side_groups), len(wsd._retired))
+            out["side_groups"] = (len(sg.registry), len(sg.retired))
     return out
 
 

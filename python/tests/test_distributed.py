@@ -659,6 +659,7 @@ _EXIT_RANK = """
 import os, sys
 import torch.distributed as dist, weightstream as ws
 import weightstream.distributed as wsd
+from weightstream import _side_groups as sg
 
 def threads():
     return len(os.listdir("/proc/self/task"))
@@ -667,9 +668,9 @@ dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", ra
 base = threads()
 n = sum(1 for _ in wsd.iterate(sys.argv[1], window="4MiB"))
 loaded = threads()
-made = len(wsd._side_groups)
-wsd._destroy_side_groups()
-print(n, base, loaded, made, len(wsd._side_groups), len(wsd._retired), threads(), dist.is_initialized())
+made = len(sg.registry)
+sg.destroy_all()
+print(n, base, loaded, made, len(sg.registry), len(sg.retired), threads(), dist.is_initialized())
 """
 
 

@@ -37,7 +37,6 @@ Across two nodes of 8 GPUs, each node reading the checkpoint once::
     >>> tensors = ws.load_file("s3://bucket/model/", device=f"cuda:{local_rank}", group=node)  # doctest: +SKIP
 """
 
-import atexit
 import datetime
 import os
 import socket
@@ -46,6 +45,7 @@ import time
 import weakref
 
 from . import _options as O
+from . import _side_groups
 from ._errors import UsageError, WeightstreamError
 from ._frameworks import torch_packed_dtype
 from ._save import _DTYPES
@@ -131,88 +131,6 @@ def _unused(torch, buf, refs):
         return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2 and _storage_refs(buf) <= refs
     except (AttributeError, RuntimeError):
         return False
-
-
-_side_groups = {}
-# Side groups that a lost peer left out of step (their collectives no longer match across the
-# ranks): never handed out again, destroyed at exit with the others.
-_retired = []
-# The group loads not yet over: the exit handler closes them first, so that their peers hear a
-# farewell before the side group goes.
-_live = weakref.WeakSet()
-
-
-def _side_group(dist, ranks, timeout):
-    """A gloo group of ``ranks`` whose collectives give up after ``timeout`` seconds: the status
-    exchanges, and the transfers of tensors gloo moves (the caller's group may be NCCL, which
-    waits 10 minutes for a dead peer and forever for a frozen one, or gloo with its 30-minute
-    default, which a frozen peer's pending transfer would hold at ``destroy_process_group``).
-    Made once per default group, ranks and timeout (every rank agrees on these before it is
-    asked for); only its members call."""
-    default = dist.distributed_c10d._get_default_group()
-    key = (tuple(ranks), float(timeout))
-    made = _side_groups.get(key)
-    # Made under a default group since destroyed, or by the parent of this forked child (whose
-    # threads serve it, not this process's): a new one.
-    if made is None or made[0] is not default or made[2] != os.getpid():
-        if made is not None:
-            _retired.append(made[1:])
-        side = dist.new_group(
-            ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout), use_local_synchronization=True
-        )
-        # The process whose threads serve the group (a forked child inherits the registry).
-        made = _side_groups[key] = (default, side, os.getpid())
-    return made[1]
-
-
-def _retire(side):
-    """``side`` lost a peer: the next load of these ranks makes a new side group."""
-    for key, (_, s, pid) in list(_side_groups.items()):
-        if s is side:
-            del _side_groups[key]
-            _retired.append((s, pid))
-
-
-@atexit.register
-def _destroy_side_groups():
-    """At exit, while the interpreter is whole, destroy the side groups this process made.
-
-    A gloo worker thread can still hold a finished (or failed) transfer for a moment after the
-    caller saw it end; if the transfer's tensors have lost their Python objects, dropping it takes
-    the GIL. A thread that asks for the GIL once the interpreter finalizes is ended with
-    ``pthread_exit``, which aborts the whole process ("terminate called without an active
-    exception", SIGABRT, seen after a failed group load exits at once). Destroying the groups
-    here, before finalization, joins their worker threads first (torch's process group destructor
-    lets go of the GIL while it joins them).
-
-    A load still alive at exit (an iterator in a global, or in a traceback Python keeps for its
-    report) is closed first, so that its peers raise :class:`PeerFailedError` at once, not
-    :class:`PeerLostError` after the timeout. After a frozen peer the joins wait for the
-    transfers queued before it froze, each at most ``timeout`` seconds."""
-    mine = os.getpid()
-    for it in list(_live):
-        if it._pid == mine:
-            try:
-                it.close("its process exits")
-            except Exception:  # noqa: BLE001 (exiting: the group's state is its peers' to report)
-                pass
-    made = [(s, pid) for _, s, pid in _side_groups.values()] + _retired
-    _side_groups.clear()
-    # A forked child's inherited groups are its parent's (their threads are not here to join):
-    # left as they are, as they would be without this handler.
-    _retired[:] = [(s, pid) for s, pid in made if pid != mine]
-    groups = [s for s, pid in made if pid == mine]
-    made.clear()
-    dist = sys.modules.get("torch.distributed")
-    for side in groups:
-        try:
-            if dist.distributed_c10d._world.pg_map.get(side) is not None:
-                dist.destroy_process_group(side)
-        except Exception:  # noqa: BLE001 (exiting: a group torch already tore down is gone)
-            pass
-    # The last references to the groups: each is destroyed (its workers joined) here.
-    side = None
-    groups.clear()
 
 
 def node_group(node=None):
@@ -305,7 +223,7 @@ class GroupIterator:
         # The generator holds a weak proxy of this iterator, not the iterator: no reference cycle,
         # so a caller's loop that raises drops the iterator at once and __del__ tells the group.
         self._gen = GroupIterator._run(weakref.proxy(self))
-        _live.add(self)
+        _side_groups.live.add(self)
 
     def __iter__(self):
         return self
@@ -342,7 +260,7 @@ class GroupIterator:
         self._lost = True
         side = getattr(self, "_side", None)
         if side is not None:
-            _retire(side)
+            _side_groups.retire(side)
 
     def _release(self):
         """The load is over (done, failed or closed): this iterator lets go of the process
@@ -504,7 +422,7 @@ class GroupIterator:
         ranks = self._ranks = dist.get_process_group_ranks(g)
         self._side_to_group = [ranks.index(r) for r in sorted(ranks)]
         try:
-            self._side = _side_group(dist, sorted(ranks), self._timeout)
+            self._side = _side_groups.side_group(dist, sorted(ranks), self._timeout)
             # Before any data moves: the same checkpoint and options everywhere.
             gathered = [None] * self._n
             dist.all_gather_object(gathered, (self._spec, self._opts["shard"]), group=self._side)
