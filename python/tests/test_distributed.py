@@ -691,3 +691,14 @@ def test_exit_handler_joins_the_side_group_threads(ck, tmp_path):
     assert int(loaded) > int(base), f"the side group started no thread? {p.stdout}"
     assert int(after) == int(base), f"threads: {base} before the load, {loaded} with the side group, {after} after the handler"
     assert initialized == "True", p.stdout
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), True, "20", None])
+def test_a_timeout_is_finite_seconds_above_zero(bad):
+    """``timeout`` (group loads, vLLM's and SGLang's options: one check, ``_options.seconds``):
+    a finite number of seconds > 0; anything else is a UsageError naming the option."""
+    from weightstream import _options as O
+
+    with pytest.raises(ws.UsageError, match=r"timeout: expected seconds > 0"):
+        O.seconds(bad, "timeout", allow_none=False)
+    assert O.seconds(2, "timeout") == 2.0 and O.seconds(0.5, "timeout") == 0.5 and O.seconds(None, "timeout") is None

@@ -1,6 +1,8 @@
 """Argument checking: sizes, devices, dtypes, frameworks, filters and shards, each turned into
 what the Rust layer takes, or a :class:`UsageError` saying what is allowed."""
 
+import math
+import numbers
 import os
 import re
 
@@ -42,6 +44,23 @@ def size(value, what):
     if n <= 0:
         raise UsageError(f"{what}: must be more than 0 bytes, got {value!r}")
     return n
+
+
+def seconds(value, what, allow_none=True):
+    """A finite number of seconds > 0, as a float (or None).
+
+        >>> seconds(20, "timeout"), seconds(None, "timeout")
+        (20.0, None)
+        >>> seconds("20", "timeout")
+        Traceback (most recent call last):
+        ...
+        weightstream._errors.UsageError: timeout: expected seconds > 0, got '20'
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise UsageError(f"{what}: expected seconds > 0, got {value!r}")
+    return float(value)
 
 
 def count(value, what, allow_none=True):

@@ -194,9 +194,7 @@ class GroupIterator:
         self._loader = loader
         self._path = path
         self._group = dist.group.WORLD if group is None else group
-        self._timeout = float(timeout)
-        if not self._timeout > 0:
-            raise UsageError(f"timeout: expected seconds > 0, got {timeout!r}")
+        self._timeout = O.seconds(timeout, "timeout", allow_none=False)
         self._window = O.size(window, "window")
         self._opts = O.opts(dtype, only, shard, split)
         self._keep = keep

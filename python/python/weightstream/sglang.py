@@ -248,9 +248,7 @@ def parse_options(text):
         "io": io,
         "direct": direct,
     }
-    timeout = raw.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
-        raise UsageError(f"{what('timeout')}: expected seconds > 0, got {timeout!r}")
+    timeout = O.seconds(raw.get("timeout"), what("timeout"))
     return _Options(window, order, loader, share_reads, timeout)
 
 

@@ -247,9 +247,7 @@ def parse_extra_config(extra):
             raise UsageError(f"{_key('dtype')}: {e}") from None
     progress = None if extra.get("progress") is None else _bool(extra["progress"], "progress")
     share_reads = True if extra.get("share_reads") is None else _bool(extra["share_reads"], "share_reads")
-    timeout = extra.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
-        raise UsageError(f"{_key('timeout')}: expected seconds > 0, got {timeout!r}")
+    timeout = O.seconds(extra.get("timeout"), _key("timeout"))
     if weights is not None and "storage_options" in loader and not _is_url(weights):
         raise UsageError(f"{_key('storage_options')}: applies to a remote 'weights' URL; {weights!r} is a local path")
     return _Options(
