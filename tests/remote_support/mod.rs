@@ -168,7 +168,12 @@ impl ServerProcess {
     }
 
     fn wait_listening(&mut self, port: u16) {
-        self.wait_until(&format!("listening on 127.0.0.1:{port}"), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        // A port from `free_port` lies in the ephemeral range: while nothing listens there, a
+        // connect can pick that same port as its source and connect the socket to itself (TCP
+        // simultaneous open). That is not the server (Azurite's first request was refused once).
+        self.wait_until(&format!("listening on 127.0.0.1:{port}"), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+        });
     }
 }
 
